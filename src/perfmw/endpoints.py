@@ -1,0 +1,89 @@
+"""The endpoints perfmw serves itself: Prometheus metrics and the JSON findings.
+
+Served by the middleware before routing, so they add no route to the app (or its OpenAPI),
+and protected by `access_token` when one is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from .exporters.prometheus import exposition
+
+if TYPE_CHECKING:
+    from .perf import Perf
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: str, extra: list[tuple[bytes, bytes]]
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode("latin-1")),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _refusal(scope: Scope, token: str | None) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+    if scope.get("method") not in ("GET", "HEAD"):
+        return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")]
+    if token is not None:
+        given = _header(scope, b"authorization") or ""
+        expected = "Bearer " + token
+        if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+            return 401, b"unauthorized\n", [(b"www-authenticate", b'Bearer realm="perfmw"')]
+    return None
+
+
+def build_endpoints(perf: Perf) -> dict[str, Endpoint]:
+    """The endpoints a Perf serves, keyed by their path."""
+    settings = perf.settings
+    token = settings.access_token
+
+    async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = _refusal(scope, token)
+        if refusal is not None:
+            status, text, extra = refusal
+            await _respond(send, status, text, "text/plain; charset=utf-8", extra)
+            return
+        body, content_type = exposition(perf.registry, _header(scope, b"accept"))
+        await _respond(send, 200, body, content_type, [])
+
+    async def findings(scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = _refusal(scope, token)
+        if refusal is not None:
+            status, text, extra = refusal
+            await _respond(send, status, text, "text/plain; charset=utf-8", extra)
+            return
+        document = {
+            "pid": os.getpid(),
+            "findings": [finding.to_dict() for finding in perf.findings.snapshot()],
+        }
+        await _respond(send, 200, json.dumps(document).encode(), "application/json", [])
+
+    served: dict[str, Endpoint] = {}
+    if settings.metrics_path is not None:
+        served[settings.metrics_path] = metrics
+    if settings.findings_path is not None:
+        served[settings.findings_path] = findings
+    return served

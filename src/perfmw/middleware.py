@@ -1,0 +1,162 @@
+"""PerfMiddleware: the pure ASGI middleware that opens one record per HTTP request.
+
+    app = perfmw.PerfMiddleware(app)                      # any ASGI app
+    perfmw.instrument(app)                                # Starlette/FastAPI: adds it outermost
+
+The clock stops when the last body chunk has been sent, so background tasks that run after
+the response are not part of its duration. Chunks pass straight through (never buffered) and
+are counted as they go. The application's own call is never inside perfmw's guard: its
+exceptions reach the server unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from . import _guard
+from .endpoints import Message, Receive, Scope, Send, build_endpoints
+from .record import UNMATCHED, RequestRecord, _current
+from .routes import route_template
+from .settings import Settings
+
+_MIDDLEWARE = _guard.guard("middleware")
+_KNOWN_METHODS = {
+    m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+}
+
+
+class PerfMiddleware:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        perf: Any = None,
+        settings: Settings | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        from .perf import Perf
+
+        self.app = app
+        self.perf: Perf = perf if perf is not None else Perf(settings, registry)
+        self.endpoints = build_endpoints(self.perf)
+        self.excluded = frozenset(self.perf.settings.exclude_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        perf = self.perf
+        if not perf.loop_started:
+            perf.on_loop()
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = self.endpoints.get(path)
+        if endpoint is not None:
+            await endpoint(scope, receive, send)
+            return
+        if path in self.excluded:
+            await self.app(scope, receive, send)
+            return
+
+        method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
+        record = RequestRecord(UNMATCHED, method, path, "http", perf)
+        root_path = scope.get("root_path", "")
+        token = _current.set(record)
+        perf.sink.active(method).inc()
+        server_timing = perf.settings.server_timing
+        completed = False
+
+        def finish() -> None:
+            record.duration_seconds = time.perf_counter() - record.started_at
+            perf.sink.active(method).dec()
+            with _MIDDLEWARE:
+                status = record.status_code
+                app = perf.app if status is not None and status not in (404, 405) else None
+                record.route = perf.routes.label(route_template(scope, root_path, app))
+                perf.finish(record)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal completed
+            kind = message["type"]
+            if kind == "http.response.body":
+                record.response_bytes += len(message.get("body", b""))
+                if message.get("more_body", False):
+                    await _send(send, message, record)
+                    return
+                await _send(send, message, record)
+                completed = True
+                finish()
+                return
+            if kind == "http.response.start":
+                record.status_code = message["status"]
+                record.response_started_at = time.perf_counter()
+                record.response_headers = message.get("headers")
+                if server_timing:
+                    with _MIDDLEWARE:
+                        message = _with_server_timing(message, record)
+            elif kind == "http.response.pathsend":
+                await _send(send, message, record)
+                completed = True
+                finish()
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            if not completed:
+                if not record.disconnected:
+                    record.status_code = 500
+                finish()
+            raise
+        else:
+            if not completed:
+                # The app returned without finishing its response: the client went away
+                # (a streaming response cancelled on disconnect) or the app never answered.
+                if record.status_code is None:
+                    record.status_code = 500
+                else:
+                    record.disconnected = True
+                finish()
+        finally:
+            _current.reset(token)
+
+
+async def _send(send: Send, message: Message, record: RequestRecord) -> None:
+    try:
+        await send(message)
+    except BaseException:
+        record.disconnected = True  # the server could not deliver it: the client is gone
+        raise
+
+
+def _with_server_timing(message: Message, record: RequestRecord) -> Message:
+    """The response start with our Server-Timing appended to the app's own, if any."""
+    ours = server_timing_value(record).encode("latin-1")
+    headers: list[tuple[bytes, bytes]] = []
+    merged = False
+    for name, value in message.get("headers", ()):
+        if not merged and name.lower() == b"server-timing":
+            value = bytes(value) + b", " + ours
+            merged = True
+        headers.append((name, value))
+    if not merged:
+        headers.append((b"server-timing", ours))
+    return {**message, "headers": headers}
+
+
+def server_timing_value(record: RequestRecord) -> str:
+    """`db;dur=12.3;desc="4 queries", cache;desc="3 hit 1 miss", app;dur=45.6`."""
+    queries = len(record.queries)
+    noun = "query" if queries == 1 else "queries"
+    parts = [
+        f'db;dur={record.db_seconds * 1000:.1f};desc="{queries} {noun}"',
+        f'cache;desc="{record.cache_hits} hit {record.cache_misses} miss"',
+    ]
+    started = record.response_started_at or time.perf_counter()
+    parts.append(f"app;dur={(started - record.started_at) * 1000:.1f}")
+    if record.stalls:
+        parts.append(f"stall;dur={record.stall_seconds * 1000:.1f}")
+    return ", ".join(parts)

@@ -1,0 +1,198 @@
+"""`Perf`: one instrumented application's settings, sinks and findings; `instrument()`; `track()`.
+
+    perf = perfmw.instrument(app)           # one line in a FastAPI/Starlette app
+    with perfmw.track("nightly-job"): ...   # work outside HTTP gets a record too
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from . import _guard, detectors
+from .exporters import logs
+from .exporters.prometheus import PrometheusSink, sink_for
+from .findings import FindingsStore
+from .record import RequestRecord, _current
+from .routes import RouteLabels
+from .settings import Settings
+
+_FINISH = _guard.guard("finish")
+_STATE_KEY = "_perfmw_perf"
+
+_live: weakref.WeakSet[Perf] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def live_perfs() -> list[Perf]:
+    """Every Perf not shut down, oldest first."""
+    with _live_lock:
+        return sorted(_live, key=lambda perf: perf.created)
+
+
+class Perf:
+    """The handle `instrument()` returns: settings, sinks, findings and lifecycle of one app."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        registry: CollectorRegistry | None = None,
+        tracer_provider: Any = None,
+        app: Any = None,
+    ) -> None:
+        if settings is not None and not isinstance(settings, Settings):
+            raise ValueError(f"settings must be a perfmw.Settings, got {type(settings).__name__}")
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise ValueError(
+                f"registry must be a prometheus_client CollectorRegistry, got {registry!r}"
+            )
+        self.settings = settings if settings is not None else Settings()
+        self.registry = registry if registry is not None else REGISTRY
+        self.tracer_provider = tracer_provider
+        self.app = app
+        self.created = time.monotonic()
+        self.sink: PrometheusSink = sink_for(self.registry)
+        self.findings = FindingsStore()
+        self.routes = RouteLabels(self.settings.max_routes)
+        self.loop_started = False
+        self._loops: list[Any] = []  # loop monitors this Perf started (see loop.py)
+        self.closed = False
+        with _live_lock:
+            _live.add(self)
+
+    # Lifecycle
+
+    def on_loop(self) -> None:
+        """Called from the running loop at lifespan startup or the first request."""
+        self.loop_started = True
+        with _guard.guard("loop"):
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            for hook in _loop_hooks:
+                hook(self)
+
+    def shutdown(self) -> None:
+        """Stop the loop monitors and flush the exporters. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        with _live_lock:
+            _live.discard(self)
+        for hook in _shutdown_hooks:
+            with _guard.guard("shutdown"):
+                hook(self)
+
+    # Finishing records: detectors, then sinks.
+
+    def finish(self, record: RequestRecord) -> None:
+        """Run the detectors over a finished record and hand it to every sink."""
+        record.closed = True
+        with _FINISH:
+            found = detectors.detect(record, self.settings)
+            if found:
+                record.findings.extend(found)
+                for finding in found:
+                    self.findings.add(finding)
+                logs.log_findings(found)
+            sink = self.sink
+            if record.kind == "http":
+                sink.observe_request(record, None)
+            if record.findings or record.stalls or record.blocking_calls:
+                sink.observe_record(record)
+            for hook in _finish_hooks:
+                hook(self, record)
+
+
+# Hooks the optional sources and sinks (loop monitor, tracing) register at import time, so this
+# module needs no knowledge of them.
+_loop_hooks: list[Any] = []
+_shutdown_hooks: list[Any] = []
+_finish_hooks: list[Any] = []
+
+
+def instrument(
+    app: Any,
+    settings: Settings | None = None,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: Any = None,
+) -> Perf:
+    """Add perfmw to a Starlette or FastAPI app, outermost; returns its `Perf` (idempotent)."""
+    existing = getattr(app, _STATE_KEY, None)
+    if isinstance(existing, Perf) and not existing.closed:
+        return existing
+    if not hasattr(app, "build_middleware_stack"):
+        raise ValueError(
+            "perfmw.instrument() takes a Starlette or FastAPI application; wrap any other ASGI "
+            "app with perfmw.PerfMiddleware(app) instead"
+        )
+    from .middleware import PerfMiddleware
+
+    perf = Perf(settings, registry, tracer_provider, app=app)
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        # Outside Starlette's ServerErrorMiddleware, so even its 500 responses are measured.
+        return PerfMiddleware(build(), perf=perf)
+
+    app.build_middleware_stack = build_middleware_stack
+    app.middleware_stack = None  # rebuilt with perfmw at the next call
+    setattr(app, _STATE_KEY, perf)
+    from . import mongo
+
+    mongo.register_listeners()
+    return perf
+
+
+class track:
+    """Open a record for work outside HTTP (jobs, startup, background tasks).
+
+        with perfmw.track("nightly-job") as record: ...
+        async with perfmw.track("refresh-cache") as record: ...
+    """
+
+    __slots__ = ("_record", "_token", "name")
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"perfmw.track() needs a non-empty name, got {name!r}")
+        self.name = name
+
+    def __enter__(self) -> RequestRecord:
+        perfs = live_perfs()
+        self._record = RequestRecord(self.name, "", "", "track", perfs[0] if perfs else None)
+        self._token = _current.set(self._record)
+        return self._record
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        record = self._record
+        record.duration_seconds = time.perf_counter() - record.started_at
+        _current.reset(self._token)
+        owner = record.owner
+        if isinstance(owner, Perf):
+            owner.finish(record)
+        else:
+            record.closed = True
+
+    async def __aenter__(self) -> RequestRecord:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)

@@ -1,0 +1,144 @@
+"""The per-request record: what sources append to and what detectors and sinks read.
+
+One `RequestRecord` per HTTP request (opened by the middleware) or per `perfmw.track()` block,
+held in a ContextVar so that code running for the request (tasks, threadpool workers, motor's
+threads) finds it with `current_request()`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .findings import Finding
+
+BACKGROUND = "<background>"
+UNMATCHED = "<unmatched>"
+OTHER = "<other>"
+
+
+@dataclass(slots=True, eq=False)
+class Query:
+    """One MongoDB command sent by the application (getMores fold into the query they continue)."""
+
+    operation: str
+    collection: str
+    database: str
+    shape: str
+    duration_seconds: float
+    location: str | None = None
+    started_at: float = 0.0  # time.perf_counter() at command start
+    finished_at: float = 0.0  # time.perf_counter() at the last reply (getMores included)
+    documents: int = 0  # documents returned, getMores included
+    reply_bytes: int = 0
+    has_limit: bool = True
+    has_projection: bool = True
+    failed: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Stall:
+    """The event loop was blocked for `duration_seconds` while this request's code ran."""
+
+    duration_seconds: float
+    location: str | None
+    stack: tuple[str, ...] = ()
+    cause: str = "blocking"
+
+
+@dataclass(slots=True, eq=False)
+class BlockingCall:
+    """A known blocking call made on the event loop's thread (e.g. a sync pymongo command)."""
+
+    kind: str
+    location: str | None
+    duration_seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestRecord:
+    """Facts about one request. `db_queries` and `db_seconds` are derived from `queries`."""
+
+    __slots__ = (
+        "__weakref__",
+        "blocking_calls",
+        "cache_hits",
+        "cache_misses",
+        "closed",
+        "disconnected",
+        "duration_seconds",
+        "findings",
+        "kind",
+        "method",
+        "owner",
+        "path",
+        "queries",
+        "response_bytes",
+        "response_headers",
+        "response_started_at",
+        "route",
+        "span",
+        "stalls",
+        "started_at",
+        "status_code",
+    )
+
+    def __init__(
+        self, route: str, method: str = "", path: str = "", kind: str = "http", owner: Any = None
+    ) -> None:
+        self.route = route
+        self.method = method
+        self.path = path
+        self.kind = kind  # "http", or "track" for perfmw.track()
+        self.owner = owner  # the Perf whose sinks receive this record
+        self.status_code: int | None = None
+        self.started_at = time.perf_counter()
+        self.response_started_at: float | None = None
+        self.duration_seconds: float | None = None
+        self.response_bytes = 0
+        # The raw ASGI headers of the response start, read only by detectors that need them.
+        self.response_headers: Any = None
+        self.queries: list[Query] = []
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.stalls: list[Stall] = []
+        self.blocking_calls: list[BlockingCall] = []
+        self.findings: list[Finding] = []
+        self.disconnected = False
+        self.closed = False
+        self.span: Any = None
+
+    @property
+    def db_queries(self) -> int:
+        return len(self.queries)
+
+    @property
+    def db_seconds(self) -> float:
+        return sum(query.duration_seconds for query in self.queries)
+
+    @property
+    def stall_seconds(self) -> float:
+        return sum(stall.duration_seconds for stall in self.stalls)
+
+    def __repr__(self) -> str:
+        return (
+            f"<RequestRecord {self.method} {self.route} status={self.status_code} "
+            f"queries={self.db_queries} duration={self.duration_seconds}>"
+        )
+
+
+_current: ContextVar[RequestRecord | None] = ContextVar("perfmw_request", default=None)
+
+
+def current_request() -> RequestRecord | None:
+    """The record of the running request or `track()` block, or None outside one.
+
+    A request whose response has been sent is over: its background tasks see None.
+    """
+    record = _current.get()
+    if record is None or record.closed:
+        return None
+    return record

@@ -1,0 +1,78 @@
+"""Route labels: the route template a request matched, never its raw path, within a cap.
+
+    /servers/42        -> "/servers/{server_id}"
+    /api/v1/servers/42 -> "/api/v1/servers/{server_id}"   (a Mount("/api/v1") in front)
+    /no/such/page      -> "<unmatched>"
+    the 501st template -> "<other>"                       (max_routes=500)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .record import OTHER, UNMATCHED
+
+
+def route_template(scope: dict[str, Any], root_path: str, app: Any = None) -> str:
+    """The template of the route that served `scope`, after routing ran.
+
+    `root_path` is the scope's root_path when the request entered perfmw: what mounts added
+    to it since is their prefix.
+    """
+    route = scope.get("route")
+    if route is None:
+        if app is None:
+            return UNMATCHED
+        # Responses sent before routing (a CORS preflight answered by middleware, say) still
+        # belong to the route their path names.
+        route = _match(app, scope)
+        if route is None:
+            return UNMATCHED
+        return str(route.path)
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED
+    prefix = str(scope.get("root_path", ""))[len(root_path) :]
+    if hasattr(route, "routes"):  # the innermost route is a Mount (static files, a sub-app)
+        return prefix or path or "/"
+    return prefix + path
+
+
+def _match(app: Any, scope: dict[str, Any]) -> Any:
+    routes = getattr(getattr(app, "router", None), "routes", None) or getattr(app, "routes", ())
+    probe = dict(scope)
+    for route in routes:
+        matches = getattr(route, "matches", None)
+        if matches is None or hasattr(route, "routes"):
+            continue
+        match, _ = matches(probe)
+        if match.name != "NONE":
+            return route
+    return None
+
+
+class RouteLabels:
+    """At most `max_routes` distinct templates; the rest are `<other>`."""
+
+    def __init__(self, max_routes: int) -> None:
+        self.max_routes = max_routes
+        self._labels: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def label(self, template: str) -> str:
+        label = self._labels.get(template)
+        if label is not None:
+            return label
+        if template in (UNMATCHED, OTHER):
+            return template
+        with self._lock:
+            if template not in self._labels:
+                full = len(self._labels) >= self.max_routes
+                if full:
+                    return OTHER  # not remembered, so the map stays bounded too
+                self._labels[template] = template
+            return self._labels[template]
+
+    def __len__(self) -> int:
+        return len(self._labels)
