@@ -1,11 +1,13 @@
 """perfmw: runtime performance instrumentation for Starlette/FastAPI services on MongoDB.
 
-    import perfmw
-    perfmw.instrument(app)
+import perfmw
+perfmw.instrument(app)
 """
 
 from __future__ import annotations
 
+from . import testing
+from .cache import watch_cache
 from .middleware import PerfMiddleware
 from .perf import Perf, instrument, track
 from .record import RequestRecord, current_request
@@ -18,5 +20,7 @@ __all__ = [
     "Settings",
     "current_request",
     "instrument",
+    "testing",
     "track",
+    "watch_cache",
 ]

@@ -61,9 +61,7 @@ def _is_library_file(filename: str) -> bool:
     path = os.path.realpath(filename)
     parts = path.replace("\\", "/").split("/")
     if "site-packages" in parts or "dist-packages" in parts:
-        index = max(
-            i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")
-        )
+        index = max(i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages"))
         top = parts[index + 1] if index + 1 < len(parts) else ""
         top = top.removesuffix(".py")
         return top in _LIBRARY_PACKAGES or top.startswith(("_", "."))
@@ -100,7 +98,7 @@ def app_frame(frame: FrameType | None) -> FrameType | None:
 
 
 def app_location(frame: FrameType | None = None) -> str | None:
-    """"path:line" of the innermost application frame above the caller (or `frame`)."""
+    """ "path:line" of the innermost application frame above the caller (or `frame`)."""
     found = app_frame(frame if frame is not None else sys._getframe(1))
     return None if found is None else format_location(found.f_code.co_filename, found.f_lineno)
 

@@ -9,6 +9,7 @@ A guarded error is logged once per site (component, exception type, raising line
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import traceback
@@ -68,8 +69,6 @@ class guard:
     ) -> bool:
         if exc is None or not isinstance(exc, Exception):
             return False  # let cancellation and KeyboardInterrupt through
-        try:
+        with contextlib.suppress(Exception):  # the reporter itself must never raise
             report_internal_error(self.component, exc)
-        except Exception:  # pragma: no cover - the reporter itself must never raise
-            pass
         return True

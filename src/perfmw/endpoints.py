@@ -44,7 +44,9 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
-def _refusal(scope: Scope, token: str | None) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+def _refusal(
+    scope: Scope, token: str | None
+) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
     if scope.get("method") not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")]
     if token is not None:

@@ -66,9 +66,7 @@ class FindingsStore:
         if max_findings < 1:
             raise ValueError(f"max_findings must be >= 1, got {max_findings!r}")
         self.max_findings = max_findings
-        self._entries: OrderedDict[tuple[str, str, str | None, str | None], Finding] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[tuple[str, str, str | None, str | None], Finding] = OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, finding: Finding) -> Finding:

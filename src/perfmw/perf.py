@@ -1,7 +1,7 @@
 """`Perf`: one instrumented application's settings, sinks and findings; `instrument()`; `track()`.
 
-    perf = perfmw.instrument(app)           # one line in a FastAPI/Starlette app
-    with perfmw.track("nightly-job"): ...   # work outside HTTP gets a record too
+perf = perfmw.instrument(app)           # one line in a FastAPI/Starlette app
+with perfmw.track("nightly-job"): ...   # work outside HTTP gets a record too
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def instrument(
 class track:
     """Open a record for work outside HTTP (jobs, startup, background tasks).
 
-        with perfmw.track("nightly-job") as record: ...
-        async with perfmw.track("refresh-cache") as record: ...
+    with perfmw.track("nightly-job") as record: ...
+    async with perfmw.track("refresh-cache") as record: ...
     """
 
     __slots__ = ("_record", "_token", "name")

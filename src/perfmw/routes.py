@@ -1,20 +1,21 @@
 """Route labels: the route template a request matched, never its raw path, within a cap.
 
-    /servers/42        -> "/servers/{server_id}"
-    /api/v1/servers/42 -> "/api/v1/servers/{server_id}"   (a Mount("/api/v1") in front)
-    /no/such/page      -> "<unmatched>"
-    the 501st template -> "<other>"                       (max_routes=500)
+/servers/42        -> "/servers/{server_id}"
+/api/v1/servers/42 -> "/api/v1/servers/{server_id}"   (a Mount("/api/v1") in front)
+/no/such/page      -> "<unmatched>"
+the 501st template -> "<other>"                       (max_routes=500)
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import MutableMapping
 from typing import Any
 
 from .record import OTHER, UNMATCHED
 
 
-def route_template(scope: dict[str, Any], root_path: str, app: Any = None) -> str:
+def route_template(scope: MutableMapping[str, Any], root_path: str, app: Any = None) -> str:
     """The template of the route that served `scope`, after routing ran.
 
     `root_path` is the scope's root_path when the request entered perfmw: what mounts added
@@ -39,8 +40,9 @@ def route_template(scope: dict[str, Any], root_path: str, app: Any = None) -> st
     return prefix + path
 
 
-def _match(app: Any, scope: dict[str, Any]) -> Any:
-    routes = getattr(getattr(app, "router", None), "routes", None) or getattr(app, "routes", ())
+def _match(app: Any, scope: MutableMapping[str, Any]) -> Any:
+    router = getattr(app, "router", app)
+    routes = getattr(router, "routes", None) or ()
     probe = dict(scope)
     for route in routes:
         matches = getattr(route, "matches", None)

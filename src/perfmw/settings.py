@@ -1,7 +1,7 @@
 """Settings: one frozen dataclass, validated when it is built, readable from the environment.
 
-    settings = perfmw.Settings(n_plus_one_threshold=3)
-    settings = perfmw.Settings.from_env()   # PERFMW_N_PLUS_ONE_THRESHOLD=3 ...
+settings = perfmw.Settings(n_plus_one_threshold=3)
+settings = perfmw.Settings.from_env()   # PERFMW_N_PLUS_ONE_THRESHOLD=3 ...
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Every field from PERFMW_<FIELD_NAME_UPPER>; keyword overrides win over the environment."""
+        """Every field from PERFMW_<FIELD_NAME_UPPER>; keyword overrides win over it."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):

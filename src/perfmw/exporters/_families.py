@@ -112,9 +112,7 @@ class Family:
     def collect(self) -> Metric:
         items = list(self.children.items())
         if self.kind == "histogram":
-            histogram = HistogramMetricFamily(
-                self.name, self.documentation, labels=self.labelnames
-            )
+            histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
             bounds = [*self.bounds, math.inf]
             for values, child in items:
                 assert isinstance(child, HistogramChild)
@@ -138,7 +136,7 @@ class Family:
             metric = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in items:
             assert isinstance(child, (CounterChild, GaugeChild))
-            metric.add_metric(list(values), child.value)  # type: ignore[attr-defined]
+            metric.add_metric(list(values), child.value)
         return metric
 
 

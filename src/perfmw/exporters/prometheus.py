@@ -252,9 +252,7 @@ def _internal_errors_counter() -> Metric:
     return counter
 
 
-_sinks: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusSink] = (
-    weakref.WeakKeyDictionary()
-)
+_sinks: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusSink] = weakref.WeakKeyDictionary()
 _sinks_lock = threading.Lock()
 
 

@@ -1,0 +1,1 @@
+"""A service registry (servers and their agents) on MongoDB, instrumented by perfmw."""

@@ -1,0 +1,216 @@
+"""A small service registry on MongoDB, with each performance anti-pattern beside its fix.
+
+    uvicorn examples.fastapi_app.app:app     # embedded MongoDB unless MONGODB_URI is set
+
+Anti-pattern                         | Fixed twin
+-------------------------------------|-----------------------------------------
+GET /servers-with-agents (N+1)       | GET /servers-with-agents/batched ($in)
+GET /dashboard (sequential awaits)   | GET /dashboard/concurrent (asyncio.gather)
+GET /reports/blocking (time.sleep)   | GET /reports/threadpool (run_in_threadpool)
+GET /servers/legacy (sync client)    | GET /servers (AsyncMongoClient)
+GET /servers/{id}/uncached           | GET /servers/{id} (TTLCache)
+GET /servers/by-owner (no index)     | GET /servers/by-region (indexed)
+GET /agents/export (no limit)        | GET /agents?limit=100 (paginated)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cachetools import TTLCache
+from fastapi import FastAPI, HTTPException
+from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient, MongoClient
+from starlette.concurrency import run_in_threadpool
+
+import perfmw
+
+SERVERS = 200
+AGENTS_PER_SERVER = 3
+EXPORT_AGENTS = 5000
+REGIONS = ("eu-west", "us-east", "ap-south", "sa-east")
+
+
+async def seed(db: Any) -> None:
+    """Fill an empty database with servers, agents and incidents."""
+    if await db.servers.estimated_document_count():
+        return
+    await db.servers.insert_many(
+        {
+            "_id": i,
+            "name": f"srv-{i:04d}",
+            "region": REGIONS[i % len(REGIONS)],
+            "owner": f"team-{i % 20}",
+            "status": "up" if i % 7 else "down",
+        }
+        for i in range(SERVERS)
+    )
+    await db.agents.insert_many(
+        {"server_id": i % SERVERS, "name": f"agent-{i}", "version": f"1.{i % 5}"}
+        for i in range(EXPORT_AGENTS)
+    )
+    await db.incidents.insert_many(
+        {"server_id": i % SERVERS, "severity": i % 3, "open": i % 4 == 0} for i in range(300)
+    )
+    await db.agents.create_index("server_id")
+    await db.servers.create_index("region")
+
+
+def create_app(
+    mongo_uri: str | None = None,
+    *,
+    settings: perfmw.Settings | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """The service, instrumented; with no URI (and no MONGODB_URI) it starts an embedded MongoDB."""
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            uri = mongo_uri or os.environ.get("MONGODB_URI")
+            if not uri:
+                from secantus import SecantusDBServer
+
+                storage = stack.enter_context(tempfile.TemporaryDirectory())
+                uri = stack.enter_context(SecantusDBServer(storage_path=storage)).uri
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+            stack.push_async_callback(client.close)
+            sync_client: MongoClient[dict[str, Any]] = MongoClient(uri)
+            stack.callback(sync_client.close)
+            state["db"] = client.registry
+            state["sync_db"] = sync_client.registry
+            await seed(state["db"])
+            yield
+
+    app = FastAPI(title="service registry", lifespan=lifespan)
+    server_cache = perfmw.watch_cache(
+        TTLCache(maxsize=100, ttl=300), name="servers", registry=registry
+    )
+
+    def db() -> Any:
+        return state["db"]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/servers")
+    async def list_servers(limit: int = 50) -> list[dict[str, Any]]:
+        return await db().servers.find({}, {"name": 1, "region": 1}).limit(limit).to_list()
+
+    # N+1: one query per server for its agents.
+    @app.get("/servers-with-agents")
+    async def servers_with_agents() -> list[dict[str, Any]]:
+        servers = await db().servers.find({}, {"name": 1}).sort("_id").limit(20).to_list()
+        for server in servers:
+            server["agents"] = await db().agents.find_one({"server_id": server["_id"]}, {"_id": 0})
+        return servers
+
+    # Fixed: one query for all the agents ($in), joined in memory.
+    @app.get("/servers-with-agents/batched")
+    async def servers_with_agents_batched() -> list[dict[str, Any]]:
+        servers = await db().servers.find({}, {"name": 1}).sort("_id").limit(20).to_list()
+        ids = [server["_id"] for server in servers]
+        agents = await db().agents.find({"server_id": {"$in": ids}}, {"_id": 0}).to_list()
+        by_server: dict[int, dict[str, Any]] = {}
+        for agent in agents:
+            by_server.setdefault(agent["server_id"], agent)
+        for server in servers:
+            server["agents"] = by_server.get(server["_id"])
+        return servers
+
+    # Sequential awaits of three independent reads.
+    @app.get("/dashboard")
+    async def dashboard() -> dict[str, int]:
+        servers = await db().servers.count_documents({"status": "up"})
+        agents = await db().agents.count_documents({})
+        incidents = await db().incidents.count_documents({"open": True})
+        return {"servers_up": servers, "agents": agents, "open_incidents": incidents}
+
+    # Fixed: the same three reads run concurrently.
+    @app.get("/dashboard/concurrent")
+    async def dashboard_concurrent() -> dict[str, int]:
+        servers, agents, incidents = await asyncio.gather(
+            db().servers.count_documents({"status": "up"}),
+            db().agents.count_documents({}),
+            db().incidents.count_documents({"open": True}),
+        )
+        return {"servers_up": servers, "agents": agents, "open_incidents": incidents}
+
+    def render_report() -> dict[str, str]:
+        time.sleep(0.15)  # stands for a slow synchronous library call
+        return {"report": "ready"}
+
+    # Blocks the event loop: every other request waits.
+    @app.get("/reports/blocking")
+    async def report_blocking() -> dict[str, str]:
+        return render_report()
+
+    # Fixed: the blocking work runs in a worker thread.
+    @app.get("/reports/threadpool")
+    async def report_threadpool() -> dict[str, str]:
+        return await run_in_threadpool(render_report)
+
+    # A sync MongoClient inside async def: the loop waits for the network.
+    @app.get("/servers/legacy")
+    async def list_servers_legacy(limit: int = 50) -> list[dict[str, Any]]:
+        return list(state["sync_db"].servers.find({}, {"name": 1}).limit(limit))
+
+    # A filter on a field with no index: a collection scan.
+    @app.get("/servers/by-owner")
+    async def servers_by_owner(owner: str) -> list[dict[str, Any]]:
+        return await db().servers.find({"owner": owner}, {"name": 1}).limit(100).to_list()
+
+    @app.get("/servers/by-region")
+    async def servers_by_region(region: str) -> list[dict[str, Any]]:
+        return await db().servers.find({"region": region}, {"name": 1}).limit(100).to_list()
+
+    # Reads every agent: no limit, no projection.
+    @app.get("/agents/export")
+    async def export_agents() -> list[dict[str, Any]]:
+        return await db().agents.find({}, {"_id": 0}).to_list()
+
+    @app.get("/agents")
+    async def list_agents(limit: int = 100, skip: int = 0) -> list[dict[str, Any]]:
+        cursor = db().agents.find({}, {"_id": 0, "name": 1, "server_id": 1})
+        return await cursor.sort("name").skip(skip).limit(limit).to_list()
+
+    async def load_server(server_id: int) -> dict[str, Any]:
+        server = await db().servers.find_one({"_id": server_id})
+        if server is None:
+            raise HTTPException(status_code=404, detail="no such server")
+        return dict(server)
+
+    @app.get("/servers/{server_id}")
+    async def get_server(server_id: int) -> dict[str, Any]:
+        if server_id in server_cache:
+            return dict(server_cache[server_id])
+        server = await load_server(server_id)
+        server_cache[server_id] = server
+        return server
+
+    @app.get("/servers/{server_id}/uncached")
+    async def get_server_uncached(server_id: int) -> dict[str, Any]:
+        return await load_server(server_id)
+
+    @app.put("/servers/{server_id}")
+    async def update_server(server_id: int, changes: dict[str, Any]) -> dict[str, Any]:
+        changes.pop("_id", None)
+        result = await db().servers.update_one({"_id": server_id}, {"$set": changes})
+        if result.matched_count == 0:
+            raise HTTPException(status_code=404, detail="no such server")
+        server_cache.pop(server_id, None)  # invalidate: the next read goes to MongoDB
+        return await load_server(server_id)
+
+    perfmw.instrument(app, settings=settings, registry=registry)
+    return app
+
+
+app = create_app(settings=perfmw.Settings.from_env())

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from perfmw import _guard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "faults: the test injects failures into perfmw on purpose")
+
+
+@pytest.fixture(autouse=True)
+def no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """perfmw swallows its own errors in production; in tests an unexpected one fails."""
+    before = len(_guard.recent_errors)
+    yield
+    errors = _guard.recent_errors[before:]
+    del _guard.recent_errors[before:]
+    if errors and request.node.get_closest_marker("faults") is None:
+        component, exc = errors[0]
+        raise AssertionError(f"perfmw swallowed an internal error in {component}: {exc!r}") from exc
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri() -> Iterator[str]:
+    """A real MongoDB wire server on 127.0.0.1 (the embedded SecantusDB), for the session."""
+    from secantus import SecantusDBServer
+
+    with tempfile.TemporaryDirectory() as storage, SecantusDBServer(storage_path=storage) as server:
+        yield server.uri
