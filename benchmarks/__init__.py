@@ -1,0 +1,1 @@
+"""perfmw's benchmarks: `make bench` runs every module here that has a `main()`."""
