@@ -33,12 +33,19 @@ MetricSource = Callable[[], Iterable[Metric]]
 class _RouteMetrics:
     """The request metrics of one (method, route, status): looked up once, reused."""
 
-    __slots__ = ("body", "duration", "queries")
+    __slots__ = ("body", "db", "duration", "queries")
 
-    def __init__(self, duration: HistogramChild, body: HistogramChild, queries: HistogramChild):
+    def __init__(
+        self,
+        duration: HistogramChild,
+        body: HistogramChild,
+        queries: HistogramChild,
+        db: HistogramChild,
+    ):
         self.duration = duration
         self.body = body
         self.queries = queries
+        self.db = db
 
 
 class PrometheusSink(Collector):
@@ -72,6 +79,14 @@ class PrometheusSink(Collector):
             "MongoDB queries per request.",
             ("http_request_method", "http_route"),
             QUERY_COUNT_BUCKETS,
+        )
+        # Per route, so that the report can say which share of a route's time MongoDB takes.
+        self.request_db_seconds = Family(
+            "histogram",
+            "perfmw_request_db_seconds",
+            "Time spent in MongoDB commands per request.",
+            ("http_request_method", "http_route"),
+            DB_BUCKETS,
         )
         self.db_duration = Family(
             "histogram",
@@ -130,6 +145,7 @@ class PrometheusSink(Collector):
             self.http_active,
             self.http_body,
             self.request_queries,
+            self.request_db_seconds,
             self.db_duration,
             self.pool_wait,
             self.n_plus_one,
@@ -157,10 +173,12 @@ class PrometheusSink(Collector):
         if metrics is None:
             metrics = self._route_metrics(key)
         duration = record.duration_seconds or 0.0
+        db_seconds = record.db_seconds if record.queries else 0.0
         with self._lock:
             metrics.duration.observe(duration, exemplar)
             metrics.body.observe(record.response_bytes)
             metrics.queries.observe(len(record.queries))
+            metrics.db.observe(db_seconds)
 
     def _route_metrics(self, key: tuple[str, str, int]) -> _RouteMetrics:
         method, route, status = key
@@ -168,6 +186,7 @@ class PrometheusSink(Collector):
             self.http_duration.labels(method, route, str(status)),  # type: ignore[arg-type]
             self.http_body.labels(method, route),  # type: ignore[arg-type]
             self.request_queries.labels(method, route),  # type: ignore[arg-type]
+            self.request_db_seconds.labels(method, route),  # type: ignore[arg-type]
         )
         self._routes[key] = metrics
         return metrics
