@@ -75,6 +75,7 @@ class PerfMiddleware:
                 status = record.status_code
                 app = perf.app if status is not None and status not in (404, 405) else None
                 record.route = perf.routes.label(route_template(scope, root_path, app))
+                record.endpoint = scope.get("endpoint")
                 perf.finish(record)
 
         async def send_wrapper(message: Message) -> None:

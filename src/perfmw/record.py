@@ -70,6 +70,7 @@ class RequestRecord:
         "closed",
         "disconnected",
         "duration_seconds",
+        "endpoint",
         "findings",
         "kind",
         "method",
@@ -108,6 +109,9 @@ class RequestRecord:
         self.blocking_calls: list[BlockingCall] = []
         self.findings: list[Finding] = []
         self.disconnected = False
+        # The handler routing chose (scope["endpoint"]), so findings about the response
+        # itself can name the code that produced it.
+        self.endpoint: Any = None
         self.closed = False
         self.span: Any = None
 
