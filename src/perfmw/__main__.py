@@ -1,0 +1,115 @@
+"""The perfmw command line: `perfmw report`.
+
+    perfmw report --url http://127.0.0.1:8000 [--token T] [--out FILE] [--format md|json]
+    perfmw report --compare before.json after.json
+    python -m perfmw report ...
+
+A failure (an unreachable service, a refused token, an unreadable file) is one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import report
+from .settings import env_name
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="perfmw", description="perfmw command line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = commands.add_parser(
+        "report",
+        help="write the performance report of a running service",
+        description="Read a running service's metrics and findings endpoints and write the "
+        "performance report; or compare two reports written with --format json.",
+    )
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="base URL of the service, e.g. http://127.0.0.1:8000")
+    source.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BEFORE", "AFTER"),
+        help="two reports written with --format json: print the before/after table",
+    )
+    sub.add_argument(
+        "--token",
+        default=os.environ.get(env_name("access_token")) or None,
+        help=f"the service's access_token (default: ${env_name('access_token')})",
+    )
+    sub.add_argument("--out", help="write to this file instead of stdout")
+    sub.add_argument("--format", choices=("md", "json"), default="md", help="default: md")
+    sub.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="scrape twice, this many seconds apart, and report only what happened between "
+        "(request rates and percentiles of the present load); default: totals since start",
+    )
+    sub.add_argument("--metrics-path", default="/metrics", help="default: /metrics")
+    sub.add_argument(
+        "--findings-path", default="/perfmw/findings", help="default: /perfmw/findings"
+    )
+    sub.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> str:
+    """The text `perfmw report` writes for parsed arguments; ReportError on failure."""
+    if args.compare:
+        before, after = (report.load_report(path) for path in args.compare)
+        return report.render_compare(before, after)
+    if args.interval < 0:
+        raise report.ReportError(f"--interval must be >= 0, got {args.interval}")
+
+    def scrape() -> report.Snapshot:
+        return report.collect(
+            args.url,
+            token=args.token,
+            metrics_path=args.metrics_path,
+            findings_path=args.findings_path,
+            timeout=args.timeout,
+        )
+
+    first = scrape()
+    baseline = None
+    if args.interval > 0:
+        time.sleep(args.interval)
+        baseline, first = first, scrape()
+    document = report.analyse(first, baseline)
+    if args.format == "json":
+        return report.render_json(document)
+    return report.render_markdown(document)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        text = run_report(args)
+        if args.out:
+            try:
+                with open(args.out, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            except OSError as exc:
+                raise report.ReportError(
+                    f"cannot write {args.out}: {exc.strerror or exc}"
+                ) from None
+        else:
+            sys.stdout.write(text)
+    except report.ReportError as exc:
+        print(f"perfmw report: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("perfmw report: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""`perfmw report`: the analysis over recorded metrics and findings, and the command line
+against real services (unreachable, refused token, nothing found, json, compare)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+import perfmw
+from perfmw import report
+from perfmw.__main__ import main
+from support import serve
+
+# A recorded exposition: two routes, a watched cache, stalls and a blocking call.
+METRICS = """\
+# TYPE http_server_request_duration_seconds histogram
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.01"} 0.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.025"} 50.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.05"} 90.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.1"} 100.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="+Inf"} 100.0
+http_server_request_duration_seconds_count{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200"} 100.0
+http_server_request_duration_seconds_sum{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200"} 3.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.01"} 0.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.025"} 0.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.05"} 0.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.1"} 0.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="+Inf"} 8.0
+http_server_request_duration_seconds_count{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200"} 8.0
+http_server_request_duration_seconds_sum{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200"} 1.6
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.01"} 2.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.025"} 2.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.05"} 2.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.1"} 2.0
+http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="+Inf"} 2.0
+http_server_request_duration_seconds_count{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500"} 2.0
+http_server_request_duration_seconds_sum{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500"} 0.01
+# TYPE perfmw_request_db_queries histogram
+perfmw_request_db_queries_bucket{http_request_method="GET",http_route="/servers-with-agents",le="+Inf"} 100.0
+perfmw_request_db_queries_count{http_request_method="GET",http_route="/servers-with-agents"} 100.0
+perfmw_request_db_queries_sum{http_request_method="GET",http_route="/servers-with-agents"} 2100.0
+perfmw_request_db_queries_bucket{http_request_method="GET",http_route="/reports/blocking",le="+Inf"} 10.0
+perfmw_request_db_queries_count{http_request_method="GET",http_route="/reports/blocking"} 10.0
+perfmw_request_db_queries_sum{http_request_method="GET",http_route="/reports/blocking"} 0.0
+# TYPE perfmw_request_db_seconds histogram
+perfmw_request_db_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",le="+Inf"} 100.0
+perfmw_request_db_seconds_count{http_request_method="GET",http_route="/servers-with-agents"} 100.0
+perfmw_request_db_seconds_sum{http_request_method="GET",http_route="/servers-with-agents"} 2.4
+perfmw_request_db_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",le="+Inf"} 10.0
+perfmw_request_db_seconds_count{http_request_method="GET",http_route="/reports/blocking"} 10.0
+perfmw_request_db_seconds_sum{http_request_method="GET",http_route="/reports/blocking"} 0.0
+# TYPE perfmw_event_loop_stalls_total counter
+perfmw_event_loop_stalls_total{http_route="/reports/blocking",cause="blocking"} 8.0
+# TYPE perfmw_cache_requests_total counter
+perfmw_cache_requests_total{cache="servers",result="hit"} 30.0
+perfmw_cache_requests_total{cache="servers",result="miss"} 10.0
+perfmw_cache_requests_total{cache="sessions",result="hit"} 1.0
+perfmw_cache_requests_total{cache="sessions",result="miss"} 9.0
+# TYPE perfmw_cache_evictions_total counter
+perfmw_cache_evictions_total{cache="sessions",reason="capacity"} 7.0
+perfmw_cache_evictions_total{cache="sessions",reason="expired"} 0.0
+# TYPE perfmw_cache_size gauge
+perfmw_cache_size{cache="servers"} 10.0
+perfmw_cache_size{cache="sessions"} 2.0
+# TYPE perfmw_cache_max_size gauge
+perfmw_cache_max_size{cache="servers"} 100.0
+perfmw_cache_max_size{cache="sessions"} 2.0
+"""
+
+FINDINGS: list[dict[str, Any]] = [
+    {
+        "kind": "n_plus_one",
+        "route": "/servers-with-agents",
+        "count": 100,
+        "total_seconds": 2.0,
+        "location": "app/servers.py:42",
+        "detail": {
+            "collection": "agents",
+            "operation": "find",
+            "shape": '{"server_id": ?}',
+            "repetitions": 20,
+        },
+        "first_seen": 1_700_000_000.0,
+        "last_seen": 1_700_000_060.0,
+    },
+    {
+        "kind": "loop_stall",
+        "route": "/reports/blocking",
+        "count": 8,
+        "total_seconds": 1.2,
+        "location": "app/reports.py:7",
+        "detail": {
+            "cause": "blocking",
+            "duration_seconds": 0.15,
+            "stack": ["app/reports.py:12 in report", "app/reports.py:7 in render"],
+        },
+        "first_seen": 1_700_000_000.0,
+        "last_seen": 1_700_000_060.0,
+    },
+    {
+        "kind": "missing_index",
+        "route": "/servers/by-owner",
+        "count": 1,
+        "total_seconds": 0.05,
+        "location": "app/servers.py:80",
+        "detail": {
+            "collection": "servers",
+            "operation": "find",
+            "shape": '{"owner": ?}',
+            "index": [["owner", 1]],
+        },
+        "first_seen": 1_700_000_000.0,
+        "last_seen": 1_700_000_000.0,
+    },
+]
+
+
+def snapshot(
+    metrics: str = METRICS, findings: list[dict[str, Any]] | None = None, at: float = 1000.0
+) -> report.Snapshot:
+    found = FINDINGS if findings is None else findings
+    return report.Snapshot("http://svc:8000", at, report.parse_samples(metrics), found, 4242)
+
+
+def section(markdown: str, title: str) -> str:
+    """The body of one `## title` section."""
+    start = markdown.index(f"\n## {title}\n")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end != -1 else None]
+
+
+def test_quantile_interpolates_like_histogram_quantile() -> None:
+    buckets = [(0.01, 0.0), (0.025, 50.0), (0.05, 90.0), (0.1, 100.0), (float("inf"), 100.0)]
+    assert report.quantile(0.5, buckets) == pytest.approx(0.025)
+    assert report.quantile(0.99, buckets) == pytest.approx(0.095)
+    assert report.quantile(0.25, buckets) == pytest.approx(0.0175)
+    # Past the last finite bucket the highest finite bound is all we know.
+    assert report.quantile(0.5, [(0.1, 0.0), (float("inf"), 4.0)]) == 0.1
+    assert report.quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_current_performance_per_route() -> None:
+    doc = report.analyse(snapshot())
+    rows = {row["route"]: row for row in doc["routes"]}
+    agents = rows["/servers-with-agents"]
+    assert agents["requests"] == 100
+    assert agents["errors"] == 0
+    assert agents["p50_seconds"] == pytest.approx(0.025)
+    assert agents["p99_seconds"] == pytest.approx(0.095)
+    assert agents["queries_per_request"] == pytest.approx(21.0)
+    assert agents["db_share"] == pytest.approx(0.8)
+    assert agents["rate_per_second"] is None  # one scrape, no process start time
+    blocking = rows["/reports/blocking"]
+    assert (blocking["requests"], blocking["errors"], blocking["stalls"]) == (10, 2, 8)
+    assert blocking["queries_per_request"] == 0
+    markdown = report.render_markdown(doc)
+    table = section(markdown, "Current Performance")
+    assert (
+        "| `GET /servers-with-agents` | 100 | n/a | 25 ms | 95 ms | 21.00 | 80% | 0 | 0 |" in table
+    )
+    assert "| `GET /reports/blocking` | 10 | n/a | 100 ms | 100 ms | 0.00 | 0% | 2 | 8 |" in table
+    assert "worker pid 4242" in table
+    assert "--interval 30" in table
+
+
+def test_every_section_in_order_with_locations_and_evidence() -> None:
+    markdown = report.render_markdown(report.analyse(snapshot()))
+    positions = [markdown.index(f"\n## {title}\n") for title in report.SECTIONS]
+    assert positions == sorted(positions)
+    bottlenecks = section(markdown, "Bottlenecks Identified")
+    assert "### 1. N+1 queries: `find` on `agents` repeated 20 times (n_plus_one)" in bottlenecks
+    assert "- **Location:** `app/servers.py:42`" in bottlenecks
+    assert "- **Impact:** 2.00 s in total, 20 ms per occurrence, 67% of the route's time" in (
+        bottlenecks
+    )
+    assert 'seen 100 requests, 2.00 s; repetitions 20; shape `{"server_id": ?}`' in bottlenecks
+    assert "### 2. Event loop stalled (blocking) (loop_stall) on `/reports/blocking`" in (
+        bottlenecks
+    )
+    assert "seen 8 stalls, 1.20 s; latest 150 ms; cause blocking" in bottlenecks
+    assert "innermost frame `app/reports.py:7 in render`" in bottlenecks
+
+
+def test_recommendations_are_ordered_by_time_saved() -> None:
+    doc = report.analyse(snapshot())
+    saved = [(r["kind"], round(r["saved_seconds"], 3)) for r in doc["recommendations"]]
+    # N+1: 19 of 20 round trips saved; the stall: all of it; the scan: 90% of it.
+    assert saved == [("n_plus_one", 1.9), ("loop_stall", 1.2), ("missing_index", 0.045)]
+    text = section(report.render_markdown(doc), "Optimization Recommendations")
+    first = text.index("1. **N+1 queries")
+    assert first < text.index("2. **Event loop stalled") < text.index("3. **Collection scan")
+    assert "   - Current pattern: one `find` on `agents` per item" in text
+    assert "   - Proposed pattern: one query for all the items (`$in`" in text
+    assert "   - Expected impact: about 1.90 s saved (20 round trips become one)" in text
+    assert "   - Complexity: low" in text
+
+
+def test_index_recommendations_table() -> None:
+    text = section(report.render_markdown(report.analyse(snapshot())), "Index Recommendations")
+    assert "| Collection | Index | Fields | Purpose |" in text
+    assert (
+        '| `servers` | `{"owner": 1}` | owner | removes the collection scan of '
+        "`/servers/by-owner` at app/servers.py:80 (1x) |"
+    ) in text
+
+
+def test_caching_hit_rates_and_advice() -> None:
+    doc = report.analyse(snapshot())
+    rates = {c["cache"]: c["hit_rate"] for c in doc["caches"]}
+    assert rates == {"servers": 0.75, "sessions": 0.1}
+    text = section(report.render_markdown(doc), "Caching")
+    assert "| `servers` | 75% | 30 | 10 | 0 / 0 | 10 / 100 |" in text
+    assert "| `sessions` | 10% | 1 | 9 | 7 / 0 | 2 / 2 |" in text
+    assert (
+        "- `sessions`: hits only 10%, and 7 entries were pushed out for room: raise maxsize."
+        in (text)
+    )
+
+
+def test_verification_and_trade_offs_follow_the_findings() -> None:
+    markdown = report.render_markdown(report.analyse(snapshot()))
+    verification = section(markdown, "Verification")
+    assert "perfmw report --url http://svc:8000 --format json --out before.json" in verification
+    assert "perfmw report --compare before.json after.json" in verification
+    assert 'http_server_request_duration_seconds_bucket{http_route="/reports/blocking"}' in (
+        verification
+    )
+    assert "assert_max_queries" in verification
+    trade_offs = section(markdown, "Trade-offs")
+    assert "Batching with `$in`" in trade_offs
+    assert "Indexes: each one slows inserts" in trade_offs
+
+
+def test_nothing_found_is_said_plainly_in_every_section() -> None:
+    markdown = report.render_markdown(report.analyse(snapshot("", [])))
+    assert [line for line in markdown.splitlines() if line.startswith("## ")] == [
+        f"## {title}" for title in report.SECTIONS
+    ]
+    assert "No request was measured" in section(markdown, "Current Performance")
+    assert "No bottleneck found" in section(markdown, "Bottlenecks Identified")
+    assert "No optimization to recommend" in section(markdown, "Optimization Recommendations")
+    assert "No index to recommend" in section(markdown, "Index Recommendations")
+    assert "No cache is watched" in section(markdown, "Caching")
+    assert "nothing to trade off" in section(markdown, "Trade-offs")
+
+
+def test_two_scrapes_report_only_what_happened_between() -> None:
+    before_metrics = METRICS.replace("} 100.0", "} 40.0").replace("} 3.0", "} 1.2")
+    before_findings = [dict(FINDINGS[0], count=40, total_seconds=0.8), FINDINGS[1]]
+    before = snapshot(before_metrics, before_findings, at=1000.0)
+    doc = report.analyse(snapshot(at=1030.0), before)
+    rows = {row["route"]: row for row in doc["routes"]}
+    assert rows["/servers-with-agents"]["requests"] == 60
+    assert rows["/servers-with-agents"]["rate_per_second"] == pytest.approx(2.0)
+    assert "/reports/blocking" not in rows  # no request there between the scrapes
+    assert [(f["kind"], f["count"]) for f in doc["findings"]] == [
+        ("n_plus_one", 60),
+        ("missing_index", 1),
+    ]
+    assert doc["window_seconds"] == pytest.approx(30.0)
+
+
+def test_compare_table_with_changes_in_percent(tmp_path: Path) -> None:
+    before = report.analyse(snapshot())
+    fixed = METRICS.replace(
+        '_sum{http_request_method="GET",http_route="/servers-with-agents"} 2100.0',
+        '_sum{http_request_method="GET",http_route="/servers-with-agents"} 200.0',
+    )
+    after = report.analyse(snapshot(fixed, []))
+    (tmp_path / "before.json").write_text(report.render_json(before))
+    (tmp_path / "after.json").write_text(report.render_json(after))
+    text = report.render_compare(
+        report.load_report(str(tmp_path / "before.json")),
+        report.load_report(str(tmp_path / "after.json")),
+    )
+    assert (
+        "| `GET /servers-with-agents` | 25 ms | 25 ms | +0% | 95 ms | 95 ms | +0% | 21.00 | "
+        in (text)
+    )
+    assert "| 21.00 | 2.00 | -90% | 0 | 0 |" in text
+    assert "| `servers` | 75% | 75% | +0% |" in text
+    assert "Findings: 3 before, 0 after." in text
+
+
+def test_parse_errors_are_one_line() -> None:
+    with pytest.raises(report.ReportError, match="did not answer a Prometheus exposition"):
+        report.parse_samples("this is { not prometheus\n")
+
+
+# The command line against real services.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PERFMW_ACCESS_TOKEN"}
+    return subprocess.run(
+        [sys.executable, "-m", "perfmw", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def quiet_app(registry: CollectorRegistry, **settings: Any) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/fast")
+    async def fast() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    perfmw.instrument(app, settings=perfmw.Settings(**settings), registry=registry)
+    return app
+
+
+def test_unreachable_service_is_one_line_no_traceback() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("--url", url)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"perfmw report: cannot reach {url}/metrics: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_refused_token_is_one_line_no_traceback(registry: CollectorRegistry) -> None:
+    app = quiet_app(registry, access_token="s3cret")
+    with serve(app) as server:
+        missing = run_cli("--url", server.url)
+        wrong = run_cli("--url", server.url, "--token", "nope")
+        right = run_cli("--url", server.url, "--token", "s3cret")
+    assert missing.returncode == wrong.returncode == 2
+    assert missing.stderr == (
+        f"perfmw report: {server.url}/metrics answered 401 Unauthorized: "
+        "it needs a token (--token)\n"
+    )
+    assert wrong.stderr == (
+        f"perfmw report: {server.url}/metrics answered 401 Unauthorized: "
+        "the token given was refused\n"
+    )
+    assert right.returncode == 0, right.stderr
+    assert "## Current Performance" in right.stdout
+
+
+def test_service_with_no_findings_says_so(
+    registry: CollectorRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = quiet_app(registry)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(5):
+            assert client.get("/fast").status_code == 200
+        assert main(["report", "--url", server.url]) == 0
+        markdown = capsys.readouterr().out
+        out = tmp_path / "now.json"
+        assert main(["report", "--url", server.url, "--format", "json", "--out", str(out)]) == 0
+        assert capsys.readouterr().out == ""
+    assert "No bottleneck found: perfmw recorded no finding in this window." in markdown
+    assert "No optimization to recommend: nothing was found to fix." in markdown
+    assert "| `GET /fast` | 5 | n/a |" in markdown
+    document = json.loads(out.read_text())
+    assert document["perfmw_report"] == report.FORMAT_VERSION
+    assert document["findings"] == []
+    assert [(r["route"], r["requests"]) for r in document["routes"]] == [("/fast", 5)]
+    assert document["pid"] == os.getpid()
+
+
+def test_interval_measures_the_rate_between_two_scrapes(
+    registry: CollectorRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    app = quiet_app(registry)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        client.get("/fast")  # before the window: not counted
+        timer = threading.Timer(0.3, lambda: [client.get("/fast") for _ in range(4)])
+        timer.start()
+        assert main(["report", "--url", server.url, "--interval", "1", "--format", "json"]) == 0
+        timer.join()
+    document = json.loads(capsys.readouterr().out)
+    [row] = document["routes"]
+    assert row["requests"] == 4
+    assert row["rate_per_second"] == pytest.approx(4 / document["window_seconds"])
+    assert 1.0 <= document["window_seconds"] < 5
+
+
+def test_compare_reads_json_reports_and_rejects_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(report.render_json(report.analyse(snapshot())))
+    assert main(["report", "--compare", str(path), str(path)]) == 0
+    assert "| `GET /reports/blocking` |" in capsys.readouterr().out
+    (tmp_path / "r.md").write_text("# a markdown report\n")
+    assert main(["report", "--compare", str(path), str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"perfmw report: {tmp_path / 'r.md'} is not JSON: write it with --format json\n"
+    assert main(["report", "--compare", str(path), str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
