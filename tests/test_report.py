@@ -21,61 +21,68 @@ from perfmw import report
 from perfmw.__main__ import main
 from support import serve
 
-# A recorded exposition: two routes, a watched cache, stalls and a blocking call.
-METRICS = """\
-# TYPE http_server_request_duration_seconds histogram
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.01"} 0.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.025"} 50.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.05"} 90.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="0.1"} 100.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200",le="+Inf"} 100.0
-http_server_request_duration_seconds_count{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200"} 100.0
-http_server_request_duration_seconds_sum{http_request_method="GET",http_route="/servers-with-agents",http_response_status_code="200"} 3.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.01"} 0.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.025"} 0.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.05"} 0.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="0.1"} 0.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200",le="+Inf"} 8.0
-http_server_request_duration_seconds_count{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200"} 8.0
-http_server_request_duration_seconds_sum{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="200"} 1.6
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.01"} 2.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.025"} 2.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.05"} 2.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="0.1"} 2.0
-http_server_request_duration_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500",le="+Inf"} 2.0
-http_server_request_duration_seconds_count{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500"} 2.0
-http_server_request_duration_seconds_sum{http_request_method="GET",http_route="/reports/blocking",http_response_status_code="500"} 0.01
-# TYPE perfmw_request_db_queries histogram
-perfmw_request_db_queries_bucket{http_request_method="GET",http_route="/servers-with-agents",le="+Inf"} 100.0
-perfmw_request_db_queries_count{http_request_method="GET",http_route="/servers-with-agents"} 100.0
-perfmw_request_db_queries_sum{http_request_method="GET",http_route="/servers-with-agents"} 2100.0
-perfmw_request_db_queries_bucket{http_request_method="GET",http_route="/reports/blocking",le="+Inf"} 10.0
-perfmw_request_db_queries_count{http_request_method="GET",http_route="/reports/blocking"} 10.0
-perfmw_request_db_queries_sum{http_request_method="GET",http_route="/reports/blocking"} 0.0
-# TYPE perfmw_request_db_seconds histogram
-perfmw_request_db_seconds_bucket{http_request_method="GET",http_route="/servers-with-agents",le="+Inf"} 100.0
-perfmw_request_db_seconds_count{http_request_method="GET",http_route="/servers-with-agents"} 100.0
-perfmw_request_db_seconds_sum{http_request_method="GET",http_route="/servers-with-agents"} 2.4
-perfmw_request_db_seconds_bucket{http_request_method="GET",http_route="/reports/blocking",le="+Inf"} 10.0
-perfmw_request_db_seconds_count{http_request_method="GET",http_route="/reports/blocking"} 10.0
-perfmw_request_db_seconds_sum{http_request_method="GET",http_route="/reports/blocking"} 0.0
-# TYPE perfmw_event_loop_stalls_total counter
-perfmw_event_loop_stalls_total{http_route="/reports/blocking",cause="blocking"} 8.0
-# TYPE perfmw_cache_requests_total counter
-perfmw_cache_requests_total{cache="servers",result="hit"} 30.0
-perfmw_cache_requests_total{cache="servers",result="miss"} 10.0
-perfmw_cache_requests_total{cache="sessions",result="hit"} 1.0
-perfmw_cache_requests_total{cache="sessions",result="miss"} 9.0
-# TYPE perfmw_cache_evictions_total counter
-perfmw_cache_evictions_total{cache="sessions",reason="capacity"} 7.0
-perfmw_cache_evictions_total{cache="sessions",reason="expired"} 0.0
-# TYPE perfmw_cache_size gauge
-perfmw_cache_size{cache="servers"} 10.0
-perfmw_cache_size{cache="sessions"} 2.0
-# TYPE perfmw_cache_max_size gauge
-perfmw_cache_max_size{cache="servers"} 100.0
-perfmw_cache_max_size{cache="sessions"} 2.0
-"""
+
+def _labels(**labels: str) -> str:
+    return ",".join(f'{k}="{v}"' for k, v in labels.items())
+
+
+def _histogram(name: str, buckets: dict[str, float], total: float, **labels: str) -> str:
+    """One histogram series in the text exposition: cumulative buckets, count, sum."""
+    lines = [f"{name}_bucket{{{_labels(**labels, le=le)}}} {n}" for le, n in buckets.items()]
+    lines.append(f"{name}_count{{{_labels(**labels)}}} {buckets['+Inf']}")
+    lines.append(f"{name}_sum{{{_labels(**labels)}}} {total}")
+    return "\n".join(lines)
+
+
+def _duration(route: str, status: str, buckets: list[float], total: float) -> str:
+    bounds = ("0.01", "0.025", "0.05", "0.1", "+Inf")
+    return _histogram(
+        "http_server_request_duration_seconds",
+        dict(zip(bounds, buckets, strict=True)),
+        total,
+        http_request_method="GET",
+        http_route=route,
+        http_response_status_code=status,
+    )
+
+
+def _per_request(name: str, route: str, count: float, total: float) -> str:
+    return _histogram(name, {"+Inf": count}, total, http_request_method="GET", http_route=route)
+
+
+AGENTS, BLOCKING = "/servers-with-agents", "/reports/blocking"
+# A recorded exposition: two routes, a watched cache, stalls.
+METRICS = "\n".join(
+    [
+        "# TYPE http_server_request_duration_seconds histogram",
+        _duration(AGENTS, "200", [0, 50, 90, 100, 100], 3.0),
+        _duration(BLOCKING, "200", [0, 0, 0, 0, 8], 1.6),
+        _duration(BLOCKING, "500", [2, 2, 2, 2, 2], 0.01),
+        "# TYPE perfmw_request_db_queries histogram",
+        _per_request("perfmw_request_db_queries", AGENTS, 100, 2100),
+        _per_request("perfmw_request_db_queries", BLOCKING, 10, 0),
+        "# TYPE perfmw_request_db_seconds histogram",
+        _per_request("perfmw_request_db_seconds", AGENTS, 100, 2.4),
+        _per_request("perfmw_request_db_seconds", BLOCKING, 10, 0),
+        "# TYPE perfmw_event_loop_stalls_total counter",
+        f'perfmw_event_loop_stalls_total{{http_route="{BLOCKING}",cause="blocking"}} 8.0',
+        "# TYPE perfmw_cache_requests_total counter",
+        'perfmw_cache_requests_total{cache="servers",result="hit"} 30.0',
+        'perfmw_cache_requests_total{cache="servers",result="miss"} 10.0',
+        'perfmw_cache_requests_total{cache="sessions",result="hit"} 1.0',
+        'perfmw_cache_requests_total{cache="sessions",result="miss"} 9.0',
+        "# TYPE perfmw_cache_evictions_total counter",
+        'perfmw_cache_evictions_total{cache="sessions",reason="capacity"} 7.0',
+        'perfmw_cache_evictions_total{cache="sessions",reason="expired"} 0.0',
+        "# TYPE perfmw_cache_size gauge",
+        'perfmw_cache_size{cache="servers"} 10.0',
+        'perfmw_cache_size{cache="sessions"} 2.0',
+        "# TYPE perfmw_cache_max_size gauge",
+        'perfmw_cache_max_size{cache="servers"} 100.0',
+        'perfmw_cache_max_size{cache="sessions"} 2.0',
+        "",
+    ]
+)
 
 FINDINGS: list[dict[str, Any]] = [
     {
@@ -255,7 +262,13 @@ def test_nothing_found_is_said_plainly_in_every_section() -> None:
 
 
 def test_two_scrapes_report_only_what_happened_between() -> None:
-    before_metrics = METRICS.replace("} 100.0", "} 40.0").replace("} 3.0", "} 1.2")
+    before_metrics = METRICS.replace(
+        _duration(AGENTS, "200", [0, 50, 90, 100, 100], 3.0),
+        _duration(AGENTS, "200", [0, 20, 36, 40, 40], 1.2),
+    ).replace(
+        _per_request("perfmw_request_db_queries", AGENTS, 100, 2100),
+        _per_request("perfmw_request_db_queries", AGENTS, 40, 840),
+    )
     before_findings = [dict(FINDINGS[0], count=40, total_seconds=0.8), FINDINGS[1]]
     before = snapshot(before_metrics, before_findings, at=1000.0)
     doc = report.analyse(snapshot(at=1030.0), before)
@@ -273,8 +286,8 @@ def test_two_scrapes_report_only_what_happened_between() -> None:
 def test_compare_table_with_changes_in_percent(tmp_path: Path) -> None:
     before = report.analyse(snapshot())
     fixed = METRICS.replace(
-        '_sum{http_request_method="GET",http_route="/servers-with-agents"} 2100.0',
-        '_sum{http_request_method="GET",http_route="/servers-with-agents"} 200.0',
+        _per_request("perfmw_request_db_queries", AGENTS, 100, 2100),
+        _per_request("perfmw_request_db_queries", AGENTS, 100, 200),
     )
     after = report.analyse(snapshot(fixed, []))
     (tmp_path / "before.json").write_text(report.render_json(before))
@@ -284,10 +297,9 @@ def test_compare_table_with_changes_in_percent(tmp_path: Path) -> None:
         report.load_report(str(tmp_path / "after.json")),
     )
     assert (
-        "| `GET /servers-with-agents` | 25 ms | 25 ms | +0% | 95 ms | 95 ms | +0% | 21.00 | "
-        in (text)
-    )
-    assert "| 21.00 | 2.00 | -90% | 0 | 0 |" in text
+        "| `GET /servers-with-agents` | 25 ms | 25 ms | +0% | 95 ms | 95 ms | +0% "
+        "| 21.00 | 2.00 | -90% | 0 | 0 |"
+    ) in text
     assert "| `servers` | 75% | 75% | +0% |" in text
     assert "Findings: 3 before, 0 after." in text
 
