@@ -81,6 +81,7 @@ class RequestRecord:
         "response_headers",
         "response_started_at",
         "route",
+        "shape_counts",
         "span",
         "stalls",
         "started_at",
@@ -114,6 +115,8 @@ class RequestRecord:
         self.endpoint: Any = None
         self.closed = False
         self.span: Any = None
+        # Queries per shape so far, kept by the MongoDB listener to spot the Nth repetition.
+        self.shape_counts: dict[str, int] = {}
 
     @property
     def db_queries(self) -> int:
