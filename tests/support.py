@@ -17,7 +17,9 @@ class Server:
     """A uvicorn server running `app` on 127.0.0.1, in a background thread."""
 
     def __init__(self, app: Any, loop: str = "asyncio", **config: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
+        # the listening socket says so, and without it every response waits on delayed ACKs.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -74,3 +76,41 @@ def label_values(exposition: str, name: str, label: str) -> set[str]:
         for (sample_name, labels) in samples(exposition)
         if sample_name == name and label in dict(labels)
     }
+
+
+async def _fetch_all(port: int, paths: list[str], statuses: list[int]) -> None:
+    """One keep-alive HTTP/1.1 connection sending GETs in turn (responses need Content-Length)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for path in paths:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            statuses.append(int(lines[0].split(" ")[1]))
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+def hammer(port: int, paths: list[str], connections: int = 16) -> list[int]:
+    """GET every path over `connections` keep-alive connections; the status codes, unordered.
+
+    A small raw client: load tests measure the server, not an HTTP client's own cost.
+    """
+    import asyncio
+
+    statuses: list[int] = []
+
+    async def run() -> None:
+        shares = [paths[i::connections] for i in range(connections)]
+        await asyncio.gather(*(_fetch_all(port, share, statuses) for share in shares if share))
+
+    asyncio.run(run())
+    return statuses

@@ -1,0 +1,1 @@
+"""pytest plugin for perfmw (markers and fixtures for applications' tests)."""

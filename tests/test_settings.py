@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import perfmw
+from perfmw.settings import env_name
+
+
+def test_defaults_are_the_contract() -> None:
+    settings = perfmw.Settings()
+    assert settings.metrics_path == "/metrics"
+    assert settings.findings_path == "/perfmw/findings"
+    assert settings.access_token is None
+    assert settings.server_timing is False
+    assert settings.n_plus_one_threshold == 5
+    assert settings.slow_query_seconds == 0.1
+    assert settings.explain_slow_queries is False
+    assert settings.stall_threshold_seconds == 0.1
+    assert settings.trace is True
+    assert settings.capture_statement is False
+    assert settings.max_routes == 500
+    assert settings.exclude_paths == ("/metrics", "/perfmw/findings")
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        perfmw.Settings().max_routes = 3  # type: ignore[misc]
+
+
+def test_from_env_reads_every_field() -> None:
+    env = {
+        "PERFMW_METRICS_PATH": "/internal/metrics",
+        "PERFMW_FINDINGS_PATH": "",
+        "PERFMW_ACCESS_TOKEN": "s3cret",
+        "PERFMW_SERVER_TIMING": "Yes",
+        "PERFMW_N_PLUS_ONE_THRESHOLD": "3",
+        "PERFMW_SLOW_QUERY_SECONDS": "0.25",
+        "PERFMW_EXPLAIN_SLOW_QUERIES": "ON",
+        "PERFMW_STALL_THRESHOLD_SECONDS": "0",
+        "PERFMW_TRACE": "false",
+        "PERFMW_CAPTURE_STATEMENT": "1",
+        "PERFMW_MAX_ROUTES": "20",
+        "PERFMW_EXCLUDE_PATHS": "/health, /internal/metrics",
+        "PERFMW_SILENCED_LOCATIONS": "app/legacy.py",
+    }
+    settings = perfmw.Settings.from_env(env)
+    assert settings == perfmw.Settings(
+        metrics_path="/internal/metrics",
+        findings_path=None,
+        access_token="s3cret",
+        server_timing=True,
+        n_plus_one_threshold=3,
+        slow_query_seconds=0.25,
+        explain_slow_queries=True,
+        stall_threshold_seconds=0.0,
+        trace=False,
+        capture_statement=True,
+        max_routes=20,
+        exclude_paths=("/health", "/internal/metrics"),
+        silenced_locations=("app/legacy.py",),
+    )
+
+
+def test_every_field_has_an_environment_variable() -> None:
+    names = {field.name for field in dataclasses.fields(perfmw.Settings)}
+    for name in names:
+        assert env_name(name) == "PERFMW_" + name.upper()
+
+
+@pytest.mark.parametrize("raw", ["1", "0", "TRUE", "false", "yes", "No", "on", "OFF"])
+def test_booleans_accept_the_documented_words(raw: str) -> None:
+    settings = perfmw.Settings.from_env({"PERFMW_SERVER_TIMING": raw})
+    assert settings.server_timing is (raw.lower() in ("1", "true", "yes", "on"))
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"PERFMW_SERVER_TIMING": "maybe"}, "server_timing"),
+        ({"PERFMW_TRACE": "2"}, "trace"),
+        ({"PERFMW_SLOW_QUERY_SECONDS": "-1"}, "slow_query_seconds"),
+        ({"PERFMW_SLOW_QUERY_SECONDS": "fast"}, "slow_query_seconds"),
+        ({"PERFMW_STALL_THRESHOLD_SECONDS": "nan"}, "stall_threshold_seconds"),
+        ({"PERFMW_N_PLUS_ONE_THRESHOLD": "0"}, "n_plus_one_threshold"),
+        ({"PERFMW_N_PLUS_ONE_THRESHOLD": "2.5"}, "n_plus_one_threshold"),
+        ({"PERFMW_MAX_ROUTES": "0"}, "max_routes"),
+        ({"PERFMW_METRICS_PATH": "metrics"}, "metrics_path"),
+        ({"PERFMW_EXCLUDE_PATHS": "health"}, "exclude_paths"),
+    ],
+)
+def test_bad_environment_values_name_the_field_and_variable(
+    env: dict[str, str], field: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        perfmw.Settings.from_env(env)
+    assert field in str(raised.value)
+    assert env_name(field) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"slow_query_seconds": -0.5}, "slow_query_seconds"),
+        ({"stall_threshold_seconds": float("inf")}, "stall_threshold_seconds"),
+        ({"server_timing": "yes"}, "server_timing"),
+        ({"n_plus_one_threshold": True}, "n_plus_one_threshold"),
+        ({"max_routes": 0}, "max_routes"),
+        ({"metrics_path": "metrics"}, "metrics_path"),
+        ({"findings_path": ""}, "findings_path"),
+        ({"access_token": ""}, "access_token"),
+        ({"exclude_paths": "/metrics"}, "exclude_paths"),
+        ({"silenced_locations": [""]}, "silenced_locations"),
+    ],
+)
+def test_bad_values_fail_at_construction(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} \\({env_name(field)}\\)"):
+        perfmw.Settings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_overrides_win_over_the_environment() -> None:
+    settings = perfmw.Settings.from_env({"PERFMW_MAX_ROUTES": "9"}, max_routes=4)
+    assert settings.max_routes == 4
+
+
+def test_a_list_is_normalised_to_a_tuple() -> None:
+    assert perfmw.Settings(exclude_paths=["/a", "/b"]).exclude_paths == ("/a", "/b")
