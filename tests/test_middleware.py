@@ -18,11 +18,11 @@ from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
-from support import hammer, label_values, sample, serve
 
 import perfmw
 from perfmw import _guard
 from perfmw.record import RequestRecord
+from support import hammer, label_values, sample, serve
 
 
 def scrape(client: httpx.Client) -> str:
