@@ -3,8 +3,12 @@
 prometheus-client's metrics take a lock and walk their buckets on every observation; a request
 observing four of them costs about 9 µs. These families keep plain accumulators per label
 combination (looked up once, then reused) and build the exposition only when scraped. They
-mirror prometheus-client's child API (`labels(...).observe/inc/dec/set`), so a sink can swap
-in prometheus-client's own metrics where it must (multiprocess mode).
+mirror prometheus-client's child API (`labels(...).observe/inc/dec/set`).
+
+In multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus-client was imported) a
+family's children are prometheus-client's own metrics instead, which write the per-process mmap
+files that `MultiProcessCollector` sums over every worker; the choice is made once, when the
+family is built, so the single-process hot path is untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import values as _values
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,6 +30,26 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.samples import Exemplar
+
+#: How `MultiProcessCollector` merges a gauge's per-process values ("live" ones forget the
+#: processes `mark_process_dead` was called for).
+MultiprocessMode = Literal[
+    "all",
+    "liveall",
+    "min",
+    "livemin",
+    "max",
+    "livemax",
+    "sum",
+    "livesum",
+    "mostrecent",
+    "livemostrecent",
+]
+
+
+def multiprocess_enabled() -> bool:
+    """True when prometheus-client writes its values to per-process mmap files."""
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
 
 
 def _format_bound(bound: float) -> str:
@@ -83,6 +111,7 @@ class Family:
         documentation: str,
         labelnames: Sequence[str] = (),
         buckets: Sequence[float] = (),
+        multiprocess_mode: MultiprocessMode = "livesum",
     ) -> None:
         self.kind = kind
         self.name = name
@@ -91,6 +120,30 @@ class Family:
         self.bounds = tuple(float(b) for b in buckets if b != math.inf)
         self.children: dict[tuple[str, ...], HistogramChild | CounterChild | GaugeChild] = {}
         self._lock = threading.Lock()
+        #: The prometheus-client metric writing this family's mmap files (multiprocess mode).
+        self.shared: MetricWrapperBase | None = None
+        if multiprocess_enabled():
+            self.shared = self._shared_metric(multiprocess_mode)
+        elif not self.labelnames:
+            # Exposed at 0 from the start, as prometheus-client does, so that the first event
+            # is an increase that rate() and increase() can see.
+            self.children[()] = self._new_child(())
+
+    def _shared_metric(self, multiprocess_mode: MultiprocessMode) -> MetricWrapperBase:
+        # registry=None: MultiProcessCollector exposes the files, never a registry.
+        if self.kind == "histogram":
+            return Histogram(
+                self.name, self.documentation, self.labelnames, registry=None, buckets=self.bounds
+            )
+        if self.kind == "counter":
+            return Counter(self.name, self.documentation, self.labelnames, registry=None)
+        return Gauge(
+            self.name,
+            self.documentation,
+            self.labelnames,
+            registry=None,
+            multiprocess_mode=multiprocess_mode,
+        )
 
     def labels(self, *values: str) -> HistogramChild | CounterChild | GaugeChild:
         child = self.children.get(values)
@@ -98,11 +151,16 @@ class Family:
             with self._lock:
                 child = self.children.get(values)
                 if child is None:
-                    child = self._new_child()
+                    child = self._new_child(values)
                     self.children[values] = child
         return child
 
-    def _new_child(self) -> HistogramChild | CounterChild | GaugeChild:
+    def _new_child(self, values: tuple[str, ...]) -> HistogramChild | CounterChild | GaugeChild:
+        shared = self.shared
+        if shared is not None:
+            # Same observe/inc/dec/set API, written to this process's mmap file.
+            child = shared.labels(*values) if values else shared
+            return child  # type: ignore[return-value]
         if self.kind == "histogram":
             return HistogramChild(self.bounds)
         if self.kind == "counter":

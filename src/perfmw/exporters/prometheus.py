@@ -2,22 +2,39 @@
 
 Two apps instrumented against the same registry share one sink (no "Duplicated timeseries");
 apps with their own registries never see each other's requests.
+
+Multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set before the workers start; docs/production.md):
+the families write prometheus-client's per-process mmap files, readings taken at scrape time
+(sources, internal errors) are copied into this process's files every second and at each scrape,
+and `/metrics` serves `MultiProcessCollector`'s sum over every worker of the directory.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import values as _values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from .. import _guard
 from ..record import RequestRecord
-from ._families import CounterChild, Family, GaugeChild, HistogramChild
+from ._families import (
+    CounterChild,
+    Family,
+    GaugeChild,
+    HistogramChild,
+    MultiprocessMode,
+    multiprocess_enabled,
+)
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000)
@@ -28,6 +45,19 @@ GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 #: A source of extra metric families read at scrape time (caches, pools, loop lag...).
 MetricSource = Callable[[], Iterable[Metric]]
+
+#: Multiprocess mode: how each gauge's per-worker values add up (others: "livesum"). Sums where
+#: the workers' values are parts of one whole (requests in flight, connections, cache entries);
+#: the worst live worker for loop lag, since one stuck worker is what an operator must see.
+GAUGE_MODES: dict[str, MultiprocessMode] = {
+    "http_server_active_requests": "livesum",
+    "db_client_connection_count": "livesum",
+    "perfmw_cache_size": "livesum",
+    "perfmw_cache_max_size": "livesum",
+    "perfmw_event_loop_lag_seconds": "livemax",
+}
+#: Multiprocess mode: how often each worker copies its scrape-time readings to its files.
+FLUSH_SECONDS = 1.0
 
 
 class _RouteMetrics:
@@ -52,6 +82,7 @@ class PrometheusSink(Collector):
     """All of perfmw's metrics for one registry."""
 
     def __init__(self) -> None:
+        self.multiprocess = _multiprocess_check()
         self._lock = threading.Lock()
         self.http_duration = Family(
             "histogram",
@@ -65,6 +96,7 @@ class PrometheusSink(Collector):
             "http_server_active_requests",
             "Number of active HTTP server requests.",
             ("http_request_method",),
+            multiprocess_mode=GAUGE_MODES["http_server_active_requests"],
         )
         self.http_body = Family(
             "histogram",
@@ -158,6 +190,7 @@ class PrometheusSink(Collector):
         self._routes: dict[tuple[str, str, int], _RouteMetrics] = {}
         self._active: dict[str, GaugeChild] = {}
         self._sources: list[MetricSource] = []
+        self._writer = _MmapWriter() if self.multiprocess else None
 
     # Hot path: one request.
 
@@ -181,6 +214,8 @@ class PrometheusSink(Collector):
             metrics.db.observe(db_seconds)
 
     def _route_metrics(self, key: tuple[str, str, int]) -> _RouteMetrics:
+        if self.multiprocess:
+            _flusher.ensure_running()  # in a worker forked from a master that built the sink
         method, route, status = key
         metrics = _RouteMetrics(
             self.http_duration.labels(method, route, str(status)),  # type: ignore[arg-type]
@@ -243,6 +278,8 @@ class PrometheusSink(Collector):
         """Register a scrape-time reader of extra metric families (once per source)."""
         if source not in self._sources:
             self._sources.append(source)
+        if self.multiprocess:
+            _flusher.ensure_running()
 
     def remove_source(self, source: MetricSource) -> None:
         if source in self._sources:
@@ -251,13 +288,28 @@ class PrometheusSink(Collector):
     # Scrape time.
 
     def collect(self) -> Iterator[Metric]:
+        if self.multiprocess:
+            # Everything is in the mmap files, exposed by exposition()'s MultiProcessCollector;
+            # yielding it here too would duplicate it in a registry that also has one.
+            return
         with self._lock:
             metrics = [family.collect() for family in self._families]
         yield from metrics
+        yield from self._readings()
+
+    def _readings(self) -> Iterator[Metric]:
+        """This process's scrape-time readings: internal errors and the added sources."""
         yield _internal_errors_counter()
         for source in list(self._sources):
             with _guard.guard("metrics"):
                 yield from list(source())
+
+    def flush(self) -> None:
+        """Multiprocess mode: copy this process's scrape-time readings into its mmap files."""
+        writer = self._writer
+        if writer is not None:
+            with _guard.guard("metrics"):
+                writer.write(self._readings())
 
 
 def _internal_errors_counter() -> Metric:
@@ -293,6 +345,153 @@ def live_sinks() -> list[PrometheusSink]:
 
 
 def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
-    """The registry's exposition, OpenMetrics when the scraper asks for it."""
+    """The registry's exposition, OpenMetrics when the scraper asks for it.
+
+    In multiprocess mode: every worker's metrics summed from the mmap files (including the
+    application's own prometheus-client metrics), whichever worker answers.
+    """
     encoder, content_type = choose_encoder(accept or "")
+    if multiprocess_enabled():
+        _flusher.ensure_running()
+        for sink in live_sinks():
+            sink.flush()
+        return encoder(_multiprocess_registry()), content_type
     return encoder(registry), content_type
+
+
+# Multiprocess mode.
+
+
+def _multiprocess_check() -> bool:
+    """Whether prometheus-client writes mmap files; loud when the setup cannot work."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return False
+    if not multiprocess_enabled():
+        raise ValueError(
+            "PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported, so its "
+            "metrics stay in this process: set it in the environment before the server starts"
+        )
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"PROMETHEUS_MULTIPROC_DIR={directory!r} is not a directory: create it (empty) "
+            "before the workers start"
+        )
+    _flusher.ensure_running()
+    return True
+
+
+_mp_registries: dict[str, CollectorRegistry] = {}
+
+
+def _multiprocess_registry() -> CollectorRegistry:
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    registry = _mp_registries.get(directory)
+    if registry is None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        _mp_registries[directory] = registry
+    return registry
+
+
+class _MmapWriter:
+    """Copies metric families read in this process into its mmap files, as absolute values.
+
+    Counters are written as this process's total (MultiProcessCollector sums the processes),
+    gauges with their mode of GAUGE_MODES, histograms per bucket. A gauge sample that a source
+    stopped reporting (a cache that was dropped) is set to 0 so that sums forget it.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, ...], Any] = {}
+        self._gauges: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+
+    def write(self, metrics: Iterable[Metric]) -> None:
+        with self._lock:
+            gauges: set[tuple[str, ...]] = set()
+            for metric in metrics:
+                for name, labels, value in _absolute_samples(metric):
+                    typ = metric.type if metric.type in ("counter", "histogram") else "gauge"
+                    mode = GAUGE_MODES.get(metric.name, "livesum") if typ == "gauge" else ""
+                    key: tuple[str, ...] = (typ, mode, metric.name, name, repr(labels))
+                    holder = self._values.get(key)
+                    if holder is None:
+                        holder = self._values[key] = _values.ValueClass(
+                            typ,
+                            metric.name,
+                            name,
+                            tuple(labels),
+                            tuple(labels.values()),
+                            metric.documentation,
+                            multiprocess_mode=mode,
+                        )
+                    holder.set(value)
+                    if typ == "gauge":
+                        gauges.add(key)
+            for key in self._gauges - gauges:
+                self._values[key].set(0.0)
+            self._gauges = gauges
+
+
+def _absolute_samples(metric: Metric) -> Iterator[tuple[str, dict[str, str], float]]:
+    """The samples to store for one family: histogram buckets de-accumulated, no _created."""
+    if metric.type != "histogram":
+        for sample in metric.samples:
+            if not sample.name.endswith("_created"):
+                yield sample.name, sample.labels, sample.value
+        return
+    previous: dict[tuple[tuple[str, str], ...], float] = {}
+    buckets = sorted(
+        (s for s in metric.samples if s.name.endswith("_bucket")),
+        key=lambda s: float(s.labels["le"]),
+    )
+    for sample in buckets:
+        series = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+        below = previous.get(series, 0.0)
+        previous[series] = sample.value
+        yield sample.name, sample.labels, sample.value - below
+    for sample in metric.samples:
+        if sample.name.endswith("_sum"):
+            yield sample.name, sample.labels, sample.value
+
+
+class _Flusher:
+    """One daemon thread per process copying every multiprocess sink's readings to its files.
+
+    Started lazily and again after a fork (a gunicorn master that preloads the app forks
+    workers without its threads). The process's live gauges are dropped at a clean exit; a
+    worker killed outright needs the server's hook (gunicorn `child_exit`, docs/production.md).
+    """
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            self._pid = pid
+            atexit.register(_mark_dead, pid)
+            thread = threading.Thread(target=self._run, name="perfmw-multiprocess", daemon=True)
+            thread.start()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        stop = threading.Event()
+        while not stop.wait(FLUSH_SECONDS) and self._pid == pid:
+            for sink in live_sinks():
+                sink.flush()
+
+
+def _mark_dead(pid: int) -> None:
+    if os.getpid() == pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        with _guard.guard("metrics"):
+            mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+_flusher = _Flusher()
