@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy --strict src
 
-test: lint
+test: lint prometheus
 	$(BIN)/python -m pytest
+
+# promtool and prometheus for the alert-rule and end-to-end tests (Debian package, as root).
+prometheus:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "*** prometheus/promtool missing and not installable here (needs root and apt-get):"; \
+	    echo "*** the Prometheus tests will be SKIPPED. Install the 'prometheus' package."; \
+	  fi; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
