@@ -94,6 +94,14 @@ class FindingsStore:
         entries.sort(key=lambda f: f.total_seconds, reverse=True)
         return entries
 
+    def discard(self, kind: str, shape: str) -> int:
+        """Forget the findings of one kind about one query shape (its cause was fixed)."""
+        with self._lock:
+            keys = [key for key in self._entries if key[0] == kind and key[3] == shape]
+            for key in keys:
+                del self._entries[key]
+        return len(keys)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
