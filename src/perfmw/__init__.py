@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import testing
 from .cache import watch_cache
 from .middleware import PerfMiddleware
+from .mongo import mongo_listeners
 from .perf import Perf, instrument, track
 from .record import RequestRecord, current_request
 from .settings import Settings
@@ -20,6 +21,7 @@ __all__ = [
     "Settings",
     "current_request",
     "instrument",
+    "mongo_listeners",
     "testing",
     "track",
     "watch_cache",

@@ -1,7 +1,573 @@
-"""pymongo listeners (placeholder until the MongoDB source lands)."""
+"""The MongoDB source: pymongo command and connection-pool listeners.
+
+    perfmw.instrument(app)                                   # registers them process-wide
+    MongoClient(uri, event_listeners=perfmw.mongo_listeners())   # a client made before that
+
+Each application command becomes a `Query` on the current request's record (AsyncMongoClient
+runs in the request's task, motor and Starlette's threadpool copy the request's context into
+their threads) and one observation of `db_client_operation_duration_seconds`. Driver
+housekeeping is ignored; a getMore adds its time and documents to the query that opened the
+cursor. A client that has these listeners twice (process-wide and `mongo_listeners()`) sees
+every event twice: the in-flight table and the per-connection states make the second a no-op.
+
+The stack is read only when a finding needs a location: at the Nth repetition of a shape, for
+a slow query, for a read that follows another read on a different collection, and for a sync
+command on the event loop's thread. Everything here runs under `_guard.guard("mongo")`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
+import time
+import weakref
+from asyncio.events import _get_running_loop
+from collections.abc import Iterable
+from contextvars import ContextVar
+from types import CodeType, FrameType
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from pymongo import monitoring
+
+from . import _frames, _guard, explain
+from .detectors.mongo import UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
+from .exporters._families import gauge_from
+from .exporters.prometheus import PrometheusSink, live_sinks
+from .record import BlockingCall, Query, RequestRecord, _current
+from .settings import Settings
+from .shapes import shape_of
+
+_GUARD = _guard.guard("mongo")
+
+#: Commands the driver sends for itself: never counted as the application's queries.
+HOUSEKEEPING = frozenset(
+    {
+        "hello",
+        "isMaster",
+        "ismaster",
+        "ping",
+        "buildInfo",
+        "buildinfo",
+        "endSessions",
+        "killCursors",
+        "saslStart",
+        "saslContinue",
+        "authenticate",
+        "getnonce",
+    }
+)
+#: Commands that only read (candidates for consecutive_queries).
+READS = frozenset({"find", "aggregate", "count", "distinct"})
+_INDEX_COMMANDS = frozenset({"createIndexes", "dropIndexes", "deleteIndexes"})
+_MAX_INFLIGHT = 100_000
+_MAX_CURSORS = 10_000
+_DEFAULT_SETTINGS = Settings()
+
+# True in perfmw's own threads (explain): their commands are not the application's.
+_internal: ContextVar[bool] = ContextVar("perfmw_mongo_internal", default=False)
+# Open assertions of perfmw.testing.assert_max_queries: each gets every application command.
+_watchers: list[list[Query]] = []
+
+
+class _Pending:
+    """A command between its started and its succeeded/failed event."""
+
+    __slots__ = ("blocking", "collection", "command", "cursor", "operation", "query", "record")
+
+    def __init__(
+        self,
+        record: RequestRecord | None,
+        query: Query | None,
+        operation: str,
+        collection: str,
+    ) -> None:
+        self.record = record
+        self.query = query
+        self.operation = operation
+        self.collection = collection
+        self.blocking: BlockingCall | None = None
+        self.command: Any = None  # kept only when a slow query may need an explain
+        self.cursor: Any = None  # a getMore's cursor id
+
+
+_inflight: dict[tuple[int, Any], _Pending] = {}
+_cursors: dict[tuple[Any, Any], Query] = {}  # (cursor id, server address) -> opening query
+
+
+def _settings(record: RequestRecord) -> Settings:
+    owner = record.owner
+    return owner.settings if owner is not None else _DEFAULT_SETTINGS
+
+
+# Where the application is.
+
+
+def locate(frame: FrameType | None = None) -> str | None:
+    """The application's "path:line" for the command being published on this thread.
+
+    Motor runs pymongo in a worker thread whose stack holds no application frame; the frame is
+    a coroutine suspended on the loop, found through the future the worker is completing.
+    """
+    found = _frames.app_frame(frame if frame is not None else sys._getframe(1))
+    if found is not None:
+        return _frames.format_location(found.f_code.co_filename, found.f_lineno)
+    return _suspended_location()
+
+
+def _executor_future() -> Any:
+    """The asyncio future a concurrent.futures worker on this thread will complete, if any."""
+    import concurrent.futures.thread as cf_thread
+
+    run_code = cf_thread._WorkItem.run.__code__
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code is not run_code:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    work = frame.f_locals.get("self")
+    for callback in getattr(getattr(work, "future", None), "_done_callbacks", ()):
+        for cell in getattr(callback, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(value, asyncio.Future):
+                return value
+    return None
+
+
+def _awaiting(future: asyncio.Future[Any]) -> set[int]:
+    """The future and those waiting on it (asyncio.gather, shield...), a few levels deep."""
+    seen = {id(future)}
+    todo = [future]
+    while todo and len(seen) < 16:
+        for callback, _context in getattr(todo.pop(), "_callbacks", None) or ():
+            for cell in getattr(callback, "__closure__", None) or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:
+                    continue
+                if isinstance(value, asyncio.Future) and id(value) not in seen:
+                    seen.add(id(value))
+                    todo.append(value)
+    return seen
+
+
+def _suspended_location() -> str | None:
+    future = _executor_future()
+    if future is None:
+        return None
+    loop = future.get_loop()
+    # The task may not have reached its `await` yet when the worker starts: look a few times.
+    for attempt in range(5):
+        waited = _awaiting(future)
+        try:
+            tasks = asyncio.all_tasks(loop)
+        except RuntimeError:
+            tasks = set()
+        for task in tasks:
+            if id(getattr(task, "_fut_waiter", None)) in waited:
+                return _coroutine_location(task.get_coro())
+        time.sleep(0.0005 * (attempt + 1))
+    return None
+
+
+def _coroutine_location(coro: Any) -> str | None:
+    """The innermost application frame of a suspended chain of coroutines."""
+    found = None
+    depth = 0
+    while coro is not None and depth < 64:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None and _frames.is_app_code(frame.f_code):
+            found = frame
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        depth += 1
+    if found is None:
+        return None
+    return _frames.format_location(found.f_code.co_filename, found.f_lineno)
+
+
+# Sync pymongo on the event loop's thread.
+
+_SYNC, _ASYNC, _NEUTRAL = 1, 2, 0
+_driver_paths: dict[CodeType, int] = {}
+
+
+def _classify(code: CodeType) -> int:
+    path = code.co_filename.replace("\\", "/")
+    if "/pymongo/synchronous/" in path:
+        return _SYNC
+    if "/pymongo/asynchronous/" in path:
+        return _ASYNC
+    return _NEUTRAL
+
+
+def _from_sync_driver(frame: FrameType | None) -> bool:
+    """Whether the command being published comes from pymongo's synchronous code path."""
+    for _ in range(12):
+        if frame is None:
+            return False
+        code = frame.f_code
+        kind = _driver_paths.get(code)
+        if kind is None:
+            kind = _driver_paths[code] = _classify(code)
+        if kind:
+            return kind == _SYNC
+        frame = frame.f_back
+    return False
+
+
+# Metrics.
+
+
+def _observe(record: RequestRecord | None, operation: str, collection: str, seconds: float) -> None:
+    owner = record.owner if record is not None else None
+    if owner is not None:
+        owner.sink.observe_command(operation, collection, seconds, None)
+        return
+    for sink in live_sinks():
+        sink.observe_command(operation, collection, seconds, None)
+
+
+# The command listener.
+
+
+def _read_limits(name: str, command: Any, query: Query) -> None:
+    if name == "find":
+        limit = command.get("limit")
+        query.has_limit = bool(limit)
+        query.has_projection = bool(command.get("projection"))
+    elif name == "aggregate":
+        pipeline = command.get("pipeline")
+        stages = [next(iter(stage), "") for stage in pipeline if stage] if pipeline else []
+        query.has_limit = "$limit" in stages or "$count" in stages or "$group" in stages
+        query.has_projection = any(
+            stage in ("$project", "$unset", "$group", "$count", "$replaceRoot", "$replaceWith")
+            for stage in stages
+        )
+
+
+def _batch_bytes(batch: list[Any]) -> int:
+    """Bytes of a reply batch, estimated from its first document (decoded replies carry none).
+
+    Only batches of several documents are measured: a single document (find_one) is bounded.
+    """
+    first = batch[0]
+    raw = getattr(first, "raw", None)
+    if raw is None:
+        import bson
+
+        raw = bson.encode(first)
+    return len(raw) * len(batch)
+
+
+def _unbounded(query: Query) -> bool:
+    return query.documents > UNBOUNDED_DOCUMENTS or query.reply_bytes > UNBOUNDED_BYTES
+
+
+def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
+    key = (event.request_id, event.connection_id)
+    if key in _inflight:
+        return  # the same event again: this client has perfmw's listeners twice
+    record = _current.get()
+    if record is not None and record.closed:
+        record = None
+    if record is None and _internal.get():
+        return
+    command = event.command
+    if name == "getMore":
+        opened = _cursors.get((command.get("getMore"), event.connection_id))
+        collection = command.get("collection")
+        pending = _Pending(record, opened, name, collection if isinstance(collection, str) else "")
+        pending.cursor = command.get("getMore")
+        _inflight[key] = pending
+        return
+    target = command.get(name)
+    collection = target if isinstance(target, str) else ""
+    if record is None and not _watchers:
+        _inflight[key] = _Pending(None, None, name, collection)
+        return
+    settings = _DEFAULT_SETTINGS if record is None else _settings(record)
+    database = event.database_name
+    query = Query(name, collection, database, shape_of(name, command, False, database), 0.0, None)
+    query.started_at = time.perf_counter()
+    if name == "find" or name == "aggregate":
+        _read_limits(name, command, query)
+    pending = _Pending(record, query, name, collection)
+    _inflight[key] = pending
+    if len(_inflight) > _MAX_INFLIGHT:  # replies that never came (a dead connection)
+        _inflight.pop(next(iter(_inflight)))
+    if record is not None:
+        queries = record.queries
+        previous = queries[-1] if queries else None
+        queries.append(query)
+        counts = record.shape_counts
+        repeated = counts.get(query.shape, 0) + 1
+        counts[query.shape] = repeated
+        threshold = settings.n_plus_one_threshold
+        if settings.explain_slow_queries:
+            pending.command = command
+        if repeated >= threshold:
+            query.location = locate(sys._getframe(1))
+            if repeated == threshold and settings.explain_slow_queries:
+                _explain(query, command, sys._getframe(1))
+        elif (
+            previous is not None
+            and name in READS
+            and previous.operation in READS
+            and previous.collection != collection
+            and previous.finished_at
+        ):
+            # A read after a finished read elsewhere: the start of a consecutive_queries run.
+            query.location = locate(sys._getframe(1))
+        if _get_running_loop() is not None and _from_sync_driver(sys._getframe(1)):
+            location = query.location or locate(sys._getframe(1))
+            query.location = location
+            pending.blocking = BlockingCall(
+                "pymongo-sync", location, 0.0, {"operation": name, "collection": collection}
+            )
+            record.blocking_calls.append(pending.blocking)
+    if _watchers:
+        if query.location is None:
+            query.location = locate(sys._getframe(1))
+        for watcher in list(_watchers):
+            watcher.append(query)
+
+
+def _finished(
+    event: monitoring.CommandSucceededEvent | monitoring.CommandFailedEvent,
+    reply: Any,
+) -> None:
+    pending = _inflight.pop((event.request_id, event.connection_id), None)
+    if pending is None:
+        return
+    seconds = event.duration_micros / 1_000_000
+    record = pending.record
+    _observe(record, pending.operation, pending.collection, seconds)
+    if pending.operation in _INDEX_COMMANDS:
+        _index_changed(event.database_name, pending.collection)
+    query = pending.query
+    if pending.blocking is not None:
+        pending.blocking.duration_seconds = seconds
+    if query is None:
+        return
+    cursor = reply.get("cursor") if reply is not None else None
+    if pending.operation == "getMore":
+        query.duration_seconds += seconds
+        query.finished_at = time.perf_counter()
+        if type(cursor) is dict:
+            batch = cursor.get("nextBatch")
+            if batch:
+                query.documents += len(batch)
+                if not (query.has_limit and query.has_projection):
+                    query.reply_bytes += _batch_bytes(batch)
+                    if query.location is None and _unbounded(query):
+                        query.location = locate(sys._getframe(1))
+            if not cursor.get("id"):
+                _cursors.pop((pending.cursor, event.connection_id), None)
+        return
+    query.duration_seconds = seconds
+    query.finished_at = time.perf_counter()
+    if reply is None:
+        query.failed = True
+    elif type(cursor) is dict:
+        batch = cursor.get("firstBatch")
+        if batch:
+            query.documents = len(batch)
+            if len(batch) > 1 and not (query.has_limit and query.has_projection):
+                query.reply_bytes = _batch_bytes(batch)
+                if query.location is None and _unbounded(query):
+                    query.location = locate(sys._getframe(1))
+        cursor_id = cursor.get("id")
+        if cursor_id:
+            _cursors[(cursor_id, event.connection_id)] = query
+            if len(_cursors) > _MAX_CURSORS:
+                _cursors.pop(next(iter(_cursors)))
+    if record is not None and seconds > _settings(record).slow_query_seconds:
+        if query.location is None:
+            query.location = locate(sys._getframe(1))
+        if pending.command is not None:
+            _explain(query, pending.command, sys._getframe(1))
+
+
+class CommandListener(monitoring.CommandListener):
+    """Turns each application command into a `Query` on the current record and a metric."""
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name in HOUSEKEEPING:
+            return
+        with _GUARD:
+            _started(event, name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if event.command_name in HOUSEKEEPING:
+            return
+        with _GUARD:
+            _finished(event, event.reply)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        if event.command_name in HOUSEKEEPING:
+            return
+        with _GUARD:
+            _finished(event, None)
+
+
+# Missing-index advice lives in explain.py; the listener only hands it candidates.
+
+
+def _explain(query: Query, command: Any, frame: FrameType | None) -> None:
+    explain.consider(query, command, frame)
+
+
+def _index_changed(database: str, collection: str) -> None:
+    explain.invalidate(database, collection)
+
+
+# The connection-pool listener.
+
+_IDLE, _USED = 1, 2
+_connections: dict[tuple[Any, int], int] = {}  # (address, connection id) -> state
+_last_failure = threading.local()
+
+
+def _pool_name(address: Any) -> str:
+    try:
+        host, port = address
+    except (TypeError, ValueError):
+        return str(address)
+    return f"{host}:{port}"
+
+
+def _observe_wait(address: Any, seconds: float | None) -> None:
+    if seconds is None:
+        return
+    pool = _pool_name(address)
+    record = _current.get()
+    owner = record.owner if record is not None and not record.closed else None
+    if owner is not None:
+        owner.sink.observe_pool_wait(pool, seconds)
+        return
+    for sink in live_sinks():
+        sink.observe_pool_wait(pool, seconds)
+
+
+class PoolListener(monitoring.ConnectionPoolListener):
+    """Connection wait times, and used/idle connections per pool read at scrape time."""
+
+    def pool_created(self, event: monitoring.PoolCreatedEvent) -> None:
+        return None
+
+    def pool_ready(self, event: monitoring.PoolReadyEvent) -> None:
+        return None
+
+    def pool_cleared(self, event: monitoring.PoolClearedEvent) -> None:
+        return None
+
+    def pool_closed(self, event: monitoring.PoolClosedEvent) -> None:
+        return None
+
+    def connection_created(self, event: monitoring.ConnectionCreatedEvent) -> None:
+        if _internal.get():
+            return
+        with _GUARD:
+            _connections.setdefault((event.address, event.connection_id), _IDLE)
+
+    def connection_ready(self, event: monitoring.ConnectionReadyEvent) -> None:
+        return None
+
+    def connection_closed(self, event: monitoring.ConnectionClosedEvent) -> None:
+        with _GUARD:
+            _connections.pop((event.address, event.connection_id), None)
+
+    def connection_check_out_started(
+        self, event: monitoring.ConnectionCheckOutStartedEvent
+    ) -> None:
+        return None
+
+    def connection_check_out_failed(self, event: monitoring.ConnectionCheckOutFailedEvent) -> None:
+        if _internal.get():
+            return
+        with _GUARD:
+            # No connection id to tell a repeat by: the same event object twice in a row is one.
+            if getattr(_last_failure, "event", None) is event:
+                return
+            _last_failure.event = event
+            _observe_wait(event.address, event.duration)
+
+    def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
+        if _internal.get():
+            return
+        with _GUARD:
+            key = (event.address, event.connection_id)
+            if _connections.get(key) == _USED:
+                return
+            _connections[key] = _USED
+            _observe_wait(event.address, event.duration)
+
+    def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
+        with _GUARD:
+            key = (event.address, event.connection_id)
+            if _connections.get(key) == _USED:
+                _connections[key] = _IDLE
+
+
+def _connection_counts() -> Iterable[tuple[tuple[str, str], float]]:
+    totals: dict[str, list[int]] = {}
+    for (address, _id), state in list(_connections.items()):
+        counts = totals.setdefault(_pool_name(address), [0, 0])
+        counts[0 if state == _USED else 1] += 1
+    for pool, (used, idle) in sorted(totals.items()):
+        yield (pool, "used"), float(used)
+        yield (pool, "idle"), float(idle)
+
+
+def connection_count_metrics() -> Iterable[Metric]:
+    """`db_client_connection_count{pool,state}`, read when Prometheus scrapes."""
+    yield gauge_from(
+        "db_client_connection_count",
+        "MongoDB connections per pool and state (used: checked out; idle: in the pool).",
+        ("db_client_connection_pool_name", "db_client_connection_state"),
+        _connection_counts,
+    )
+
+
+# Registration.
+
+_commands = CommandListener()
+_pool = PoolListener()
+_register_lock = threading.Lock()
+_registered = False
+_sinks_with_source: weakref.WeakSet[PrometheusSink] = weakref.WeakSet()
+
+
+def _add_pool_source() -> None:
+    for sink in live_sinks():
+        if sink not in _sinks_with_source:
+            sink.add_source(connection_count_metrics)
+            _sinks_with_source.add(sink)
+
 
 def register_listeners() -> None:
-    return None
+    """Register the listeners process-wide (clients created from now on are observed)."""
+    global _registered
+    with _register_lock:
+        if not _registered:
+            monitoring.register(_commands)
+            monitoring.register(_pool)
+            _registered = True
+            explain.register()
+        _add_pool_source()
+
+
+def mongo_listeners() -> list[monitoring.CommandListener | monitoring.ConnectionPoolListener]:
+    """The listeners for a client created before `instrument()`: `event_listeners=...`.
+
+    client = MongoClient(uri, event_listeners=perfmw.mongo_listeners())
+    """
+    with _register_lock:
+        explain.register()
+        _add_pool_source()
+    return [_commands, _pool]

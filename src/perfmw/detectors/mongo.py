@@ -1,11 +1,202 @@
-"""MongoDB detectors: N+1, consecutive queries, slow queries, unbounded reads."""
+"""MongoDB detectors: N+1, consecutive queries, slow queries, unbounded reads.
+
+Pure functions of a finished record's `queries` (see docs/mongo.md for each rule).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 from ..findings import Finding
-from ..record import RequestRecord
+from ..record import Query, RequestRecord
 from ..settings import Settings
+
+#: A find/aggregate returning more than this many documents, or bytes, in one request...
+UNBOUNDED_DOCUMENTS = 1000
+UNBOUNDED_BYTES = 1024 * 1024
+#: ...without a limit or without a projection is an unbounded read.
+UNBOUNDED_OPERATIONS = frozenset({"find", "aggregate"})
+
+#: Sequential independent reads are reported when running them concurrently would save this.
+CONSECUTIVE_MIN_SAVING_SECONDS = 0.005
+READS = frozenset({"find", "aggregate", "count", "distinct"})
+# A filter that looks up values a previous result supplied: `$in` lists, `_id`, `<thing>_id`,
+# `<thing>Id`. Such a read probably depends on the one before it, so it may not run beside it.
+_DEPENDENT = re.compile(r"\$in: |\$all: |[{ ](?:_id|\w+_ids?|\w+Ids?)(?:\.\w+)*: ")
 
 
 def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
-    return []
+    queries = record.queries
+    found = n_plus_one(record.route, queries, settings.n_plus_one_threshold)
+    found.extend(consecutive_queries(record.route, queries))
+    found.extend(slow_queries(record.route, queries, settings.slow_query_seconds))
+    found.extend(unbounded_reads(record.route, queries))
+    return found
+
+
+def _by_location(queries: Iterable[Query]) -> dict[str | None, list[Query]]:
+    groups: dict[str | None, list[Query]] = {}
+    for query in queries:
+        groups.setdefault(query.location, []).append(query)
+    return groups
+
+
+def n_plus_one(route: str, queries: list[Query], threshold: int) -> list[Finding]:
+    """The same shape `threshold` times or more: one finding per (shape, location).
+
+    The listener reads the location from the Nth repetition on; the repetitions before it
+    (no location) are counted with the first location found.
+    """
+    by_shape: dict[str, list[Query]] = {}
+    for query in queries:
+        by_shape.setdefault(query.shape, []).append(query)
+    found = []
+    for shape, same in by_shape.items():
+        if len(same) < threshold:
+            continue
+        groups = _by_location(same)
+        unlocated = groups.pop(None, [])
+        if not groups:
+            groups = {None: unlocated}
+        else:
+            first = next(iter(groups))
+            groups[first] = unlocated + groups[first]
+        for location, group in groups.items():
+            found.append(
+                Finding(
+                    "n_plus_one",
+                    route,
+                    location,
+                    sum(q.duration_seconds for q in group),
+                    {
+                        "collection": group[0].collection,
+                        "operation": group[0].operation,
+                        "shape": shape,
+                        "repetitions": len(group),
+                    },
+                )
+            )
+    return found
+
+
+def independent_read(query: Query) -> bool:
+    """A read whose filter takes no values from an earlier result (see _DEPENDENT)."""
+    return query.operation in READS and not query.failed and not _DEPENDENT.search(query.shape)
+
+
+def consecutive_queries(
+    route: str, queries: list[Query], min_saving: float = CONSECUTIVE_MIN_SAVING_SECONDS
+) -> list[Finding]:
+    """Runs of independent reads on different collections, each started after the previous
+    ended, where running them concurrently would save `min_saving` or more:
+    saving = sum of their durations - the longest one."""
+    found = []
+    run: list[Query] = []
+    for query in sorted(queries, key=lambda q: q.started_at):
+        if not independent_read(query):
+            found.extend(_consecutive_finding(route, run, min_saving))
+            run = []
+            continue
+        if run and (
+            query.started_at < run[-1].finished_at
+            or any(q.collection == query.collection for q in run)
+        ):
+            found.extend(_consecutive_finding(route, run, min_saving))
+            run = []
+        run.append(query)
+    found.extend(_consecutive_finding(route, run, min_saving))
+    return found
+
+
+def _consecutive_finding(route: str, run: list[Query], min_saving: float) -> list[Finding]:
+    if len(run) < 2:
+        return []
+    durations = [q.duration_seconds for q in run]
+    saving = sum(durations) - max(durations)
+    if saving < min_saving:
+        return []
+    location = next((q.location for q in run if q.location is not None), None)
+    return [
+        Finding(
+            "consecutive_queries",
+            route,
+            location,
+            saving,
+            {
+                "collections": [q.collection for q in run],
+                "shape": " ; ".join(q.shape for q in run),
+                "queries": [
+                    {
+                        "operation": q.operation,
+                        "collection": q.collection,
+                        "shape": q.shape,
+                        "duration_seconds": q.duration_seconds,
+                        "location": q.location,
+                    }
+                    for q in run
+                ],
+                "sequential_seconds": sum(durations),
+                "concurrent_seconds": max(durations),
+                "saving_seconds": saving,
+            },
+        )
+    ]
+
+
+def slow_queries(route: str, queries: list[Query], threshold: float) -> list[Finding]:
+    """Queries slower than `slow_query_seconds`: one finding per (shape, location)."""
+    groups: dict[tuple[str, str | None], list[Query]] = {}
+    for query in queries:
+        if query.duration_seconds > threshold:
+            groups.setdefault((query.shape, query.location), []).append(query)
+    return [
+        Finding(
+            "slow_query",
+            route,
+            location,
+            sum(q.duration_seconds for q in group),
+            {
+                "collection": group[0].collection,
+                "operation": group[0].operation,
+                "shape": shape,
+                "duration_seconds": max(q.duration_seconds for q in group),
+            },
+            count=len(group),
+        )
+        for (shape, location), group in groups.items()
+    ]
+
+
+def unbounded_reads(route: str, queries: list[Query]) -> list[Finding]:
+    """A find/aggregate returning > 1,000 documents or > 1 MiB with no limit or no projection."""
+    found = []
+    for query in queries:
+        if query.operation not in UNBOUNDED_OPERATIONS:
+            continue
+        if query.has_limit and query.has_projection:
+            continue
+        if query.documents <= UNBOUNDED_DOCUMENTS and query.reply_bytes <= UNBOUNDED_BYTES:
+            continue
+        missing = [
+            name
+            for name, present in (("limit", query.has_limit), ("projection", query.has_projection))
+            if not present
+        ]
+        found.append(
+            Finding(
+                "unbounded_read",
+                route,
+                query.location,
+                query.duration_seconds,
+                {
+                    "collection": query.collection,
+                    "operation": query.operation,
+                    "shape": query.shape,
+                    "documents": query.documents,
+                    "bytes": query.reply_bytes,
+                    "missing": missing,
+                },
+            )
+        )
+    return found

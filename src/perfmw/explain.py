@@ -1,0 +1,381 @@
+"""Missing-index advice: `explain` a slow or repeated query shape once, off the request path.
+
+With `explain_slow_queries` on, the MongoDB listener hands this module the first slow or
+N+1-repeated command of each shape. One daemon thread explains them one at a time, at most
+one every `EXPLAIN_INTERVAL_SECONDS`, on its own connection (a pooled connection of the
+application's sync client, or of a private sync twin of an AsyncMongoClient). A winning plan
+with a COLLSCAN or an in-memory SORT is a verdict "missing index", with the keys to create in
+ESR order (equality fields, then sort fields, then range fields). Each later request in which
+the shape is slow or repeated adds a `missing_index` finding to its Perf's store; a
+createIndexes or dropIndexes on the collection forgets the verdict (and the findings), so the
+next occurrence is explained again and, once indexed, reported no more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from . import _guard
+from .findings import Finding
+from .record import Query, RequestRecord
+
+EXPLAIN_INTERVAL_SECONDS = 0.5  # at most two explains a second, process-wide
+VERDICT_SECONDS = 600.0  # a shape is explained again after this (indexes change)
+_QUEUE_SIZE = 64
+_MAX_VERDICTS = 5000
+_GUARD = _guard.guard("explain")
+
+# Fields of a sent command that belong to its session or transport, not to the query.
+_TRANSPORT = frozenset(
+    {
+        "lsid",
+        "txnNumber",
+        "$clusterTime",
+        "$db",
+        "$readPreference",
+        "readConcern",
+        "writeConcern",
+        "startTransaction",
+        "autocommit",
+        "apiVersion",
+        "apiStrict",
+        "apiDeprecationErrors",
+        "maxTimeMS",
+        "comment",
+    }
+)
+_EXPLAINABLE = frozenset({"find", "aggregate", "count", "distinct", "findAndModify"})
+_EQUALITY = frozenset({"$eq", "$in"})
+
+
+@dataclass
+class Verdict:
+    """What explain said about one shape: `index` is None when the plan used an index."""
+
+    database: str
+    collection: str
+    index: list[list[Any]] | None
+    stage: str
+    expires: float
+
+
+_lock = threading.Lock()
+_verdicts: dict[str, Verdict] = {}
+_pending: set[str] = set()
+# Requests that saw a shape while its explain was queued: told when the verdict arrives.
+_waiters: dict[str, list[tuple[weakref.ref[Any], str, str | None, float]]] = {}
+_jobs: queue.Queue[tuple[str, str, str, dict[str, Any], Any]] = queue.Queue(_QUEUE_SIZE)
+_worker: threading.Thread | None = None
+_twins: dict[int, Any] = {}
+
+
+def consider(query: Query, command: Any, frame: FrameType | None) -> None:
+    """Queue an explain of this query's shape unless its verdict is known or on the way."""
+    if query.operation not in _EXPLAINABLE or not isinstance(command, Mapping):
+        return
+    shape = query.shape
+    now = time.monotonic()
+    with _lock:
+        verdict = _verdicts.get(shape)
+        if (verdict is not None and verdict.expires > now) or shape in _pending:
+            return
+    client = _client_from(frame)
+    if client is None:
+        return
+    body = {key: value for key, value in command.items() if key not in _TRANSPORT}
+    with _lock:
+        if shape in _pending:
+            return
+        try:
+            _jobs.put_nowait((shape, query.database, query.collection, body, client))
+        except queue.Full:
+            return
+        _pending.add(shape)
+        _start_worker()
+
+
+def _client_from(frame: FrameType | None) -> Any:
+    """The MongoClient or AsyncMongoClient sending the command, found on the driver's stack."""
+    from pymongo import AsyncMongoClient, MongoClient
+
+    clients = (MongoClient, AsyncMongoClient)
+    depth = 0
+    while frame is not None and depth < 40:
+        if "pymongo" in frame.f_code.co_filename:
+            local = frame.f_locals
+            for name in ("client", "self", "_client"):
+                value = local.get(name)
+                if isinstance(value, clients):
+                    return value
+                owner = getattr(getattr(value, "database", None), "client", None)
+                if isinstance(owner, clients):
+                    return owner
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
+def _start_worker() -> None:
+    global _worker
+    if _worker is None or not _worker.is_alive():
+        _worker = threading.Thread(target=_work, name="perfmw-explain", daemon=True)
+        _worker.start()
+
+
+def _work() -> None:
+    from .mongo import _internal
+
+    _internal.set(True)  # this thread's commands are perfmw's, not the application's
+    last = 0.0
+    while True:
+        shape, database, collection, body, client = _jobs.get()
+        wait = last + EXPLAIN_INTERVAL_SECONDS - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        last = time.monotonic()
+        verdict = None
+        with _GUARD:
+            plan = _run_explain(client, database, body)
+            verdict = judge(plan, body, database, collection)
+        with _lock:
+            _pending.discard(shape)
+            waiters = _waiters.pop(shape, [])
+            if verdict is not None:
+                if len(_verdicts) >= _MAX_VERDICTS:
+                    _verdicts.pop(next(iter(_verdicts)))
+                _verdicts[shape] = verdict
+        if verdict is not None and verdict.index is not None:
+            for perf_ref, route, location, seconds in waiters:
+                perf = perf_ref()
+                if perf is not None and not perf.closed:
+                    with _GUARD:
+                        _report(perf, None, route, location, seconds, shape, verdict)
+
+
+def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[str, Any]:
+    from pymongo import AsyncMongoClient
+
+    if isinstance(client, AsyncMongoClient):
+        client = _sync_twin(client)
+    explained: Mapping[str, Any] = client[database].command(
+        {"explain": body, "verbosity": "queryPlanner"}
+    )
+    return explained
+
+
+def _sync_twin(client: Any) -> Any:
+    """A private sync MongoClient with an AsyncMongoClient's options, closed with it."""
+    from pymongo import MongoClient
+
+    twin = _twins.get(id(client))
+    if twin is None:
+        options = dict(client._init_kwargs)
+        options.pop("event_listeners", None)
+        options["maxPoolSize"] = 1
+        twin = _twins[id(client)] = MongoClient(**options)
+        weakref.finalize(client, _close_twin, id(client))
+    return twin
+
+
+def _close_twin(key: int) -> None:
+    twin = _twins.pop(key, None)
+    if twin is not None:
+        with contextlib.suppress(Exception):
+            twin.close()
+
+
+# Judging a plan.
+
+
+def _stages(plan: Any) -> list[str]:
+    found: list[str] = []
+    todo = [plan]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, Mapping):
+            stage = node.get("stage")
+            if isinstance(stage, str):
+                found.append(stage)
+            for key in ("inputStage", "queryPlan", "winningPlan"):
+                if key in node:
+                    todo.append(node[key])
+            todo.extend(node.get("inputStages", ()) or ())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return found
+
+
+def _winning_plan(explained: Mapping[str, Any]) -> Any:
+    planner = explained.get("queryPlanner")
+    if planner is None:  # aggregate: the plan of its first ($cursor) stage
+        for stage in explained.get("stages", ()) or ():
+            cursor = stage.get("$cursor") if isinstance(stage, Mapping) else None
+            if isinstance(cursor, Mapping):
+                planner = cursor.get("queryPlanner")
+                break
+    return planner.get("winningPlan") if isinstance(planner, Mapping) else None
+
+
+def judge(
+    explained: Mapping[str, Any], body: Mapping[str, Any], database: str, collection: str
+) -> Verdict:
+    """The verdict on one explained command: the ESR index to create, or None."""
+    stages = _stages(_winning_plan(explained))
+    expires = time.monotonic() + VERDICT_SECONDS
+    problem = "COLLSCAN" if "COLLSCAN" in stages else "SORT" if "SORT" in stages else ""
+    index = esr_index(*_filter_and_sort(body)) if problem else []
+    if not index:
+        return Verdict(
+            database, collection, None, problem or (stages[-1] if stages else ""), expires
+        )
+    return Verdict(database, collection, index, problem, expires)
+
+
+def _filter_and_sort(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    if "pipeline" in body:
+        found: Mapping[str, Any] = {}
+        sort: Mapping[str, Any] = {}
+        for stage in body.get("pipeline") or ():
+            if not isinstance(stage, Mapping):
+                break
+            if "$match" in stage and not found:
+                found = stage["$match"]
+            elif "$sort" in stage and not sort:
+                sort = stage["$sort"]
+            else:
+                break
+        return found, sort
+    found = body.get("filter", body.get("query")) or {}
+    return found, body.get("sort") or {}
+
+
+def esr_index(filter_: Mapping[str, Any], sort: Mapping[str, Any]) -> list[list[Any]]:
+    """Index keys by the ESR rule: equality fields, then the sort, then range fields."""
+    equality: list[str] = []
+    ranges: list[str] = []
+    for field, value in _conditions(filter_):
+        if isinstance(value, Mapping) and value and next(iter(value)).startswith("$"):
+            (equality if set(value) <= _EQUALITY else ranges).append(field)
+        else:
+            equality.append(field)
+    keys: list[list[Any]] = []
+    seen: set[str] = set()
+    for field in equality:
+        if field not in seen:
+            keys.append([field, 1])
+            seen.add(field)
+    for field, direction in (sort or {}).items():
+        if field not in seen:
+            keys.append([field, direction if direction in (1, -1) else 1])
+            seen.add(field)
+    for field in ranges:
+        if field not in seen:
+            keys.append([field, 1])
+            seen.add(field)
+    return keys
+
+
+def _conditions(filter_: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    for key, value in filter_.items():
+        if key == "$and" and isinstance(value, list):
+            for item in value:
+                if isinstance(item, Mapping):
+                    found.extend(_conditions(item))
+        elif not key.startswith("$"):
+            found.append((key, value))
+    return found
+
+
+# Reporting: a finish hook adds one finding per request in which the shape was slow or repeated.
+
+
+def _report(
+    perf: Any,
+    record: RequestRecord | None,
+    route: str,
+    location: str | None,
+    seconds: float,
+    shape: str,
+    verdict: Verdict,
+) -> None:
+    from .exporters import logs
+
+    assert verdict.index is not None
+    finding = Finding(
+        "missing_index",
+        route,
+        location,
+        seconds,
+        {
+            "collection": verdict.collection,
+            "database": verdict.database,
+            "shape": shape,
+            "index": [list(key) for key in verdict.index],
+            "stage": verdict.stage,
+        },
+    )
+    perf.findings.add(finding)
+    if record is not None:
+        record.findings.append(finding)
+    logs.log_findings([finding])
+
+
+def on_finish(perf: Any, record: RequestRecord) -> None:
+    """After the detectors: missing_index findings for this request's slow or repeated shapes."""
+    if not perf.settings.explain_slow_queries or not record.findings:
+        return
+    now = time.monotonic()
+    for found in list(record.findings):
+        if found.kind not in ("n_plus_one", "slow_query"):
+            continue
+        shape = found.detail.get("shape")
+        if not isinstance(shape, str):
+            continue
+        with _lock:
+            verdict = _verdicts.get(shape)
+            if verdict is None or verdict.expires <= now:
+                if shape in _pending:
+                    waiters = _waiters.setdefault(shape, [])
+                    if len(waiters) < 100:
+                        waiters.append(
+                            (weakref.ref(perf), record.route, found.location, found.total_seconds)
+                        )
+                continue
+        if verdict.index is not None:
+            _report(perf, record, record.route, found.location, found.total_seconds, shape, verdict)
+
+
+def invalidate(database: str, collection: str) -> None:
+    """Indexes of a collection changed: forget its verdicts and its missing_index findings."""
+    with _lock:
+        stale = [
+            shape
+            for shape, verdict in _verdicts.items()
+            if verdict.collection == collection and verdict.database == database
+        ]
+        for shape in stale:
+            del _verdicts[shape]
+    if not stale:
+        return
+    from .perf import live_perfs
+
+    for perf in live_perfs():
+        for shape in stale:
+            perf.findings.discard("missing_index", shape)
+
+
+def register() -> None:
+    """Add the finish hook that reports missing indexes (once)."""
+    from .perf import _finish_hooks
+
+    if on_finish not in _finish_hooks:
+        _finish_hooks.append(on_finish)

@@ -1,0 +1,171 @@
+"""Query shapes: a MongoDB command with its values replaced by `?`.
+
+    shape_of("find", {"find": "agents", "filter": {"server_id": 7}}, database="registry")
+    -> 'find registry.agents {server_id: ?}'
+
+A shape keeps what decides how the server runs a command (operation, namespace, filter keys and
+operators in their order, sort keys and directions, projection keys, pipeline stage names) and
+drops every value, so that the 20 queries of an N+1 loop share one shape and no user data leaves
+the process. `$in`/`$nin`/`$all` lists collapse to `[?]` whatever their length.
+With `capture_values=True` (the `capture_statement` setting) values are kept, shortened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+_VALUE = "?"
+_MAX_VALUE_CHARS = 64
+_MAX_DEPTH = 8
+# Operators whose operand is a list of values (collapsed) rather than a list of sub-filters.
+_VALUE_LISTS = frozenset({"$in", "$nin", "$all"})
+# Aggregation stages whose filter is worth keeping in the shape (as for a find).
+_MATCH_STAGES = frozenset({"$match"})
+
+
+def _value(value: Any, capture: bool) -> str:
+    if not capture:
+        return _VALUE
+    text = repr(value)
+    return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
+
+
+def _filter(document: Mapping[str, Any], capture: bool, depth: int = 0) -> str:
+    """`{a: ?, b: {$gt: ?}, $or: [{c: ?}, {d: ?}]}`: keys and operators in order, no values."""
+    if depth > _MAX_DEPTH:
+        return "{...}"
+    parts = []
+    for key, value in document.items():
+        if type(value) is dict and value and _is_operator_doc(value):
+            parts.append(f"{key}: {_operators(value, capture, depth + 1)}")
+        elif key in ("$and", "$or", "$nor") and isinstance(value, list):
+            parts.append(f"{key}: {_filters(value, capture, depth + 1)}")
+        else:
+            parts.append(f"{key}: {_value(value, capture)}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _is_operator_doc(value: Mapping[str, Any]) -> bool:
+    for key in value:
+        return isinstance(key, str) and key.startswith("$")
+    return False
+
+
+def _operators(document: Mapping[str, Any], capture: bool, depth: int) -> str:
+    parts = []
+    for op, operand in document.items():
+        if op in _VALUE_LISTS:
+            rendered = "[?]" if not capture else _value(operand, capture)
+        elif op == "$elemMatch" and isinstance(operand, dict):
+            rendered = _filter(operand, capture, depth + 1)
+        elif op == "$not" and isinstance(operand, dict):
+            rendered = _operators(operand, capture, depth + 1)
+        else:
+            rendered = _value(operand, capture)
+        parts.append(f"{op}: {rendered}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _filters(items: list[Any], capture: bool, depth: int) -> str:
+    rendered = [
+        _filter(item, capture, depth) if isinstance(item, Mapping) else _value(item, capture)
+        for item in items
+    ]
+    return "[" + ", ".join(rendered) + "]"
+
+
+def _keys(document: Any) -> str:
+    if isinstance(document, Mapping):
+        return "[" + ", ".join(str(key) for key in document) + "]"
+    if isinstance(document, (list, tuple)):
+        return "[" + ", ".join(str(key) for key in document) + "]"
+    return _VALUE
+
+
+def _sort(document: Any) -> str:
+    if isinstance(document, Mapping):
+        return "{" + ", ".join(f"{key}: {direction}" for key, direction in document.items()) + "}"
+    return _VALUE
+
+
+def _pipeline(stages: Any, capture: bool) -> str:
+    if not isinstance(stages, list):
+        return "[?]"
+    parts = []
+    for stage in stages:
+        if not isinstance(stage, Mapping) or not stage:
+            parts.append("?")
+            continue
+        name = next(iter(stage))
+        body = stage[name]
+        if name in _MATCH_STAGES and isinstance(body, Mapping):
+            parts.append(f"{name} {_filter(body, capture)}")
+        elif name == "$lookup" and isinstance(body, Mapping) and "from" in body:
+            parts.append(f"{name} {body['from']}")
+        else:
+            parts.append(str(name))
+    return "[" + ", ".join(parts) + "]"
+
+
+def _first_statement(statements: Any) -> Mapping[str, Any] | None:
+    if isinstance(statements, list) and statements and isinstance(statements[0], Mapping):
+        return statements[0]
+    return None
+
+
+def shape_of(
+    command_name: str,
+    command: Mapping[str, Any],
+    capture_values: bool = False,
+    database: str = "",
+) -> str:
+    """The shape of one command: `"{operation} {database}.{collection} {details}"`."""
+    target = command.get(command_name)
+    collection = target if isinstance(target, str) else ""
+    namespace = f"{database}.{collection}" if database else collection
+    head = f"{command_name} {namespace}"
+    capture = capture_values
+    if command_name == "find":
+        found = command.get("filter")
+        text = f"{head} {_filter(found, capture) if isinstance(found, Mapping) else '{}'}"
+        sort = command.get("sort")
+        if sort:
+            text += f" sort={_sort(sort)}"
+        projection = command.get("projection")
+        if projection:
+            text += f" projection={_keys(projection)}"
+        return text
+    if command_name == "aggregate":
+        return f"{head} {_pipeline(command.get('pipeline'), capture)}"
+    if command_name in ("count", "distinct"):
+        query = command.get("query")
+        text = f"{head} {_filter(query, capture) if isinstance(query, Mapping) else '{}'}"
+        if command_name == "distinct":
+            text += f" key={command.get('key')}"
+        return text
+    if command_name == "findAndModify":
+        query = command.get("query")
+        text = f"{head} {_filter(query, capture) if isinstance(query, Mapping) else '{}'}"
+        sort = command.get("sort")
+        if sort:
+            text += f" sort={_sort(sort)}"
+        update = command.get("update")
+        if isinstance(update, Mapping):
+            text += f" update={_keys(update)}"
+        elif command.get("remove"):
+            text += " remove"
+        return text
+    if command_name in ("update", "delete"):
+        first = _first_statement(command.get(command_name + "s"))
+        if first is None:
+            return head
+        query = first.get("q")
+        text = f"{head} {_filter(query, capture) if isinstance(query, Mapping) else '{}'}"
+        update = first.get("u")
+        if isinstance(update, Mapping):
+            text += f" update={_keys(update)}"
+        elif isinstance(update, list):
+            text += f" update={_pipeline(update, False)}"
+        return text
+    return head
