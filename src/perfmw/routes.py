@@ -54,13 +54,35 @@ def _match(app: Any, scope: MutableMapping[str, Any]) -> Any:
     return None
 
 
+# Mounts with path parameters make root_path vary per request: the cache stays bounded.
+_ROUTE_CACHE_LIMIT = 10_000
+
+
 class RouteLabels:
     """At most `max_routes` distinct templates; the rest are `<other>`."""
 
     def __init__(self, max_routes: int) -> None:
         self.max_routes = max_routes
         self._labels: dict[str, str] = {}
+        # (id of the route, root_path after routing, root_path before) -> (route, label): the
+        # template is worked out once per route, not per request. Routes need not be hashable
+        # (FastAPI's are not); holding the route keeps its id from being reused.
+        self._by_route: dict[tuple[int, str, str], tuple[Any, str]] = {}
         self._lock = threading.Lock()
+
+    def label_for(self, scope: MutableMapping[str, Any], root_path: str, app: Any = None) -> str:
+        """The label of the route that served `scope` (see `route_template`)."""
+        route = scope.get("route")
+        if route is None:
+            return self.label(route_template(scope, root_path, app))
+        key = (id(route), scope.get("root_path", ""), root_path)
+        cached = self._by_route.get(key)
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        label = self.label(route_template(scope, root_path))
+        if len(self._by_route) < _ROUTE_CACHE_LIMIT:
+            self._by_route[key] = (route, label)
+        return label
 
     def label(self, template: str) -> str:
         label = self._labels.get(template)
