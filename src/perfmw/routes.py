@@ -64,10 +64,10 @@ class RouteLabels:
     def __init__(self, max_routes: int) -> None:
         self.max_routes = max_routes
         self._labels: dict[str, str] = {}
-        # (id of the route, root_path after routing, root_path before) -> (route, label): the
+        # id of the route (with the root_paths when a mount changed it) -> (route, label): the
         # template is worked out once per route, not per request. Routes need not be hashable
         # (FastAPI's are not); holding the route keeps its id from being reused.
-        self._by_route: dict[tuple[int, str, str], tuple[Any, str]] = {}
+        self._by_route: dict[Any, tuple[Any, str]] = {}
         self._lock = threading.Lock()
 
     def label_for(self, scope: MutableMapping[str, Any], root_path: str, app: Any = None) -> str:
@@ -75,7 +75,9 @@ class RouteLabels:
         route = scope.get("route")
         if route is None:
             return self.label(route_template(scope, root_path, app))
-        key = (id(route), scope.get("root_path", ""), root_path)
+        after = scope.get("root_path", "")
+        # No mount on the way (the common case): the route alone is the key.
+        key: Any = id(route) if after == root_path else (id(route), after, root_path)
         cached = self._by_route.get(key)
         if cached is not None and cached[0] is route:
             return cached[1]
