@@ -190,7 +190,10 @@ def test_every_section_in_order_with_locations_and_evidence() -> None:
     assert "- **Impact:** 2.00 s in total, 20 ms per occurrence, 67% of the route's time" in (
         bottlenecks
     )
-    assert 'seen 100 requests, 2.00 s; repetitions 20; shape `{"server_id": ?}`' in bottlenecks
+    assert (
+        "seen 100 requests, 2.00 s; operation find; collection agents; repetitions 20; "
+        'shape `{"server_id": ?}`'
+    ) in bottlenecks
     assert "### 2. Event loop stalled (blocking) (loop_stall) on `/reports/blocking`" in (
         bottlenecks
     )

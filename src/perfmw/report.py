@@ -124,7 +124,7 @@ def collect(
 # (what happened between them), to the report's document.
 
 
-def _finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
+def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
     detail = finding.get("detail") or {}
     return (finding.get("kind"), finding.get("route"), finding.get("location"), detail.get("shape"))
 
@@ -132,10 +132,10 @@ def _finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
 def _delta_findings(
     after: list[dict[str, Any]], before: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    earlier = {_finding_key(f): f for f in before}
+    earlier = {finding_key(f): f for f in before}
     kept = []
     for finding in after:
-        old = earlier.get(_finding_key(finding))
+        old = earlier.get(finding_key(finding))
         if old is not None:
             finding = {
                 **finding,
@@ -356,17 +356,18 @@ def _advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             "complexity": "low",
         }
     if kind == "consecutive_queries":
-        saved = detail.get("saved_seconds", detail.get("could_save_seconds"))
-        reps = _reps(detail)
+        queries = detail.get("queries")
+        reads = len(queries) if isinstance(queries, list) and queries else _reps(detail)
         collections = detail.get("collections") or [collection]
         return {
             "title": "Sequential independent queries on "
             + ", ".join(f"`{c}`" for c in collections),
-            "current": f"{reps if reps > 1 else 'several'} independent reads awaited one after "
-            "another",
+            "current": f"{reads if reads > 1 else 'several'} independent reads awaited one "
+            "after another",
             "proposed": "start them together with `asyncio.gather(...)`; the request then waits "
             "for the slowest one only",
-            "saved": float(saved) if isinstance(saved, (int, float)) else total * (reps - 1) / reps,
+            # The finding's cost is already the avoidable part: all but the slowest read.
+            "saved": total,
             "basis": "the time of all but the slowest read",
             "complexity": "low",
         }
@@ -643,20 +644,39 @@ def _bottlenecks(doc: Mapping[str, Any]) -> list[str]:
     return lines[:-1]
 
 
+# Detail facts shown as evidence, in this order, with the words that introduce them.
+_EVIDENCE_KEYS = {
+    "kind": "kind",
+    "operation": "operation",
+    "collection": "collection",
+    "repetitions": "repetitions",
+    "documents": "documents",
+    "bytes": "bytes",
+    "missing": "missing",
+    "duration_seconds": "latest",
+    "sequential_seconds": "one after another",
+    "concurrent_seconds": "concurrently",
+    "cause": "cause",
+    "stage": "plan stage",
+}
+
+
 def _evidence(item: Mapping[str, Any]) -> str:
     detail: Mapping[str, Any] = item.get("detail") or {}
     count = item.get("count") or 0
     kind = item.get("kind")
     noun = {"loop_stall": "stall", "blocking_call": "call"}.get(str(kind), "request")
     parts = [f"seen {count} {noun}{'' if count == 1 else 's'}, {_ms(item['total_seconds'])}"]
-    for key in ("repetitions", "documents", "bytes", "duration_seconds", "cause", "kind"):
+    for key in _EVIDENCE_KEYS:
         value = detail.get(key)
-        if value is None or (key == "kind" and kind != "blocking_call"):
+        if value is None or value == [] or (key == "kind" and kind != "blocking_call"):
             continue
-        if key == "duration_seconds":
-            parts.append(f"latest {_ms(float(value))}")
+        if key.endswith("_seconds") and isinstance(value, (int, float)):
+            parts.append(f"{_EVIDENCE_KEYS[key]} {_ms(float(value))}")
+        elif isinstance(value, list):
+            parts.append(f"{_EVIDENCE_KEYS[key]} {', '.join(str(v) for v in value)}")
         else:
-            parts.append(f"{key} {value}")
+            parts.append(f"{_EVIDENCE_KEYS[key]} {value}")
     if detail.get("shape"):
         parts.append(f"shape {_code(detail['shape'])}")
     if detail.get("index"):

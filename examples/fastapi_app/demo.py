@@ -1,0 +1,327 @@
+"""`make demo`: the service registry under a bounded load, then its performance report.
+
+    python -m examples.fastapi_app.demo          # embedded MongoDB; MONGODB_URI for a real one
+
+Starts the example app on uvicorn (127.0.0.1, a free port), sends the same number of requests
+to every endpoint (each anti-pattern and its fixed twin) with a progress bar, prints the report
+perfmw writes from the service's own /metrics and /perfmw/findings, and stops what it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+import perfmw
+from perfmw import report
+from perfmw.settings import env_name
+
+from .app import REGIONS, create_app
+
+REQUESTS_PER_ENDPOINT = 20
+CONCURRENCY = 4
+
+
+def endpoints(n: int = REQUESTS_PER_ENDPOINT) -> list[tuple[str, list[str]]]:
+    """Every endpoint of the example app, each with the n paths the load run requests."""
+    ids = [i % 5 for i in range(n)]  # a few hot servers: what a cache is for
+    return [
+        ("/servers-with-agents", ["/servers-with-agents"] * n),
+        ("/servers-with-agents/batched", ["/servers-with-agents/batched"] * n),
+        ("/dashboard", ["/dashboard"] * n),
+        ("/dashboard/concurrent", ["/dashboard/concurrent"] * n),
+        ("/reports/blocking", ["/reports/blocking"] * n),
+        ("/reports/threadpool", ["/reports/threadpool"] * n),
+        ("/servers/legacy", ["/servers/legacy"] * n),
+        ("/servers", ["/servers"] * n),
+        ("/servers/{id}/uncached", [f"/servers/{i}/uncached" for i in ids]),
+        ("/servers/{id}", [f"/servers/{i}" for i in ids]),
+        ("/servers/by-owner", [f"/servers/by-owner?owner=team-{i % 20}" for i in range(n)]),
+        ("/servers/by-region", [f"/servers/by-region?region={REGIONS[i % 4]}" for i in range(n)]),
+        ("/agents/export", ["/agents/export"] * n),
+        ("/agents?limit=100", [f"/agents?limit=100&skip={100 * (i % 10)}" for i in range(n)]),
+        ("/health", ["/health"] * n),
+    ]
+
+
+def demo_settings(environ: dict[str, str] | None = None) -> perfmw.Settings:
+    """PERFMW_* from the environment, with explain on unless set: missing indexes show."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault(env_name("explain_slow_queries"), "on")
+    return perfmw.Settings.from_env(env)
+
+
+_EMBEDDED = """\
+import sys, tempfile
+from secantus import SecantusDBServer
+with tempfile.TemporaryDirectory() as storage, SecantusDBServer(storage_path=storage) as server:
+    print(server.uri, flush=True)
+    sys.stdin.read()  # until the demo closes our stdin
+"""
+
+
+@contextmanager
+def embedded_mongodb(timeout: float = 60.0) -> Iterator[str]:
+    """The embedded MongoDB in a child process, as a real one would be: yields its URI.
+
+    In its own process its CPU is not the service's: the demo measures the service alone.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EMBEDDED],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(child.stdout, selectors.EVENT_READ)
+            ready = selector.select(timeout)
+        uri = child.stdout.readline().strip() if ready else ""
+        if not uri.startswith("mongodb://"):
+            raise RuntimeError("the embedded MongoDB did not start")
+        yield uri
+    finally:
+        child.stdin.close()
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+
+
+class Service:
+    """The example app on uvicorn in a background thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the example service did not start (see the log above)")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@contextmanager
+def running(app: Any) -> Iterator[Service]:
+    service = Service(app)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+class Progress:
+    """A one-line progress bar, redrawn in place on a terminal, a line per step elsewhere."""
+
+    def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
+        self.total = total
+        self.stream = stream
+        self.width = width
+        self.done = 0
+        self.lock = threading.Lock()
+        self.tty = stream.isatty()
+
+    def advance(self, label: str) -> None:
+        with self.lock:
+            self.done += 1
+            if self.tty or self.done == self.total:
+                filled = self.width * self.done // self.total
+                bar = "#" * filled + "-" * (self.width - filled)
+                end = "\n" if self.done == self.total else ""
+                line = f"\rload [{bar}] {self.done:>4}/{self.total} requests  {label:<32}"
+                self.stream.write(line + end)
+                self.stream.flush()
+
+
+def drive(
+    port: int,
+    plan: list[tuple[str, list[str]]],
+    progress: Progress,
+    concurrency: int = CONCURRENCY,
+) -> list[tuple[str, int]]:
+    """Send every planned request, endpoint after endpoint, `concurrency` at a time.
+
+    Endpoints run one after another so that each one's measurements are its own: a request
+    blocking the loop delays only requests of its own endpoint. Returns (path, status) of
+    every request that did not answer 2xx.
+    """
+    local = threading.local()
+    opened: list[http.client.HTTPConnection] = []
+    failures: list[tuple[str, int]] = []
+
+    def get(label: str, path: str) -> None:
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = http.client.HTTPConnection("127.0.0.1", port, 30)
+            opened.append(connection)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            status = response.status
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            local.connection = None
+            status = 0
+        if not 200 <= status < 300:
+            failures.append((path, status))
+        progress.advance(label)
+
+    try:
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="demo-load") as pool:
+            for label, paths in plan:
+                list(pool.map(lambda path, label=label: get(label, path), paths))
+    finally:
+        for connection in opened:
+            connection.close()
+    return failures
+
+
+def settle(
+    url: str, token: str | None, quiet: float = 0.5, timeout: float = 5.0
+) -> report.Snapshot:
+    """A scrape taken once the findings stopped changing (explains run off the request path)."""
+    deadline = time.monotonic() + timeout
+    last = report.collect(url, token=token)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = report.collect(url, token=token)
+        if [report.finding_key(f) for f in now.findings] == [
+            report.finding_key(f) for f in last.findings
+        ]:
+            return now
+        last = now
+    return last
+
+
+class _Collected(logging.Handler):
+    """Holds perfmw's warnings during the load, to print them after the progress bar."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().splitlines()[0])
+
+
+@contextmanager
+def collected_warnings() -> Iterator[_Collected]:
+    logger = logging.getLogger("perfmw")
+    handler = _Collected()
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def run_demo(
+    out: TextIO,
+    progress: TextIO,
+    *,
+    requests_per_endpoint: int = REQUESTS_PER_ENDPOINT,
+    settings: perfmw.Settings | None = None,
+    mongo_uri: str | None = None,
+    on_ready: Callable[[Service], None] | None = None,
+) -> str:
+    """Start the service, load it, write the report to `out`; returns the report's Markdown."""
+    settings = settings if settings is not None else demo_settings()
+    uri = mongo_uri or os.environ.get("MONGODB_URI")
+    with contextlib.ExitStack() as stack:
+        if uri:
+            progress.write("starting the example service on MONGODB_URI...\n")
+        else:
+            progress.write("starting the embedded MongoDB and the example service...\n")
+            uri = stack.enter_context(embedded_mongodb())
+        return _run(uri, settings, out, progress, requests_per_endpoint, on_ready)
+
+
+def _run(
+    uri: str,
+    settings: perfmw.Settings,
+    out: TextIO,
+    progress: TextIO,
+    requests_per_endpoint: int,
+    on_ready: Callable[[Service], None] | None,
+) -> str:
+    registry = CollectorRegistry()
+    app = create_app(uri, settings=settings, registry=registry)
+    token = settings.access_token
+    with running(app) as service, collected_warnings() as warnings:
+        if on_ready is not None:
+            on_ready(service)
+        plan = endpoints(requests_per_endpoint)
+        before = report.collect(service.url, token=token)
+        started = time.monotonic()
+        failures = drive(service.port, plan, Progress(sum(len(p) for _, p in plan), progress))
+        elapsed = time.monotonic() - started
+        after = settle(service.url, token)
+        progress.write(
+            f"{sum(len(p) for _, p in plan)} requests to {len(plan)} endpoints "
+            f"in {elapsed:.1f} s against {service.url}\n"
+        )
+        for path, status in failures:
+            progress.write(f"warning: GET {path} answered {status or 'nothing'}\n")
+        if warnings.lines:
+            progress.write("perfmw logged a warning per finding site (first line of each):\n")
+            progress.writelines(f"  {line}\n" for line in warnings.lines)
+        markdown = report.render_markdown(report.analyse(after, before))
+    out.write(markdown)
+    out.flush()
+    perf = getattr(app, "_perfmw_perf", None)
+    if isinstance(perf, perfmw.Perf):
+        perf.shutdown()
+    return markdown
+
+
+def main() -> int:
+    try:
+        run_demo(sys.stdout, sys.stderr)
+    except (report.ReportError, RuntimeError, ValueError) as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
