@@ -156,21 +156,40 @@ def _awaiting(future: asyncio.Future[Any]) -> set[int]:
 
 
 def _suspended_location() -> str | None:
-    future = _executor_future()
+    """The line awaiting this command in another task: motor's worker threads, gather's tasks."""
+    future: Any = _executor_future()
+    attempts = 5
+    if future is None:
+        loop = _get_running_loop()
+        future = asyncio.current_task(loop) if loop is not None else None
+        attempts = 1  # on the loop's thread: never wait
     if future is None:
         return None
     loop = future.get_loop()
-    # The task may not have reached its `await` yet when the worker starts: look a few times.
-    for attempt in range(5):
-        waited = _awaiting(future)
-        try:
-            tasks = asyncio.all_tasks(loop)
-        except RuntimeError:
-            tasks = set()
-        for task in tasks:
-            if id(getattr(task, "_fut_waiter", None)) in waited:
-                return _coroutine_location(task.get_coro())
-        time.sleep(0.0005 * (attempt + 1))
+    for attempt in range(attempts):
+        # The awaiting task may not have reached its `await` yet when a worker starts.
+        found = _awaiting_task(loop, future)
+        for _level in range(4):
+            if found is None:
+                break
+            location = _coroutine_location(found.get_coro())
+            if location is not None:
+                return location
+            found = _awaiting_task(loop, found)  # a task awaiting a task awaiting us
+        if attempt + 1 < attempts:
+            time.sleep(0.0005 * (attempt + 1))
+    return None
+
+
+def _awaiting_task(loop: asyncio.AbstractEventLoop, future: Any) -> Any:
+    waited = _awaiting(future)
+    try:
+        tasks = asyncio.all_tasks(loop)
+    except RuntimeError:  # the set changed under us (another thread): give up this time
+        return None
+    for task in tasks:
+        if task is not future and id(getattr(task, "_fut_waiter", None)) in waited:
+            return task
     return None
 
 

@@ -1,0 +1,506 @@
+"""The MongoDB source against the embedded MongoDB wire server, through a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from examples.fastapi_app.app import create_app
+from fastapi import FastAPI
+from motor.motor_asyncio import AsyncIOMotorClient
+from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient, MongoClient
+
+import perfmw
+from perfmw import _guard, explain, mongo
+from support import sample, serve
+
+APP_SOURCE = Path("examples/fastapi_app/app.py")
+HERE = Path(__file__).relative_to(Path.cwd()) if Path(__file__).is_absolute() else Path(__file__)
+
+
+def line_of(path: Path, text: str, after: str | None = None) -> str:
+    """ "path:line" of the first line containing `text` (after the line containing `after`)."""
+    lines = path.read_text().splitlines()
+    start = 0 if after is None else next(i for i, line in enumerate(lines) if after in line)
+    number = next(i for i, line in enumerate(lines) if i >= start and text in line) + 1
+    return f"{path}:{number}"
+
+
+def findings(url: str, kind: str | None = None) -> list[dict[str, Any]]:
+    found = httpx.get(url + "/perfmw/findings", timeout=10).json()["findings"]
+    return [f for f in found if kind is None or f["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def example(mongo_uri: str) -> Iterator[Any]:
+    """The example service (seeded once), served by uvicorn with its own registry."""
+    app = create_app(
+        mongo_uri, settings=perfmw.Settings(server_timing=True), registry=CollectorRegistry()
+    )
+    with serve(app) as server:
+        yield server
+
+
+@pytest.fixture
+def db_name() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+# N+1
+
+
+def test_n_plus_one_loop_is_flagged_with_the_line_of_the_loop(example: Any) -> None:
+    response = httpx.get(example.url + "/servers-with-agents", timeout=30)
+    assert response.status_code == 200
+    assert 'desc="21 queries"' in response.headers["server-timing"]
+    [found] = [
+        f for f in findings(example.url, "n_plus_one") if f["route"] == "/servers-with-agents"
+    ]
+    assert found["location"] == line_of(APP_SOURCE, "await db().agents.find_one(")
+    assert found["detail"] == {
+        "collection": "agents",
+        "operation": "find",
+        "shape": "find registry.agents {server_id: ?} projection=[_id]",
+        "repetitions": 20,
+    }
+
+
+def test_in_and_lookup_twins_are_not_flagged(example: Any, mongo_uri: str) -> None:
+    response = httpx.get(example.url + "/servers-with-agents/batched", timeout=30)
+    assert response.status_code == 200
+    assert 'desc="2 queries"' in response.headers["server-timing"]
+    assert not [f for f in findings(example.url) if f["route"] == "/servers-with-agents/batched"]
+    # The $lookup version: one aggregate.
+    with perfmw.track("lookup") as record, MongoClient(mongo_uri) as client:
+        client.registry.servers.aggregate(
+            [
+                {"$sort": {"_id": 1}},
+                {"$limit": 20},
+                {
+                    "$lookup": {
+                        "from": "agents",
+                        "localField": "_id",
+                        "foreignField": "server_id",
+                        "as": "agents",
+                    }
+                },
+            ]
+        ).to_list()
+    assert record.db_queries == 1
+    assert record.queries[0].shape == "aggregate registry.servers [$sort, $limit, $lookup agents]"
+    assert not record.findings
+
+
+@contextlib.asynccontextmanager
+async def clients_for(mongo_uri: str, clients: dict[str, Any], **options: Any) -> Any:
+    """AsyncMongoClient, motor and a sync client (given the listeners twice) for an app."""
+    clients["async"] = AsyncMongoClient(mongo_uri, **options)
+    clients["motor"] = AsyncIOMotorClient(mongo_uri, **options)
+    # Created after instrument() and given the listeners too: every event arrives twice.
+    clients["sync"] = MongoClient(mongo_uri, event_listeners=perfmw.mongo_listeners(), **options)
+    try:
+        yield
+    finally:
+        await clients["async"].close()
+        clients["motor"].close()
+        clients["sync"].close()
+
+
+def gather_app(mongo_uri: str, registry: CollectorRegistry) -> FastAPI:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.get("/gather/{driver}")
+    async def gathered(driver: str) -> int:
+        agents = clients[driver].registry.agents
+        found = await asyncio.gather(*(agents.find_one({"server_id": i}) for i in range(20)))
+        return len(found)
+
+    @app.get("/motor-loop")
+    async def motor_loop() -> int:
+        agents = clients["motor"].registry.agents
+        for i in range(6):
+            await agents.find_one({"server_id": i})
+        return 6
+
+    perfmw.instrument(app, registry=registry)
+    return app
+
+
+def test_gather_of_20_find_one_is_flagged(example: Any, mongo_uri: str, registry: Any) -> None:
+    with serve(gather_app(mongo_uri, registry)) as server:
+        for driver in ("async", "motor"):
+            assert httpx.get(f"{server.url}/gather/{driver}", timeout=30).json() == 20
+        assert httpx.get(f"{server.url}/motor-loop", timeout=30).json() == 6
+        found = findings(server.url, "n_plus_one")
+    gather_line = line_of(HERE, "await asyncio.gather(*(agents.find_one(")
+    by_site = {(f["route"], f["location"]): (f["count"], f["detail"]["repetitions"]) for f in found}
+    assert by_site == {
+        ("/gather/{driver}", gather_line): (2, 20),  # two requests (one per driver), one site
+        ("/motor-loop", line_of(HERE, 'await agents.find_one({"server_id": i})')): (1, 6),
+    }
+
+
+# Exact attribution under concurrency
+
+
+def counting_app(mongo_uri: str, db_name: str, registry: CollectorRegistry) -> FastAPI:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients, maxPoolSize=20))
+
+    @app.get("/async/{n}")
+    async def with_async(n: int) -> int:
+        items = clients["async"][db_name].items
+        for i in range(n):
+            await items.find_one({"_id": i})
+        return n
+
+    @app.get("/motor/{n}")
+    async def with_motor(n: int) -> int:
+        items = clients["motor"][db_name].items
+        for i in range(n):
+            await items.find_one({"_id": i})
+        return n
+
+    @app.get("/sync/{n}")
+    def with_sync(n: int) -> int:
+        items = clients["sync"][db_name].items
+        for i in range(n):
+            items.find_one({"_id": i})
+        return n
+
+    perfmw.instrument(app, settings=perfmw.Settings(server_timing=True), registry=registry)
+    return app
+
+
+def test_300_concurrent_requests_are_counted_exactly(
+    mongo_uri: str, db_name: str, registry: Any
+) -> None:
+    with MongoClient(mongo_uri) as client:
+        client[db_name].items.insert_many([{"_id": i} for i in range(10)])
+    plan = [(driver, i % 6) for i in range(100) for driver in ("async", "motor", "sync")]
+
+    async def run(url: str) -> list[tuple[str, int, str]]:
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+            responses = await asyncio.gather(*(http.get(f"/{d}/{n}") for d, n in plan))
+        return [(r.url.path, r.json(), r.headers["server-timing"]) for r in responses]
+
+    with serve(counting_app(mongo_uri, db_name, registry)) as server:
+        results = asyncio.run(run(server.url))
+        exposition = httpx.get(server.url + "/metrics", timeout=10).text
+    for (driver, n), (path, answered, timing) in zip(plan, results, strict=True):
+        assert (path, answered) == (f"/{driver}/{n}", n)
+        noun = "query" if n == 1 else "queries"
+        assert f'desc="{n} {noun}"' in timing, (path, timing)
+    per_route = sum(n for _d, n in plan if _d == "async")
+    for driver in ("async", "motor", "sync"):
+        labels = {"http_request_method": "GET", "http_route": f"/{driver}/{{n}}"}
+        assert sample(exposition, "perfmw_request_db_queries_sum", **labels) == per_route
+        assert sample(exposition, "perfmw_request_db_queries_count", **labels) == 100
+    finds = {
+        "db_system_name": "mongodb",
+        "db_operation_name": "find",
+        "db_collection_name": "items",
+    }
+    assert (
+        sample(exposition, "db_client_operation_duration_seconds_count", **finds) == 3 * per_route
+    )
+    # The same durations reach the per-command histogram and the requests' DB time.
+    db_seconds = sum(
+        sample(
+            exposition,
+            "perfmw_request_db_seconds_sum",
+            http_request_method="GET",
+            http_route=f"/{driver}/{{n}}",
+        )
+        or 0.0
+        for driver in ("async", "motor", "sync")
+    )
+    command_seconds = sample(exposition, "db_client_operation_duration_seconds_sum", **finds)
+    assert db_seconds == pytest.approx(command_seconds, rel=1e-9)
+    assert "perfmw_blocking_calls_total{" not in exposition  # threadpool sync calls are fine
+
+
+# Consecutive queries, unbounded reads, sync client on the loop
+
+
+def test_sequential_dashboard_reads_are_consecutive_queries(example: Any) -> None:
+    for path in ("/dashboard", "/dashboard/concurrent"):
+        assert httpx.get(example.url + path, timeout=30).status_code == 200
+    found = [f for f in findings(example.url, "consecutive_queries")]
+    assert [f["route"] for f in found] == ["/dashboard"]
+    detail = found[0]["detail"]
+    assert detail["collections"] == ["servers", "agents", "incidents"]
+    assert [q["shape"] for q in detail["queries"]] == [
+        "aggregate registry.servers [$match {status: ?}, $group]",
+        "aggregate registry.agents [$match {}, $group]",
+        "aggregate registry.incidents [$match {open: ?}, $group]",
+    ]
+    durations = [q["duration_seconds"] for q in detail["queries"]]
+    assert detail["saving_seconds"] == pytest.approx(sum(durations) - max(durations))
+    assert found[0]["location"] == line_of(APP_SOURCE, "await db().agents.count_documents({})")
+
+
+def test_export_without_limit_is_an_unbounded_read(example: Any) -> None:
+    assert len(httpx.get(example.url + "/agents/export", timeout=30).json()) == 5000
+    assert httpx.get(example.url + "/agents?limit=100", timeout=30).status_code == 200
+    [found] = findings(example.url, "unbounded_read")
+    assert found["route"] == "/agents/export"
+    assert found["location"] == line_of(APP_SOURCE, 'await db().agents.find({}, {"_id": 0})')
+    assert found["detail"]["documents"] == 5000
+    assert found["detail"]["missing"] == ["limit"]
+    assert found["detail"]["shape"] == "find registry.agents {} projection=[_id]"
+
+
+def test_sync_client_in_async_endpoint_is_a_blocking_call(example: Any) -> None:
+    assert httpx.get(example.url + "/servers/legacy", timeout=30).status_code == 200
+    [found] = findings(example.url, "blocking_call")
+    assert found["route"] == "/servers/legacy"
+    assert found["location"] == line_of(APP_SOURCE, 'state["sync_db"].servers.find(')
+    assert found["detail"] == {"kind": "pymongo-sync", "operation": "find", "collection": "servers"}
+    exposition = httpx.get(example.url + "/metrics", timeout=10).text
+    assert (
+        sample(
+            exposition,
+            "perfmw_blocking_calls_total",
+            http_route="/servers/legacy",
+            kind="pymongo-sync",
+        )
+        == 1
+    )
+
+
+# Missing indexes
+
+
+def wait_for(condition: Any, seconds: float = 10.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    return condition()
+
+
+def explains_done() -> bool:
+    return not explain._pending and explain._jobs.empty()
+
+
+def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
+    mongo_uri: str, db_name: str, registry: Any
+) -> None:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.get("/by-owner")
+    async def by_owner(owner: str) -> int:
+        servers = clients["async"][db_name].servers
+        found = await servers.find({"owner": owner}).to_list()
+        return len(found)
+
+    settings = perfmw.Settings(explain_slow_queries=True, slow_query_seconds=0.0)
+    perfmw.instrument(app, settings=settings, registry=registry)
+    with MongoClient(mongo_uri) as sync:
+        sync[db_name].servers.insert_many(
+            [{"name": f"s{i}", "owner": f"team-{i % 5}"} for i in range(50)]
+        )
+        with serve(app) as server:
+            assert httpx.get(server.url + "/by-owner?owner=team-1", timeout=30).json() == 10
+            assert wait_for(explains_done)
+            assert httpx.get(server.url + "/by-owner?owner=team-2", timeout=30).json() == 10
+            [found] = wait_for(lambda: findings(server.url, "missing_index"))
+            assert found["route"] == "/by-owner"
+            assert found["location"] == line_of(HERE, 'await servers.find({"owner": owner})')
+            assert found["detail"]["collection"] == "servers"
+            assert found["detail"]["index"] == [["owner", 1]]
+            assert found["detail"]["stage"] == "COLLSCAN"
+
+            sync[db_name].servers.create_index("owner")
+            assert findings(server.url, "missing_index") == []
+            for owner in ("team-3", "team-4"):
+                assert httpx.get(server.url + f"/by-owner?owner={owner}", timeout=30).json() == 10
+                assert wait_for(explains_done)
+            assert findings(server.url, "missing_index") == []
+            assert findings(server.url, "slow_query")  # still slow (threshold 0), now indexed
+
+
+# Pool
+
+
+def test_pool_wait_with_one_connection_and_ten_requests(mongo_uri: str, registry: Any) -> None:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients, maxPoolSize=1))
+
+    @app.get("/count")
+    async def count() -> int:
+        # Counting 5,000 agents holds the only connection for tens of milliseconds.
+        return int(await clients["async"].registry.agents.count_documents({}))
+
+    perfmw.instrument(app, registry=registry)
+
+    async def run(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            responses = await asyncio.gather(*(http.get("/count") for _ in range(10)))
+        assert {r.json() for r in responses} == {5000}
+
+    with serve(app) as server:
+        asyncio.run(run(server.url))
+        exposition = httpx.get(server.url + "/metrics", timeout=10).text
+    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
+    pool = {"db_client_connection_pool_name": f"{host}:{port}"}
+    assert sample(exposition, "db_client_connection_wait_time_seconds_count", **pool) == 10
+    commands = sample(
+        exposition,
+        "db_client_operation_duration_seconds_sum",
+        db_system_name="mongodb",
+        db_operation_name="aggregate",
+        db_collection_name="agents",
+    )
+    waited = sample(exposition, "db_client_connection_wait_time_seconds_sum", **pool)
+    assert commands is not None and waited is not None
+    # One at a time: the k-th request waits for the k-1 before it (about 45 commands' time).
+    assert waited > 2 * commands
+    used = sample(
+        exposition, "db_client_connection_count", db_client_connection_state="used", **pool
+    )
+    assert used == 0
+
+
+# What counts
+
+
+def test_housekeeping_is_not_counted_and_getmore_folds_into_its_query(
+    mongo_uri: str, db_name: str, registry: Any
+) -> None:
+    perfmw.Perf(registry=registry)
+    with MongoClient(mongo_uri) as client:
+        client[db_name].items.insert_many([{"_id": i, "v": "x" * 10} for i in range(50)])
+        with perfmw.track("job") as record:
+            client.admin.command("ping")
+            rows = list(client[db_name].items.find({"v": "x" * 10}).batch_size(10))
+    assert len(rows) == 50
+    [query] = record.queries
+    assert (query.operation, query.collection, query.documents) == ("find", "items", 50)
+    assert query.shape == f"find {db_name}.items {{v: ?}}"
+    assert query.duration_seconds > 0
+
+
+def test_each_command_counted_once_with_both_registrations(mongo_uri: str) -> None:
+    mongo.register_listeners()
+    listeners = perfmw.mongo_listeners()
+    with MongoClient(mongo_uri, event_listeners=listeners) as client, perfmw.track("x") as record:
+        client.registry.servers.find_one({"_id": 1})
+        client.registry.servers.find_one({"_id": 2})
+    assert record.db_queries == 2
+
+
+def test_commands_outside_requests_are_measured(mongo_uri: str, registry: Any) -> None:
+    perf = perfmw.Perf(registry=registry)
+    mongo.register_listeners()
+    with MongoClient(mongo_uri) as client:
+        client.registry.incidents.find_one({"severity": 1})
+    exposition = registry.get_sample_value(
+        "db_client_operation_duration_seconds_count",
+        {
+            "db_system_name": "mongodb",
+            "db_operation_name": "find",
+            "db_collection_name": "incidents",
+        },
+    )
+    assert exposition == 1
+    perf.shutdown()
+
+
+# Faults
+
+
+@pytest.mark.faults
+def test_a_failing_listener_never_breaks_the_query(
+    example: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("injected")
+
+    before = _guard.error_counts["mongo"]
+    monkeypatch.setattr(mongo, "shape_of", broken)
+    response = httpx.get(example.url + "/servers/1/uncached", timeout=30)
+    assert response.status_code == 200
+    assert response.json()["_id"] == 1
+    assert _guard.error_counts["mongo"] > before
+    exposition = httpx.get(example.url + "/metrics", timeout=10).text
+    assert (sample(exposition, "perfmw_internal_errors_total", component="mongo") or 0) > 0
+
+
+# assert_max_queries
+
+
+def test_assert_max_queries_with_testclient_lists_shapes_and_locations(
+    mongo_uri: str, registry: Any
+) -> None:
+    app = FastAPI()
+
+    @app.get("/three")
+    def three() -> int:
+        with MongoClient(mongo_uri) as client:
+            for i in range(3):
+                client.registry.servers.find_one({"_id": i})
+        return 3
+
+    perfmw.instrument(app, registry=registry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette asks for httpx2 for its TestClient
+        from starlette.testclient import TestClient
+    with TestClient(app) as http:
+        with perfmw.testing.assert_max_queries(3):
+            assert http.get("/three").json() == 3
+        with pytest.raises(AssertionError) as raised, perfmw.testing.assert_max_queries(2):
+            http.get("/three")
+    location = line_of(HERE, 'client.registry.servers.find_one({"_id": i})')
+    assert str(raised.value) == (
+        "expected at most 2 MongoDB queries, 3 were sent:\n"
+        + "\n".join(f"  {i}. find registry.servers {{_id: ?}}  at {location}" for i in (1, 2, 3))
+    )
+
+
+def test_assert_max_queries_async(mongo_uri: str, registry: Any) -> None:
+    app = FastAPI()
+    clients: dict[str, Any] = {}
+
+    @app.get("/two")
+    async def two() -> int:
+        await clients["async"].registry.servers.find_one({"_id": 1})
+        await clients["async"].registry.agents.find_one({"server_id": 1})
+        return 2
+
+    perfmw.instrument(app, registry=registry)
+
+    async def run() -> None:
+        clients["async"] = AsyncMongoClient(mongo_uri)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            async with perfmw.testing.assert_max_queries(2) as seen:
+                assert (await http.get("/two")).json() == 2
+            assert [q.collection for q in seen.queries] == ["servers", "agents"]
+            with contextlib.suppress(AssertionError):
+                async with perfmw.testing.assert_max_queries(1):
+                    await http.get("/two")
+                raise RuntimeError("assert_max_queries(1) did not fail")
+        await clients["async"].close()
+
+    asyncio.run(run())
+
+
+def test_location_format_is_path_and_line() -> None:
+    assert re.fullmatch(r".+\.py:\d+", line_of(APP_SOURCE, "def create_app("))
