@@ -5,10 +5,9 @@ observing four of them costs about 9 µs. These families keep plain accumulators
 combination (looked up once, then reused) and build the exposition only when scraped. They
 mirror prometheus-client's child API (`labels(...).observe/inc/dec/set`).
 
-In multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus-client was imported) a
-family's children are prometheus-client's own metrics instead, which write the per-process mmap
-files that `MultiProcessCollector` sums over every worker; the choice is made once, when the
-family is built, so the single-process hot path is untouched.
+Multiprocess mode keeps the same accumulators: the sink copies them into prometheus-client's
+per-process mmap files once a second and at each scrape (exporters/prometheus.py), so a request
+costs the same in both modes.
 """
 
 from __future__ import annotations
@@ -20,9 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
-from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client import values as _values
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -111,7 +108,6 @@ class Family:
         documentation: str,
         labelnames: Sequence[str] = (),
         buckets: Sequence[float] = (),
-        multiprocess_mode: MultiprocessMode = "livesum",
     ) -> None:
         self.kind = kind
         self.name = name
@@ -120,30 +116,10 @@ class Family:
         self.bounds = tuple(float(b) for b in buckets if b != math.inf)
         self.children: dict[tuple[str, ...], HistogramChild | CounterChild | GaugeChild] = {}
         self._lock = threading.Lock()
-        #: The prometheus-client metric writing this family's mmap files (multiprocess mode).
-        self.shared: MetricWrapperBase | None = None
-        if multiprocess_enabled():
-            self.shared = self._shared_metric(multiprocess_mode)
-        elif not self.labelnames:
+        if not self.labelnames:
             # Exposed at 0 from the start, as prometheus-client does, so that the first event
             # is an increase that rate() and increase() can see.
-            self.children[()] = self._new_child(())
-
-    def _shared_metric(self, multiprocess_mode: MultiprocessMode) -> MetricWrapperBase:
-        # registry=None: MultiProcessCollector exposes the files, never a registry.
-        if self.kind == "histogram":
-            return Histogram(
-                self.name, self.documentation, self.labelnames, registry=None, buckets=self.bounds
-            )
-        if self.kind == "counter":
-            return Counter(self.name, self.documentation, self.labelnames, registry=None)
-        return Gauge(
-            self.name,
-            self.documentation,
-            self.labelnames,
-            registry=None,
-            multiprocess_mode=multiprocess_mode,
-        )
+            self.children[()] = self._new_child()
 
     def labels(self, *values: str) -> HistogramChild | CounterChild | GaugeChild:
         child = self.children.get(values)
@@ -151,16 +127,11 @@ class Family:
             with self._lock:
                 child = self.children.get(values)
                 if child is None:
-                    child = self._new_child(values)
+                    child = self._new_child()
                     self.children[values] = child
         return child
 
-    def _new_child(self, values: tuple[str, ...]) -> HistogramChild | CounterChild | GaugeChild:
-        shared = self.shared
-        if shared is not None:
-            # Same observe/inc/dec/set API, written to this process's mmap file.
-            child = shared.labels(*values) if values else shared
-            return child  # type: ignore[return-value]
+    def _new_child(self) -> HistogramChild | CounterChild | GaugeChild:
         if self.kind == "histogram":
             return HistogramChild(self.bounds)
         if self.kind == "counter":

@@ -4,9 +4,10 @@ Two apps instrumented against the same registry share one sink (no "Duplicated t
 apps with their own registries never see each other's requests.
 
 Multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set before the workers start; docs/production.md):
-the families write prometheus-client's per-process mmap files, readings taken at scrape time
-(sources, internal errors) are copied into this process's files every second and at each scrape,
-and `/metrics` serves `MultiProcessCollector`'s sum over every worker of the directory.
+each worker keeps counting in the same in-memory families (a request costs the same as in one
+process) and copies them, with its scrape-time readings (sources, internal errors), into
+prometheus-client's per-process mmap files every second, at each scrape it answers and at a
+clean exit; `/metrics` serves `MultiProcessCollector`'s sum over every worker of the directory.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ class PrometheusSink(Collector):
             "http_server_active_requests",
             "Number of active HTTP server requests.",
             ("http_request_method",),
-            multiprocess_mode=GAUGE_MODES["http_server_active_requests"],
         )
         self.http_body = Family(
             "histogram",
@@ -305,11 +305,14 @@ class PrometheusSink(Collector):
                 yield from list(source())
 
     def flush(self) -> None:
-        """Multiprocess mode: copy this process's scrape-time readings into its mmap files."""
+        """Multiprocess mode: copy this process's metrics into its mmap files."""
         writer = self._writer
         if writer is not None:
             with _guard.guard("metrics"):
-                writer.write(self._readings())
+                with self._lock:
+                    metrics = [family.collect() for family in self._families]
+                metrics.extend(self._readings())
+                writer.write(metrics)
 
 
 def _internal_errors_counter() -> Metric:
@@ -395,20 +398,27 @@ def _multiprocess_registry() -> CollectorRegistry:
 
 
 class _MmapWriter:
-    """Copies metric families read in this process into its mmap files, as absolute values.
+    """Copies metric families of this process into its mmap files, as absolute values.
 
     Counters are written as this process's total (MultiProcessCollector sums the processes),
-    gauges with their mode of GAUGE_MODES, histograms per bucket. A gauge sample that a source
-    stopped reporting (a cache that was dropped) is set to 0 so that sums forget it.
+    gauges with their mode of GAUGE_MODES, histograms per bucket. Unchanged values are not
+    rewritten. A gauge sample that a source stopped reporting (a cache that was dropped) is set
+    to 0 so that sums forget it.
     """
 
     def __init__(self) -> None:
+        self._pid = os.getpid()
         self._values: dict[tuple[str, ...], Any] = {}
+        self._written: dict[tuple[str, ...], float] = {}
         self._gauges: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
 
     def write(self, metrics: Iterable[Metric]) -> None:
         with self._lock:
+            if self._pid != os.getpid():  # forked: this process has files of its own
+                self._pid = os.getpid()
+                self._values.clear()
+                self._written.clear()
             gauges: set[tuple[str, ...]] = set()
             for metric in metrics:
                 for name, labels, value in _absolute_samples(metric):
@@ -426,11 +436,14 @@ class _MmapWriter:
                             metric.documentation,
                             multiprocess_mode=mode,
                         )
-                    holder.set(value)
+                    if self._written.get(key) != value:
+                        holder.set(value)
+                        self._written[key] = value
                     if typ == "gauge":
                         gauges.add(key)
             for key in self._gauges - gauges:
                 self._values[key].set(0.0)
+                self._written[key] = 0.0
             self._gauges = gauges
 
 
@@ -457,7 +470,7 @@ def _absolute_samples(metric: Metric) -> Iterator[tuple[str, dict[str, str], flo
 
 
 class _Flusher:
-    """One daemon thread per process copying every multiprocess sink's readings to its files.
+    """One daemon thread per process copying every multiprocess sink's metrics to its files.
 
     Started lazily and again after a fork (a gunicorn master that preloads the app forks
     workers without its threads). The process's live gauges are dropped at a clean exit; a
@@ -489,7 +502,10 @@ class _Flusher:
 
 
 def _mark_dead(pid: int) -> None:
+    """At a clean exit: the last counts to the files, then forget this process's live gauges."""
     if os.getpid() == pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        for sink in live_sinks():
+            sink.flush()
         with _guard.guard("metrics"):
             mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
