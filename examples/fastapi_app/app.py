@@ -67,6 +67,7 @@ def create_app(
     *,
     settings: perfmw.Settings | None = None,
     registry: CollectorRegistry | None = None,
+    tracer_provider: Any = None,
 ) -> FastAPI:
     """The service, instrumented; with no URI (and no MONGODB_URI) it starts an embedded MongoDB."""
     state: dict[str, Any] = {}
@@ -209,7 +210,7 @@ def create_app(
         server_cache.pop(server_id, None)  # invalidate: the next read goes to MongoDB
         return await load_server(server_id)
 
-    perfmw.instrument(app, settings=settings, registry=registry)
+    perfmw.instrument(app, settings=settings, registry=registry, tracer_provider=tracer_provider)
     return app
 
 

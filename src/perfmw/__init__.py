@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import testing
 from .cache import watch_cache
+from .exporters.otlp import configure_tracing
 from .middleware import PerfMiddleware
 from .mongo import mongo_listeners
 from .perf import Perf, instrument, track
@@ -19,6 +20,7 @@ __all__ = [
     "PerfMiddleware",
     "RequestRecord",
     "Settings",
+    "configure_tracing",
     "current_request",
     "instrument",
     "mongo_listeners",

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from . import _guard
 from .endpoints import Message, Receive, Scope, Send, build_endpoints
+from .exporters import tracing as tracing_sink
 from .record import UNMATCHED, RequestRecord, _current
 from .routes import route_template
 from .settings import Settings
@@ -64,6 +65,9 @@ class PerfMiddleware:
         record = RequestRecord(UNMATCHED, method, path, "http", perf)
         root_path = scope.get("root_path", "")
         token = _current.set(record)
+        tracing = perf.tracing
+        if tracing is not None:
+            tracing.start(scope, record)  # the request's span, current during the app call
         perf.sink.active(method).inc()
         server_timing = perf.settings.server_timing
         completed = False
@@ -84,6 +88,13 @@ class PerfMiddleware:
             if kind == "http.response.body":
                 record.response_bytes += len(message.get("body", b""))
                 if message.get("more_body", False):
+                    await _send(send, message, record)
+                    return
+                if record.span is not None and not record.span.owned:
+                    # The instrumentation outside us ends its span with this chunk: our
+                    # measurements must be on it before.
+                    completed = True
+                    finish()
                     await _send(send, message, record)
                     return
                 await _send(send, message, record)
@@ -123,6 +134,8 @@ class PerfMiddleware:
                 finish()
         finally:
             _current.reset(token)
+            if tracing is not None and record.span is not None:
+                tracing_sink.leave(record)
 
 
 async def _send(send: Send, message: Message, record: RequestRecord) -> None:

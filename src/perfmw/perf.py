@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _guard, detectors
 from .exporters import logs
+from .exporters import tracing as tracing_sink
 from .exporters.prometheus import PrometheusSink, sink_for
 from .findings import FindingsStore
 from .record import RequestRecord, _current
@@ -60,6 +61,8 @@ class Perf:
         self.sink: PrometheusSink = sink_for(self.registry)
         self.findings = FindingsStore()
         self.routes = RouteLabels(self.settings.max_routes)
+        # None when settings.trace is off: the middleware's only tracing cost is this check.
+        self.tracing = tracing_sink.for_perf(self)
         self.loop_started = False
         self._loops: list[Any] = []  # loop monitors this Perf started (see loop.py)
         self.closed = False
@@ -103,10 +106,13 @@ class Perf:
                     self.findings.add(finding)
                 logs.log_findings(found)
             sink = self.sink
+            span = record.span
             if record.kind == "http":
-                sink.observe_request(record, None)
+                sink.observe_request(record, None if span is None else span.exemplar)
             if record.findings or record.stalls or record.blocking_calls:
                 sink.observe_record(record)
+            if span is not None:
+                tracing_sink.end(record)
             for hook in _finish_hooks:
                 hook(self, record)
 

@@ -1,0 +1,288 @@
+"""Tracing's cost: per request in-process, and tail latency under load on a real uvicorn.
+
+In-process (the ASGI app called directly, interleaved rounds, medians). Budgets (issue 6):
+perfmw with tracing on (SDK provider, dropping exporter) adds at most half of what
+OpenTelemetry's FastAPI instrumentation adds; an unsampled request (parent-based ratio
+sampler at 0.1) costs within 3 µs of tracing off.
+
+Under load (wrk, concurrency 1 and 32, against uvicorn in its own process, spans exported over
+OTLP/HTTP to a receiver in another process): `configure_tracing()`'s set-up keeps p99 within
+2x of tracing off. OpenTelemetry's default BatchSpanProcessor is shown beside it.
+wrk is found on PATH or installed with apt-get (Debian package `wrk`) when running as root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+import perfmw
+from benchmarks._asgi import per_request_us, table
+
+ROOT = Path(__file__).resolve().parent.parent
+UNSAMPLED_PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+LOAD_SECONDS = 5
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    return app
+
+
+class WithHeader:
+    """Adds one request header (a traceparent) before the app sees the request."""
+
+    def __init__(self, app: Any, name: bytes, value: bytes) -> None:
+        self.app = app
+        self.header = (name, value)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        scope["headers"] = [*scope["headers"], self.header]
+        await self.app(scope, receive, send)
+
+
+def providers() -> dict[str, Any]:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    class UnsampledIds(RandomIdGenerator):
+        """Trace ids a 0.1 ratio sampler never samples: the root unsampled case, every time."""
+
+        def generate_trace_id(self) -> int:
+            return super().generate_trace_id() | 0xFFFFFFFFFFFFFFFF
+
+    def provider(sampler: Any = None, ids: Any = None) -> TracerProvider:
+        made = TracerProvider(sampler=sampler, id_generator=ids)
+        made.add_span_processor(SimpleSpanProcessor(Dropping()))
+        return made
+
+    ratio = ParentBased(TraceIdRatioBased(0.1))
+    return {
+        "sampled": provider(),
+        "ratio": provider(ratio),
+        "ratio-unsampled-roots": provider(ratio, UnsampledIds()),
+    }
+
+
+def variants() -> dict[str, Any]:
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    made = providers()
+
+    def perfmw_app(trace: bool, provider: Any = None) -> FastAPI:
+        app = make_app()
+        perfmw.instrument(
+            app,
+            settings=perfmw.Settings(trace=trace),
+            registry=CollectorRegistry(),
+            tracer_provider=provider,
+        )
+        return app
+
+    otel = make_app()
+    FastAPIInstrumentor.instrument_app(otel, tracer_provider=made["sampled"])
+    header = (b"traceparent", UNSAMPLED_PARENT)
+    return {
+        "bare FastAPI": make_app(),
+        "perfmw, tracing off": perfmw_app(False),
+        "perfmw, tracing on": perfmw_app(True, made["sampled"]),
+        "OpenTelemetry FastAPI": otel,
+        "perfmw, unsampled root (ratio 0.1)": perfmw_app(True, made["ratio-unsampled-roots"]),
+        "perfmw, tracing off + traceparent": WithHeader(perfmw_app(False), *header),
+        "perfmw, unsampled parent (ratio 0.1)": WithHeader(
+            perfmw_app(True, made["ratio"]), *header
+        ),
+    }
+
+
+def in_process() -> None:
+    medians = per_request_us(variants())
+    print(table(medians, "bare FastAPI"))
+    bare = medians["bare FastAPI"]
+    off = medians["perfmw, tracing off"]
+    ours = medians["perfmw, tracing on"] - bare
+    otel = medians["OpenTelemetry FastAPI"] - bare
+    root = medians["perfmw, unsampled root (ratio 0.1)"] - off
+    parent = (
+        medians["perfmw, unsampled parent (ratio 0.1)"]
+        - medians["perfmw, tracing off + traceparent"]
+    )
+    print(
+        f"\nperfmw with tracing on adds {ours:.1f} µs/request, {ours / otel:.2f} of "
+        f"OpenTelemetry FastAPI's {otel:.1f} µs (budget 0.50); "
+        f"of which tracing {medians['perfmw, tracing on'] - off:.1f} µs"
+    )
+    print(
+        f"unsampled: root {root:+.1f} µs, remote parent {parent:+.1f} µs "
+        "against tracing off (budget 3.0)"
+    )
+
+
+# Load: wrk against uvicorn in another process.
+
+
+def find_wrk() -> str | None:
+    found = shutil.which("wrk")
+    if found is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "wrk"],
+            env=env,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        found = shutil.which("wrk")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[Any], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process for port {port} exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk_latency(wrk: str, url: str, connections: int, seconds: int) -> dict[str, float]:
+    """p50 and p99 in ms, and requests/s, from `wrk --latency`."""
+    threads = min(connections, 2)
+    output = subprocess.run(
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    found: dict[str, float] = {}
+    for label, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
+        found[f"p{label}"] = float(value) * _UNITS[unit]
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    found["rps"] = float(rate.group(1)) if rate else 0.0
+    return found
+
+
+def under_load(wrk: str) -> None:
+    receiver_port = free_port()
+    receiver = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), str(receiver_port)],
+        stdout=subprocess.DEVNULL,
+    )
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    try:
+        wait_listening(receiver_port, receiver)
+        for mode in ("off", "perfmw", "otel-batch"):
+            port = free_port()
+            env = {
+                **os.environ,
+                "PERFMW_BENCH_TRACING": mode,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+                "PYTHONPATH": str(ROOT),
+            }
+            server = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "benchmarks._tracing_server:app",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
+                cwd=ROOT,
+                env=env,
+            )
+            try:
+                wait_listening(port, server)
+                url = f"http://127.0.0.1:{port}/items/42"
+                wrk_latency(wrk, url, 1, 1)  # warm-up
+                for connections in (1, 32):
+                    results[(mode, connections)] = wrk_latency(wrk, url, connections, LOAD_SECONDS)
+            finally:
+                stop(server)
+    finally:
+        stop(receiver)
+
+    names = {
+        "off": "perfmw, tracing off",
+        "perfmw": "perfmw + configure_tracing()",
+        "otel-batch": "perfmw + OTel BatchSpanProcessor",
+    }
+    print(
+        f"\nwrk {LOAD_SECONDS} s per run, uvicorn in its own process, spans to an OTLP/HTTP "
+        "receiver in another\n"
+    )
+    print("| set-up | connections | requests/s | p50 ms | p99 ms | p99 / tracing off |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (mode, connections), found in results.items():
+        base = results[("off", connections)]["p99"]
+        print(
+            f"| {names[mode]} | {connections} | {found['rps']:.0f} | {found['p50']:.3f} | "
+            f"{found['p99']:.3f} | {found['p99'] / base:.2f}x |"
+        )
+    for connections in (1, 32):
+        ratio = results[("perfmw", connections)]["p99"] / results[("off", connections)]["p99"]
+        print(
+            f"\nconfigure_tracing() p99 at concurrency {connections}: {ratio:.2f}x tracing off "
+            "(budget 2.00)",
+            end="",
+        )
+    print()
+
+
+def main() -> None:
+    in_process()
+    wrk = find_wrk()
+    if wrk is None:
+        print("\nwrk not found (Debian: apt-get install wrk): load runs skipped")
+        return
+    under_load(wrk)
+
+
+if __name__ == "__main__":
+    main()

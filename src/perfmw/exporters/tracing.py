@@ -1,0 +1,386 @@
+"""OpenTelemetry sink: one SERVER span per request carrying perfmw's measurements.
+
+The middleware calls `Tracing.start()` when a request begins and `leave()` when its call
+returns; `Perf.finish()` calls `end()` with the finished record, which names the span after
+the route, sets perfmw's attributes, turns findings into span events and ends the span.
+MongoDB commands become CLIENT child spans through opentelemetry-instrumentation-pymongo,
+whose tracer this module routes to the provider of the request's app (see `_RoutingTracer`).
+
+No span is made per body chunk: the one span covers the request up to its last chunk.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from opentelemetry import trace as otel_trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import Attributes
+
+from .. import _guard
+from ..record import OTHER, UNMATCHED, RequestRecord, _current
+from ._sampling import FastSampling
+
+if TYPE_CHECKING:
+    from ..findings import Finding
+    from ..perf import Perf
+
+_TRACING = _guard.guard("tracing")
+_MONGO = _guard.guard("tracing-mongo")
+_NAME = "perfmw"
+
+
+class RequestSpan:
+    """What `record.span` holds: the request's span, whether perfmw started it, its exemplar."""
+
+    __slots__ = ("exemplar", "owned", "span", "token")
+
+    def __init__(
+        self, span: otel_trace.Span, owned: bool, token: object = None, sampled: bool = True
+    ) -> None:
+        self.span = span
+        self.owned = owned  # False when enriching another instrumentation's server span
+        self.token = token  # the context token to detach when the app call returns
+        # The Prometheus exemplar linking a histogram bucket to this trace (sampled spans only).
+        self.exemplar: dict[str, str] | None = None
+        if sampled:
+            context = span.get_span_context()
+            if context.trace_flags.sampled:
+                self.exemplar = {"trace_id": format(context.trace_id, "032x")}
+
+
+class _HeaderGetter(Getter[Sequence[tuple[bytes, bytes]]]):
+    """Reads propagation headers (traceparent, tracestate, baggage...) from ASGI scope headers."""
+
+    def get(self, carrier: Sequence[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        found = [bytes(v).decode("latin-1") for k, v in carrier if k.lower() == name]
+        return found or None
+
+    def keys(self, carrier: Sequence[tuple[bytes, bytes]]) -> list[str]:
+        return [bytes(k).decode("latin-1") for k, _ in carrier]
+
+
+_GETTER = _HeaderGetter()
+_SERVER = SpanKind.SERVER
+
+
+class Tracing:
+    """One Perf's tracing: its tracer, resolved from the Perf's provider or the global one.
+
+    With no provider passed to `instrument()`, the global provider is used as soon as one is
+    set (`perfmw.configure_tracing()` or `trace.set_tracer_provider()`), even after startup.
+    """
+
+    __slots__ = ("_fast", "_provider", "_textmap", "_w3c", "tracer")
+
+    def __init__(self, provider: Any) -> None:
+        self._provider = provider
+        self.tracer: otel_trace.Tracer | None = None
+        self._fast: FastSampling | None = None
+        self._textmap: Any = None
+        self._w3c = False
+        self._resolve()
+
+    def _resolve(self) -> otel_trace.Tracer | None:
+        provider = self._provider
+        if provider is None:
+            if otel_trace._TRACER_PROVIDER is None:  # nothing set yet: stay a no-op
+                return None
+            provider = otel_trace.get_tracer_provider()
+        if isinstance(provider, (otel_trace.ProxyTracerProvider, otel_trace.NoOpTracerProvider)):
+            return None
+        tracer: otel_trace.Tracer = provider.get_tracer(_NAME)
+        self._fast = FastSampling.for_tracer(provider, tracer)
+        self.tracer = tracer
+        instrument_pymongo()
+        return tracer
+
+    @property
+    def provider(self) -> Any:
+        return self._provider if self._provider is not None else otel_trace.get_tracer_provider()
+
+    def start(self, scope: MutableMapping[str, Any], record: RequestRecord) -> None:
+        """Open (or adopt) the request's server span and make it current for the app call."""
+        tracer = self.tracer
+        if tracer is None:
+            tracer = self._resolve()
+            if tracer is None:
+                return
+        with _TRACING:
+            current = otel_trace.get_current_span()
+            parent: otel_context.Context | None
+            if current.get_span_context().is_valid:
+                # Another instrumentation (OTel's ASGI middleware outside us) already opened
+                # this request's span: enrich it rather than starting a second server span.
+                if current.is_recording() and getattr(current, "kind", None) is _SERVER:
+                    record.span = RequestSpan(current, owned=False)
+                    return
+                if not current.is_recording():
+                    return  # an unsampled parent in this process: nothing to record
+                parent = otel_context.get_current()
+                span = tracer.start_span(record.method, parent, _SERVER)
+            else:
+                headers = scope.get("headers") or ()
+                span = self._fast_start(record.method, headers)
+                if span is None:
+                    parent = propagate.extract(headers, getter=_GETTER) if headers else None
+                    span = tracer.start_span(record.method, parent, _SERVER)
+                else:
+                    parent = None
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes(_start_attributes(scope, record))
+            token = otel_context.attach(otel_trace.set_span_in_context(span, parent))
+            record.span = RequestSpan(span, True, token, recording)
+
+    def _fast_start(self, name: str, headers: Sequence[tuple[bytes, bytes]]) -> Any:
+        fast = self._fast
+        if fast is None:
+            return None
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._w3c = FastSampling.applies(textmap)
+            self._textmap = textmap
+        return fast.start(name, headers) if self._w3c else None
+
+
+def leave(record: RequestRecord) -> None:
+    """The app call returned: the request's span stops being the current one."""
+    request_span: RequestSpan = record.span
+    token = request_span.token
+    if token is not None:
+        request_span.token = None
+        with _TRACING:
+            otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def end(record: RequestRecord) -> None:
+    """Name the span after the route, add perfmw's attributes and events, and end it."""
+    request_span: RequestSpan = record.span
+    span = request_span.span
+    with _TRACING:
+        if span.is_recording():
+            _end_attributes(span, record)
+        if request_span.owned:
+            span.end()
+
+
+def for_perf(perf: Perf) -> Tracing | None:
+    """The Perf's tracing, or None when `settings.trace` is off."""
+    if not perf.settings.trace:
+        return None
+    return Tracing(perf.tracer_provider)
+
+
+def exemplar(record: RequestRecord | None) -> dict[str, str] | None:
+    """The trace exemplar for a metric observed while `record` runs (None when not sampled)."""
+    if record is None:
+        return None
+    request_span: RequestSpan | None = record.span
+    return None if request_span is None else request_span.exemplar
+
+
+# What the span says.
+
+
+def _start_attributes(scope: MutableMapping[str, Any], record: RequestRecord) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": record.method,
+        "url.path": record.path,
+        "url.scheme": scope.get("scheme", "http"),
+    }
+    server = scope.get("server")
+    if server:
+        host, port = server[0], server[1]
+        attributes["server.address"] = host
+        if port is not None:
+            attributes["server.port"] = port
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = client[0]
+    version = scope.get("http_version")
+    if version:
+        attributes["network.protocol.version"] = version
+    return attributes
+
+
+def _end_attributes(span: otel_trace.Span, record: RequestRecord) -> None:
+    route = record.route
+    routed = route not in (UNMATCHED, OTHER)
+    if routed:
+        span.update_name(f"{record.method} {route}")
+    status = record.status_code or 0
+    attributes: dict[str, Any] = {
+        "http.response.status_code": status,
+        "http.response.body.size": record.response_bytes,
+        "perfmw.db.queries": len(record.queries),
+        "perfmw.db.duration_ms": record.db_seconds * 1000.0,
+        "perfmw.cache.hits": record.cache_hits,
+        "perfmw.cache.misses": record.cache_misses,
+        "perfmw.loop.stall_ms": record.stall_seconds * 1000.0,
+    }
+    if routed:
+        attributes["http.route"] = route
+    if status >= 500:
+        exc = sys.exc_info()[1]  # set when the 500 is sent while handling the app's error
+        if isinstance(exc, Exception):
+            span.record_exception(exc)
+            attributes["error.type"] = type(exc).__qualname__
+        else:
+            attributes["error.type"] = str(status)
+        span.set_status(Status(StatusCode.ERROR))
+    span.set_attributes(attributes)
+    for finding in record.findings:
+        span.add_event(f"perfmw.{finding.kind}", _event_attributes(finding))
+
+
+def _event_attributes(finding: Finding) -> Attributes:
+    """A finding as span event attributes: its detail's scalars, in seconds as milliseconds."""
+    detail = finding.detail
+    attributes: dict[str, Any] = {}
+    for key, value in detail.items():
+        if key == "stack":
+            continue
+        if key.endswith("_seconds") and isinstance(value, (int, float)):
+            attributes[key[: -len("_seconds")] + "_ms"] = value * 1000.0
+        elif isinstance(value, (str, bool, int, float)):
+            attributes[key] = value
+    if finding.kind == "n_plus_one":
+        attributes["count"] = detail.get("repetitions", finding.count)
+    else:
+        attributes.setdefault("count", finding.count)
+    attributes.setdefault("duration_ms", finding.total_seconds * 1000.0)
+    stack = detail.get("stack")
+    if stack:
+        attributes["code.stacktrace"] = "\n".join(str(line) for line in stack)
+    if finding.location:
+        path, _, line = finding.location.rpartition(":")
+        if line.isdigit():
+            attributes["code.filepath"] = path
+            attributes["code.lineno"] = int(line)
+    return attributes
+
+
+# MongoDB child spans.
+
+
+class _RoutingTracer:
+    """pymongo's tracer: starts each command's span with the tracer of the request's app.
+
+    opentelemetry-instrumentation-pymongo registers one listener per process with one tracer;
+    several apps (with their own providers) can share the process, so the choice is made per
+    command from the current perfmw record. Outside a traced request the global provider is
+    used. The parent is the current span when it belongs to the request's trace (a span the
+    app opened itself), otherwise the request's span: records reach threads (motor,
+    run_in_threadpool) that OpenTelemetry's context did not.
+    """
+
+    def __init__(self) -> None:
+        self._global = otel_trace.get_tracer("opentelemetry.instrumentation.pymongo")
+        self._tracers: dict[int, tuple[Any, otel_trace.Tracer]] = {}
+        self._lock = threading.Lock()
+
+    def _tracer_for(self, provider: Any) -> otel_trace.Tracer:
+        entry = self._tracers.get(id(provider))
+        if entry is None or entry[0] is not provider:
+            with self._lock:
+                if len(self._tracers) > 64:
+                    self._tracers.clear()
+                entry = (provider, provider.get_tracer("opentelemetry.instrumentation.pymongo"))
+                self._tracers[id(provider)] = entry
+        return entry[1]
+
+    def start_span(
+        self,
+        name: str,
+        context: otel_context.Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Any = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> otel_trace.Span:
+        tracer = self._global
+        record = _current.get()
+        request_span: RequestSpan | None = record.span if record is not None else None
+        if request_span is not None:
+            with _MONGO:
+                perf = record.owner  # type: ignore[union-attr]
+                tracing = perf.tracing if perf is not None else None
+                if tracing is not None and tracing.tracer is not None:
+                    tracer = self._tracer_for(tracing.provider)
+                parent = request_span.span.get_span_context()
+                if context is None and (
+                    otel_trace.get_current_span().get_span_context().trace_id != parent.trace_id
+                ):
+                    context = otel_trace.set_span_in_context(request_span.span)
+        return tracer.start_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+
+
+class _RoutingTracerProvider:
+    """What `get_tracer()` of pymongo's instrumentation is given: always the routing tracer."""
+
+    def __init__(self) -> None:
+        self._tracer = _RoutingTracer()
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> _RoutingTracer:
+        return self._tracer
+
+
+def _statement_hook(span: otel_trace.Span, event: Any) -> None:
+    """Put the command's shape (values as `?`) in the statement pymongo's instrumentation set
+    to the bare command name; values are kept only when the app's `capture_statement` is on."""
+    if not span.is_recording():
+        return
+    with _MONGO:
+        from ..shapes import shape_of
+
+        record = _current.get()
+        perf = record.owner if record is not None else None
+        capture = perf is not None and perf.settings.capture_statement
+        span.set_attribute(
+            "db.statement",
+            shape_of(event.command_name, event.command, capture, event.database_name),
+        )
+
+
+_pymongo_lock = threading.Lock()
+_pymongo_instrumented = False
+
+
+def instrument_pymongo() -> None:
+    """Trace MongoDB commands as child spans, once per process, unless the user already did."""
+    global _pymongo_instrumented
+    if _pymongo_instrumented:
+        return
+    with _pymongo_lock, _TRACING:
+        if _pymongo_instrumented:
+            return
+        _pymongo_instrumented = True
+        from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+
+        instrumentor = PymongoInstrumentor()
+        if instrumentor.is_instrumented_by_opentelemetry:
+            return  # the user's own set-up (their provider, hooks) wins
+        instrumentor.instrument(
+            tracer_provider=_RoutingTracerProvider(),
+            request_hook=_statement_hook,
+            capture_statement=False,
+        )

@@ -1,0 +1,424 @@
+"""OpenTelemetry traces through a real uvicorn and a real OTLP/HTTP receiver: one server span
+per request with perfmw's measurements, MongoDB child spans, events, exemplars, propagation."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from examples.fastapi_app import app as example
+from fastapi import FastAPI, HTTPException
+from motor.motor_asyncio import AsyncIOMotorClient
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient, MongoClient
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import perfmw
+from otlp_receiver import OtlpReceiver, ReceivedSpan
+from perfmw.exporters.otlp import LoopFriendlySpanProcessor
+from perfmw.exporters.tracing import _event_attributes
+from perfmw.findings import Finding
+from support import serve
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+        monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+        yield receiver
+
+
+def memory_provider(sampler: Any = None) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def line_of(function: Any, text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def exemplar_trace_ids(exposition: str, name: str) -> set[str]:
+    found = set()
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.exemplar is not None:
+                found.add(sample.exemplar.labels["trace_id"])
+    return found
+
+
+def openmetrics(client: httpx.Client) -> str:
+    response = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    return response.text
+
+
+def servers(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    return [span for span in spans if span.kind == "SERVER"]
+
+
+def test_n_plus_one_request_is_one_trace_in_the_otlp_receiver(
+    receiver: OtlpReceiver, mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider = perfmw.configure_tracing("registry", set_global=False)
+    app = example.create_app(mongo_uri, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        response = client.get("/servers-with-agents")
+        assert response.status_code == 200
+        assert provider.force_flush()
+        exposition = openmetrics(client)
+    provider.shutdown()
+
+    (span,) = servers(receiver.spans)
+    assert span.name == "GET /servers-with-agents"
+    assert span.resource["service.name"] == "registry"
+    attributes = span.attributes
+    assert attributes["http.request.method"] == "GET"
+    assert attributes["http.route"] == "/servers-with-agents"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["url.path"] == "/servers-with-agents"
+    assert attributes["server.address"] == "127.0.0.1"
+    assert attributes["http.response.body.size"] == len(response.content)
+    assert attributes["perfmw.db.queries"] == 21  # one find for the servers, 20 find_one
+    assert attributes["perfmw.db.duration_ms"] > 0
+    assert attributes["perfmw.cache.hits"] == 0
+    assert attributes["perfmw.cache.misses"] == 0
+    assert attributes["perfmw.loop.stall_ms"] == 0.0
+    assert span.status_code == 0
+
+    (n_plus_one,) = [attrs for name, attrs in span.events if name == "perfmw.n_plus_one"]
+    assert n_plus_one["collection"] == "agents"
+    assert n_plus_one["operation"] == "find"
+    assert n_plus_one["count"] == 20
+    assert n_plus_one["code.filepath"] == "examples/fastapi_app/app.py"
+    assert n_plus_one["code.lineno"] == line_of(
+        example.create_app, 'server["agents"] = await db().agents.find_one('
+    )
+
+    children = [s for s in receiver.spans if s.parent_span_id == span.span_id]
+    assert len(children) == 21 == len(receiver.spans) - 1
+    assert {s.kind for s in children} == {"CLIENT"}
+    assert {s.trace_id for s in receiver.spans} == {span.trace_id}
+    statements = sorted(s.attributes["db.statement"] for s in children)
+    assert statements == sorted(
+        ["find registry.agents {server_id: ?} projection=[_id]"] * 20
+        + ["find registry.servers {} sort={_id: 1} projection=[name]"]
+    )
+
+    assert exemplar_trace_ids(exposition, "http_server_request_duration_seconds_bucket") == {
+        span.trace_id
+    }
+
+
+def test_client_traceparent_is_continued(
+    receiver: OtlpReceiver, mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider = perfmw.configure_tracing(set_global=False)
+    app = example.create_app(mongo_uri, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        response = client.get(
+            "/servers/3/uncached",
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": "vendor=x"},
+        )
+        assert response.status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+
+    (span,) = servers(receiver.spans)
+    assert span.trace_id == TRACE_ID
+    assert span.parent_span_id == PARENT_ID
+    assert span.name == "GET /servers/{server_id}/uncached"
+    (child,) = [s for s in receiver.spans if s.kind == "CLIENT"]
+    assert (child.trace_id, child.parent_span_id) == (TRACE_ID, span.span_id)
+    assert child.attributes["db.statement"] == "find registry.servers {_id: ?}"
+
+
+def test_unsampled_requests_export_nothing_and_carry_no_exemplar(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider, exporter = memory_provider(ParentBased(TraceIdRatioBased(0.1)))
+    app = example.create_app(mongo_uri, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        # The caller decided not to sample: the parent-based sampler follows.
+        response = client.get(
+            "/servers/3/uncached", headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}
+        )
+        assert response.status_code == 200
+        exposition = openmetrics(client)
+    assert exporter.get_finished_spans() == ()
+    assert exemplar_trace_ids(exposition, "http_server_request_duration_seconds_bucket") == set()
+    assert 'http_route="/servers/{server_id}/uncached"' in exposition
+
+
+def test_otel_asgi_middleware_outside_is_enriched_not_doubled(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider, exporter = memory_provider()
+    app = example.create_app(mongo_uri, registry=registry, tracer_provider=provider)
+    outer = OpenTelemetryMiddleware(app, tracer_provider=provider)  # wraps perfmw
+    with serve(outer) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/servers/5/uncached").status_code == 200
+        exposition = openmetrics(client)
+    spans = exporter.get_finished_spans()
+    # OTel's middleware outside perfmw also traces the scrape: its span is named after it.
+    (span,) = [s for s in spans if s.kind.name == "SERVER" and s.name != "GET /metrics"]
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "opentelemetry.instrumentation.asgi"
+    assert span.name == "GET /servers/{server_id}/uncached"
+    assert span.attributes is not None
+    assert span.attributes["perfmw.db.queries"] == 1
+    assert span.attributes["http.route"] == "/servers/{server_id}/uncached"
+    (child,) = [s for s in spans if s.kind.name == "CLIENT"]
+    assert child.parent is not None
+    assert child.parent.span_id == span.context.span_id
+    trace_id = format(span.context.trace_id, "032x")
+    assert exemplar_trace_ids(exposition, "http_server_request_duration_seconds_bucket") == {
+        trace_id
+    }
+
+
+def test_otel_asgi_middleware_inside_perfmw_adds_no_second_server_span(
+    registry: CollectorRegistry,
+) -> None:
+    provider, exporter = memory_provider()
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    app = Starlette(
+        routes=[Route("/hello/{name}", hello)],
+        middleware=[Middleware(OpenTelemetryMiddleware, tracer_provider=provider)],
+    )
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)  # outermost
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/hello/ada").status_code == 200
+        assert client.get("/hello/bob").status_code == 200
+    spans = exporter.get_finished_spans()
+    server_spans = [s for s in spans if s.kind.name == "SERVER"]
+    assert [s.name for s in server_spans] == ["GET /hello/{name}", "GET /hello/{name}"]
+    assert {s.instrumentation_scope.name for s in server_spans if s.instrumentation_scope} == {
+        "perfmw"
+    }
+    # OTel's own span became an INTERNAL child of ours, in the same trace.
+    for server_span in server_spans:
+        inner = [
+            s
+            for s in spans
+            if s.parent is not None
+            and s.parent.span_id == server_span.context.span_id
+            and s.kind.name == "INTERNAL"
+        ]
+        assert inner
+
+
+def client_children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> list[str]:
+    return sorted(
+        str((s.attributes or {}).get("db.statement"))
+        for s in spans
+        if s.kind.name == "CLIENT"
+        and s.parent is not None
+        and s.parent.span_id == parent.context.span_id
+        and s.context.trace_id == parent.context.trace_id
+    )
+
+
+def test_async_motor_and_threadpool_sync_clients_parent_to_the_request_span(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider, exporter = memory_provider()
+    clients: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients["async"] = AsyncMongoClient(mongo_uri)
+        clients["motor"] = AsyncIOMotorClient(mongo_uri)
+        clients["sync"] = MongoClient(mongo_uri)
+        yield
+        await clients["async"].close()
+        clients["motor"].close()
+        clients["sync"].close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/async")
+    async def with_async() -> dict[str, Any]:
+        await clients["async"].registry.servers.find_one({"_id": 1})
+        return {}
+
+    @app.get("/motor")
+    async def with_motor() -> dict[str, Any]:
+        await clients["motor"].registry.servers.find_one({"_id": 2})
+        return {}
+
+    @app.get("/threadpool")
+    def with_sync_in_threadpool() -> dict[str, Any]:  # FastAPI runs it in its threadpool
+        clients["sync"].registry.servers.find_one({"_id": 3})
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        for path in ("/async", "/motor", "/threadpool"):
+            assert client.get(path).status_code == 200
+    spans = exporter.get_finished_spans()
+    by_name = {s.name: s for s in spans if s.kind.name == "SERVER"}
+    for path in ("/async", "/motor", "/threadpool"):
+        assert client_children(spans, by_name[f"GET {path}"]) == [
+            "find registry.servers {_id: ?}"
+        ], path
+
+
+def test_capture_statement_keeps_values(mongo_uri: str, registry: CollectorRegistry) -> None:
+    provider, exporter = memory_provider()
+    settings = perfmw.Settings(capture_statement=True)
+    app = example.create_app(
+        mongo_uri, settings=settings, registry=registry, tracer_provider=provider
+    )
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/servers/7/uncached").status_code == 200
+    (child,) = [s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"]
+    assert child.attributes is not None
+    assert child.attributes["db.statement"] == "find registry.servers {_id: 7}"
+
+
+def test_server_errors_mark_the_span_and_record_the_exception(
+    registry: CollectorRegistry,
+) -> None:
+    provider, exporter = memory_provider()
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def fail() -> None:
+        raise RuntimeError("kaput")
+
+    @app.get("/missing")
+    async def not_found() -> None:
+        raise HTTPException(status_code=404)
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server:
+        # uvicorn closes the connection after an unhandled error: one client per request.
+        assert httpx.get(f"{server.url}/boom").status_code == 500
+        assert httpx.get(f"{server.url}/missing").status_code == 404
+        assert httpx.get(f"{server.url}/no/such/page").status_code == 404
+    boom, missing, unmatched = exporter.get_finished_spans()
+    assert boom.name == "GET /boom"
+    assert boom.status.status_code.name == "ERROR"
+    assert boom.attributes is not None
+    assert boom.attributes["error.type"] == "RuntimeError"
+    assert boom.attributes["http.response.status_code"] == 500
+    assert [e.name for e in boom.events] == ["exception"]
+    assert missing.status.status_code.name == "UNSET"
+    assert missing.name == "GET /missing"
+    assert unmatched.name == "GET"  # no route: the method alone, never the raw path
+    assert unmatched.attributes is not None
+    assert "http.route" not in unmatched.attributes
+    assert unmatched.attributes["url.path"] == "/no/such/page"
+
+
+def test_tracing_off_starts_no_span(registry: CollectorRegistry) -> None:
+    provider, exporter = memory_provider()
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    perf = perfmw.instrument(
+        app, settings=perfmw.Settings(trace=False), registry=registry, tracer_provider=provider
+    )
+    assert perf.tracing is None
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/").status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
+def test_findings_become_span_events() -> None:
+    stall = Finding(
+        "loop_stall",
+        "/reports/blocking",
+        "app.py:120",
+        0.25,
+        {
+            "cause": "blocking",
+            "duration_seconds": 0.25,
+            "stack": ["app.py:118 in a", "app.py:120 in b"],
+        },
+    )
+    assert _event_attributes(stall) == {
+        "cause": "blocking",
+        "duration_ms": 250.0,
+        "count": 1,
+        "code.stacktrace": "app.py:118 in a\napp.py:120 in b",
+        "code.filepath": "app.py",
+        "code.lineno": 120,
+    }
+    slow = Finding(
+        "slow_query",
+        "/servers/by-owner",
+        "src/app.py:7",
+        0.3,
+        {"collection": "servers", "operation": "find", "shape": "find servers {owner: ?}"},
+    )
+    assert _event_attributes(slow) == {
+        "collection": "servers",
+        "operation": "find",
+        "shape": "find servers {owner: ?}",
+        "count": 1,
+        "duration_ms": 300.0,
+        "code.filepath": "src/app.py",
+        "code.lineno": 7,
+    }
+
+
+def test_configure_tracing_without_the_otlp_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.common.trace_encoder", None)
+    with pytest.raises(ImportError, match=r"pip install 'perfmw\[otlp\]'"):
+        perfmw.configure_tracing("registry", set_global=False)
+
+
+def test_configure_tracing_honours_otel_environment(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100")
+    provider = perfmw.configure_tracing("registry", set_global=False)
+    assert provider.resource.attributes["service.name"] == "from-env"
+    assert provider.sampler.get_description().startswith("ParentBased{root:TraceIdRatioBased{0.1},")
+    (processor,) = provider._active_span_processor._span_processors
+    assert isinstance(processor, LoopFriendlySpanProcessor)
+    assert processor.max_export_batch_size == 100
+    assert processor.sender.endpoint == f"{receiver.endpoint}/v1/traces"
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("sampled", context=None) as span:
+        pass
+    assert provider.force_flush()
+    provider.shutdown()
+    sampled = span.get_span_context().trace_flags.sampled
+    assert [s.name for s in receiver.spans] == (["sampled"] if sampled else [])
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
+        perfmw.configure_tracing(set_global=False)
