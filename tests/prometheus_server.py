@@ -7,6 +7,7 @@ network) do the tests that need it skip, with a reason that says so in capitals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -69,6 +70,7 @@ class PrometheusServer:
 
     def __init__(self, config: dict[str, Any], directory: Path) -> None:
         self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config_file = directory / "prometheus.yml"
@@ -150,3 +152,5 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 15) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
+        os.killpg(process.pid, signal.SIGKILL)
