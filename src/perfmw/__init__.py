@@ -6,6 +6,7 @@ perfmw.instrument(app)
 
 from __future__ import annotations
 
+from . import loop as loop  # registers the loop monitor's hooks on Perf
 from . import testing
 from .cache import watch_cache
 from .exporters.otlp import configure_tracing

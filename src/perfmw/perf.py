@@ -99,6 +99,10 @@ class Perf:
         """Run the detectors over a finished record and hand it to every sink."""
         record.closed = True
         with _FINISH:
+            if record.stalls:
+                # A loop stall still open when its record finishes is settled first (loop.py).
+                for hook in _stall_hooks:
+                    hook(record)
             found = detectors.detect(record, self.settings)
             if found:
                 record.findings.extend(found)
@@ -122,6 +126,7 @@ class Perf:
 _loop_hooks: list[Any] = []
 _shutdown_hooks: list[Any] = []
 _finish_hooks: list[Any] = []
+_stall_hooks: list[Any] = []  # called with a finishing record that has stalls, before detectors
 
 
 def instrument(

@@ -47,6 +47,7 @@ class Stall:
     location: str | None
     stack: tuple[str, ...] = ()
     cause: str = "blocking"
+    gc_seconds: float = 0.0  # garbage collection time within the stall
 
 
 @dataclass(slots=True, eq=False)

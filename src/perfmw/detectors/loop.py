@@ -22,6 +22,7 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
                     "cause": stall.cause,
                     "duration_seconds": stall.duration_seconds,
                     "stack": list(stall.stack),
+                    "gc_seconds": stall.gc_seconds,
                 },
             )
         else:
