@@ -71,34 +71,21 @@ _internal: ContextVar[bool] = ContextVar("perfmw_mongo_internal", default=False)
 _watchers: list[list[Query]] = []
 
 
-class _Pending:
-    """A command between its started and its succeeded/failed event."""
+class _Extra:
+    """What a few commands carry between started and succeeded (most carry nothing)."""
 
-    __slots__ = ("blocking", "collection", "command", "cursor", "operation", "query", "record")
+    __slots__ = ("blocking", "command", "cursor")
 
-    def __init__(
-        self,
-        record: RequestRecord | None,
-        query: Query | None,
-        operation: str,
-        collection: str,
-    ) -> None:
-        self.record = record
-        self.query = query
-        self.operation = operation
-        self.collection = collection
+    def __init__(self) -> None:
         self.blocking: BlockingCall | None = None
         self.command: Any = None  # kept only when a slow query may need an explain
         self.cursor: Any = None  # a getMore's cursor id
 
 
+# (request id, server address) -> (record, query, operation, collection, extra)
+_Pending = tuple[RequestRecord | None, Query | None, str, str, "_Extra | None"]
 _inflight: dict[tuple[int, Any], _Pending] = {}
 _cursors: dict[tuple[Any, Any], Query] = {}  # (cursor id, server address) -> opening query
-
-
-def _settings(record: RequestRecord) -> Settings:
-    owner = record.owner
-    return owner.settings if owner is not None else _DEFAULT_SETTINGS
 
 
 # Where the application is.
@@ -238,34 +225,20 @@ def _from_sync_driver(frame: FrameType | None) -> bool:
     return False
 
 
-# Metrics.
-
-
-def _observe(record: RequestRecord | None, operation: str, collection: str, seconds: float) -> None:
-    owner = record.owner if record is not None else None
-    if owner is not None:
-        owner.sink.observe_command(operation, collection, seconds, None)
-        return
-    for sink in live_sinks():
-        sink.observe_command(operation, collection, seconds, None)
-
-
 # The command listener.
 
 
-def _read_limits(name: str, command: Any, query: Query) -> None:
-    if name == "find":
-        limit = command.get("limit")
-        query.has_limit = bool(limit)
-        query.has_projection = bool(command.get("projection"))
-    elif name == "aggregate":
-        pipeline = command.get("pipeline")
-        stages = [next(iter(stage), "") for stage in pipeline if stage] if pipeline else []
-        query.has_limit = "$limit" in stages or "$count" in stages or "$group" in stages
-        query.has_projection = any(
-            stage in ("$project", "$unset", "$group", "$count", "$replaceRoot", "$replaceWith")
-            for stage in stages
-        )
+_BOUNDING_STAGES = frozenset({"$limit", "$count", "$group"})
+_PROJECTING_STAGES = frozenset(
+    {"$project", "$unset", "$group", "$count", "$replaceRoot", "$replaceWith"}
+)
+
+
+def _aggregate_limits(command: Any, query: Query) -> None:
+    pipeline = command.get("pipeline")
+    stages = {next(iter(stage), "") for stage in pipeline if stage} if pipeline else set()
+    query.has_limit = not _BOUNDING_STAGES.isdisjoint(stages)
+    query.has_projection = not _PROJECTING_STAGES.isdisjoint(stages)
 
 
 def _batch_bytes(batch: list[Any]) -> int:
@@ -297,25 +270,40 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         return
     command = event.command
     if name == "getMore":
-        opened = _cursors.get((command.get("getMore"), event.connection_id))
+        cursor = command.get("getMore")
+        opened = _cursors.get((cursor, event.connection_id))
         collection = command.get("collection")
-        pending = _Pending(record, opened, name, collection if isinstance(collection, str) else "")
-        pending.cursor = command.get("getMore")
-        _inflight[key] = pending
+        more = _Extra()
+        more.cursor = cursor
+        _inflight[key] = (
+            record,
+            opened,
+            name,
+            collection if type(collection) is str else "",
+            more,
+        )
         return
-    target = command.get(name)
-    collection = target if isinstance(target, str) else ""
+    collection = command.get(name)
+    if type(collection) is not str:
+        collection = ""
     if record is None and not _watchers:
-        _inflight[key] = _Pending(None, None, name, collection)
+        _inflight[key] = (None, None, name, collection, None)
         return
-    settings = _DEFAULT_SETTINGS if record is None else _settings(record)
+    owner = None if record is None else record.owner
+    settings = _DEFAULT_SETTINGS if owner is None else owner.settings
     database = event.database_name
-    query = Query(name, collection, database, shape_of(name, command, False, database), 0.0, None)
-    query.started_at = time.perf_counter()
-    if name == "find" or name == "aggregate":
-        _read_limits(name, command, query)
-    pending = _Pending(record, query, name, collection)
-    _inflight[key] = pending
+    shape = shape_of(name, command, False, database)
+    query = Query(name, collection, database, shape, 0.0, None, time.perf_counter())
+    if name == "find":
+        query.has_limit = bool(command.get("limit"))
+        query.has_projection = bool(command.get("projection"))
+    elif name == "aggregate":
+        _aggregate_limits(command, query)
+    extra: _Extra | None = None
+    if settings.explain_slow_queries:
+        extra = _Extra()
+        extra.command = command
+    _inflight[key] = (record, query, name, collection, extra)
     if len(_inflight) > _MAX_INFLIGHT:  # replies that never came (a dead connection)
         _inflight.pop(next(iter(_inflight)))
     if record is not None:
@@ -323,14 +311,12 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         previous = queries[-1] if queries else None
         queries.append(query)
         counts = record.shape_counts
-        repeated = counts.get(query.shape, 0) + 1
-        counts[query.shape] = repeated
+        repeated = counts.get(shape, 0) + 1
+        counts[shape] = repeated
         threshold = settings.n_plus_one_threshold
-        if settings.explain_slow_queries:
-            pending.command = command
         if repeated >= threshold:
             query.location = locate(sys._getframe(1))
-            if repeated == threshold and settings.explain_slow_queries:
+            if repeated == threshold and extra is not None:
                 _explain(query, command, sys._getframe(1))
         elif (
             previous is not None
@@ -342,17 +328,29 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
             # A read after a finished read elsewhere: the start of a consecutive_queries run.
             query.location = locate(sys._getframe(1))
         if _get_running_loop() is not None and _from_sync_driver(sys._getframe(1)):
-            location = query.location or locate(sys._getframe(1))
-            query.location = location
-            pending.blocking = BlockingCall(
-                "pymongo-sync", location, 0.0, {"operation": name, "collection": collection}
-            )
-            record.blocking_calls.append(pending.blocking)
+            _blocking_call(record, query, key, name, collection)
     if _watchers:
         if query.location is None:
             query.location = locate(sys._getframe(1))
         for watcher in list(_watchers):
             watcher.append(query)
+
+
+def _blocking_call(
+    record: RequestRecord, query: Query, key: tuple[int, Any], name: str, collection: str
+) -> None:
+    """A sync pymongo command on the loop's thread: the loop waits for the network."""
+    if query.location is None:
+        query.location = locate(sys._getframe(2))
+    call = BlockingCall(
+        "pymongo-sync", query.location, 0.0, {"operation": name, "collection": collection}
+    )
+    record.blocking_calls.append(call)
+    record_, query_, operation, collection_, extra = _inflight[key]
+    if extra is None:
+        extra = _Extra()
+    extra.blocking = call
+    _inflight[key] = (record_, query_, operation, collection_, extra)
 
 
 def _finished(
@@ -362,18 +360,22 @@ def _finished(
     pending = _inflight.pop((event.request_id, event.connection_id), None)
     if pending is None:
         return
+    record, query, operation, collection, extra = pending
     seconds = event.duration_micros / 1_000_000
-    record = pending.record
-    _observe(record, pending.operation, pending.collection, seconds)
-    if pending.operation in _INDEX_COMMANDS:
-        _index_changed(event.database_name, pending.collection)
-    query = pending.query
-    if pending.blocking is not None:
-        pending.blocking.duration_seconds = seconds
+    owner = None if record is None else record.owner
+    if owner is not None:
+        owner.sink.observe_command(operation, collection, seconds, None)
+    else:
+        for sink in live_sinks():
+            sink.observe_command(operation, collection, seconds, None)
+    if extra is not None and extra.blocking is not None:
+        extra.blocking.duration_seconds = seconds
     if query is None:
+        if operation in _INDEX_COMMANDS:
+            _index_changed(event.database_name, collection)
         return
     cursor = reply.get("cursor") if reply is not None else None
-    if pending.operation == "getMore":
+    if operation == "getMore":
         query.duration_seconds += seconds
         query.finished_at = time.perf_counter()
         if type(cursor) is dict:
@@ -384,11 +386,12 @@ def _finished(
                     query.reply_bytes += _batch_bytes(batch)
                     if query.location is None and _unbounded(query):
                         query.location = locate(sys._getframe(1))
-            if not cursor.get("id"):
-                _cursors.pop((pending.cursor, event.connection_id), None)
+            if not cursor.get("id") and extra is not None:
+                _cursors.pop((extra.cursor, event.connection_id), None)
         return
     query.duration_seconds = seconds
-    query.finished_at = time.perf_counter()
+    # The event's own duration, from the start we saw: no second clock read.
+    query.finished_at = query.started_at + seconds
     if reply is None:
         query.failed = True
     elif type(cursor) is dict:
@@ -404,11 +407,13 @@ def _finished(
             _cursors[(cursor_id, event.connection_id)] = query
             if len(_cursors) > _MAX_CURSORS:
                 _cursors.pop(next(iter(_cursors)))
-    if record is not None and seconds > _settings(record).slow_query_seconds:
+    if operation in _INDEX_COMMANDS:
+        _index_changed(event.database_name, collection)
+    if owner is not None and seconds > owner.settings.slow_query_seconds:
         if query.location is None:
             query.location = locate(sys._getframe(1))
-        if pending.command is not None:
-            _explain(query, pending.command, sys._getframe(1))
+        if extra is not None and extra.command is not None:
+            _explain(query, extra.command, sys._getframe(1))
 
 
 class CommandListener(monitoring.CommandListener):

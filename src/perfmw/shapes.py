@@ -22,6 +22,7 @@ _MAX_DEPTH = 8
 _VALUE_LISTS = frozenset({"$in", "$nin", "$all"})
 # Aggregation stages whose filter is worth keeping in the shape (as for a find).
 _MATCH_STAGES = frozenset({"$match"})
+_LOGICAL = frozenset({"$and", "$or", "$nor"})
 
 
 def _value(value: Any, capture: bool) -> str:
@@ -37,12 +38,15 @@ def _filter(document: Mapping[str, Any], capture: bool, depth: int = 0) -> str:
         return "{...}"
     parts = []
     for key, value in document.items():
-        if type(value) is dict and value and _is_operator_doc(value):
+        kind = type(value)
+        if kind is dict and value and _is_operator_doc(value):
             parts.append(f"{key}: {_operators(value, capture, depth + 1)}")
-        elif key in ("$and", "$or", "$nor") and isinstance(value, list):
+        elif kind is list and key in _LOGICAL:
             parts.append(f"{key}: {_filters(value, capture, depth + 1)}")
-        else:
+        elif capture:
             parts.append(f"{key}: {_value(value, capture)}")
+        else:
+            parts.append(f"{key}: ?")  # the hot path: a plain equality
     return "{" + ", ".join(parts) + "}"
 
 
@@ -76,16 +80,14 @@ def _filters(items: list[Any], capture: bool, depth: int) -> str:
 
 
 def _keys(document: Any) -> str:
-    if isinstance(document, Mapping):
-        return "[" + ", ".join(str(key) for key in document) + "]"
-    if isinstance(document, (list, tuple)):
-        return "[" + ", ".join(str(key) for key in document) + "]"
+    if isinstance(document, (Mapping, list, tuple)):
+        return "[" + ", ".join(map(str, document)) + "]"
     return _VALUE
 
 
 def _sort(document: Any) -> str:
     if isinstance(document, Mapping):
-        return "{" + ", ".join(f"{key}: {direction}" for key, direction in document.items()) + "}"
+        return "{" + ", ".join([f"{key}: {way}" for key, way in document.items()]) + "}"
     return _VALUE
 
 
@@ -114,6 +116,72 @@ def _first_statement(statements: Any) -> Mapping[str, Any] | None:
     return None
 
 
+# Shapes of finds and aggregates keyed by their structure: an application sends a few shapes
+# many times, and building this key costs a fraction of building the shape.
+_cached_shapes: dict[tuple[Any, ...], str] = {}
+_MAX_CACHED = 10_000
+_RECURSIVE_OPERATORS = frozenset({"$elemMatch", "$not"})
+
+
+def _filter_key(found: Any) -> tuple[Any, ...] | None:
+    """What decides a filter's shape, or None when it nests deeper than one operator."""
+    if not found:
+        return ()
+    if type(found) is not dict:
+        return None
+    parts: list[Any] = []
+    for key, value in found.items():
+        kind = type(value)
+        if kind is dict:
+            if value and _is_operator_doc(value):
+                if not _RECURSIVE_OPERATORS.isdisjoint(value):
+                    return None
+                parts.append((key, *value))
+                continue
+        elif kind is list and key in _LOGICAL:
+            return None
+        parts.append(key)
+    return tuple(parts)
+
+
+def _structure_key(
+    command_name: str, command: Mapping[str, Any], database: str
+) -> tuple[Any, ...] | None:
+    """What decides a find's or an aggregate's shape, or None to build it without the cache."""
+    if command_name == "find":
+        found = _filter_key(command.get("filter"))
+        if found is None:
+            return None
+        sort = command.get("sort")
+        projection = command.get("projection")
+        return (
+            database,
+            command.get("find"),
+            found,
+            tuple(sort.items()) if type(sort) is dict else sort,
+            tuple(projection) if type(projection) is dict else projection,
+        )
+    pipeline = command.get("pipeline")
+    if type(pipeline) is not list:
+        return None
+    stages: list[Any] = [database, command.get("aggregate")]
+    for stage in pipeline:
+        if type(stage) is not dict or not stage:
+            return None
+        name = next(iter(stage))
+        if name in _MATCH_STAGES:
+            found = _filter_key(stage[name])
+            if found is None:
+                return None
+            stages.append((name, found))
+        elif name == "$lookup":
+            body = stage[name]
+            stages.append((name, body.get("from") if type(body) is dict else None))
+        else:
+            stages.append(name)
+    return tuple(stages)
+
+
 def shape_of(
     command_name: str,
     command: Mapping[str, Any],
@@ -121,6 +189,25 @@ def shape_of(
     database: str = "",
 ) -> str:
     """The shape of one command: `"{operation} {database}.{collection} {details}"`."""
+    if (command_name == "find" or command_name == "aggregate") and not capture_values:
+        key = _structure_key(command_name, command, database)
+        if key is not None:
+            try:
+                return _cached_shapes[key]
+            except KeyError:
+                pass
+            except TypeError:  # an unhashable part (a $meta sort): no caching
+                return _shape(command_name, command, False, database)
+            shape = _shape(command_name, command, False, database)
+            if len(_cached_shapes) < _MAX_CACHED:
+                _cached_shapes[key] = shape
+            return shape
+    return _shape(command_name, command, capture_values, database)
+
+
+def _shape(
+    command_name: str, command: Mapping[str, Any], capture_values: bool, database: str
+) -> str:
     target = command.get(command_name)
     collection = target if isinstance(target, str) else ""
     namespace = f"{database}.{collection}" if database else collection

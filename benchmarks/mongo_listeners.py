@@ -1,0 +1,204 @@
+"""Cost of perfmw's pymongo listeners, against OpenTelemetry's pymongo instrumentation.
+
+1. Listener cost per command (started + succeeded), fed the same real events recorded from the
+   embedded MongoDB server, inside a request record (shape included). Budget (issue 3): at most
+   5 µs, and at most a third of OpenTelemetry's CommandTracer (SDK provider, dropping exporter,
+   under a server span) in the same run.
+2. End to end, per `find_one` against the embedded server: a client with perfmw's listeners
+   inside a request record, against the same client without listeners; sync and async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient, MongoClient, monitoring
+
+import perfmw
+from perfmw import mongo
+from perfmw.record import RequestRecord, _current
+
+ROUNDS = 15
+EVENTS_PER_ROUND = 4_000
+QUERIES_PER_REQUEST = 4  # a fresh record every few commands, as in real requests
+E2E_CALLS = 200
+E2E_ROUNDS = 7
+
+
+class _Recorder(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.events.append(event)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self.events.append(event)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.events.append(event)
+
+
+def record_events(uri: str) -> list[tuple[Any, Any]]:
+    """(started, succeeded) pairs of real find_one / find / count commands."""
+    recorder = _Recorder()
+    with MongoClient(uri, event_listeners=[recorder]) as client:
+        items = client.bench.items
+        for i in range(40):
+            items.find_one({"_id": i})
+            items.find_one({"owner": f"o{i % 7}"}, {"name": 1})
+            list(items.find({"owner": f"o{i % 7}", "n": {"$gt": i}}).sort("n", -1).limit(5))
+            items.count_documents({"owner": "o1"})
+    started = {
+        e.request_id: e
+        for e in recorder.events
+        if isinstance(e, monitoring.CommandStartedEvent) and e.command_name not in mongo.HOUSEKEEPING
+    }
+    return [
+        (started[e.request_id], e)
+        for e in recorder.events
+        if isinstance(e, monitoring.CommandSucceededEvent) and e.request_id in started
+    ]
+
+
+def perfmw_round(pairs: list[tuple[Any, Any]], perf: Any) -> float:
+    listener = mongo.CommandListener()
+    records = [
+        RequestRecord("/bench", "GET", "/bench", "http", perf)
+        for _ in range(EVENTS_PER_ROUND // QUERIES_PER_REQUEST + 1)
+    ]
+    n = len(pairs)
+    started_at = time.perf_counter()
+    for i in range(EVENTS_PER_ROUND):
+        if i % QUERIES_PER_REQUEST == 0:
+            _current.set(records[i // QUERIES_PER_REQUEST])
+        first, last = pairs[i % n]
+        listener.started(first)
+        listener.succeeded(last)
+    elapsed = time.perf_counter() - started_at
+    _current.set(None)
+    return elapsed / EVENTS_PER_ROUND * 1e6
+
+
+def otel_round(pairs: list[tuple[Any, Any]], tracer: Any) -> float:
+    from opentelemetry.instrumentation.pymongo import CommandTracer
+    from opentelemetry.trace import SpanKind
+
+    listener = CommandTracer(tracer)
+    n = len(pairs)
+    with tracer.start_as_current_span("GET /bench", kind=SpanKind.SERVER):
+        started_at = time.perf_counter()
+        for i in range(EVENTS_PER_ROUND):
+            first, last = pairs[i % n]
+            listener.started(first)
+            listener.succeeded(last)
+        elapsed = time.perf_counter() - started_at
+    return elapsed / EVENTS_PER_ROUND * 1e6
+
+
+def dropping_tracer() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Dropping()))
+    return provider.get_tracer("bench")
+
+
+def sync_e2e(client: MongoClient[Any], perf: Any) -> float:
+    items = client.bench.items
+    token = _current.set(RequestRecord("/bench", "GET", "/bench", "http", perf)) if perf else None
+    started_at = time.perf_counter()
+    for i in range(E2E_CALLS):
+        if perf is not None and i % QUERIES_PER_REQUEST == 0:
+            _current.set(RequestRecord("/bench", "GET", "/bench", "http", perf))
+        items.find_one({"_id": i % 50})
+    elapsed = time.perf_counter() - started_at
+    if token is not None:
+        _current.reset(token)
+    return elapsed / E2E_CALLS * 1e6
+
+
+async def async_e2e(client: AsyncMongoClient[Any], perf: Any) -> float:
+    items = client.bench.items
+    started_at = time.perf_counter()
+    for i in range(E2E_CALLS):
+        if perf is not None and i % QUERIES_PER_REQUEST == 0:
+            _current.set(RequestRecord("/bench", "GET", "/bench", "http", perf))
+        await items.find_one({"_id": i % 50})
+    elapsed = time.perf_counter() - started_at
+    _current.set(None)
+    return elapsed / E2E_CALLS * 1e6
+
+
+def main() -> None:
+    from secantus import SecantusDBServer
+
+    perf = perfmw.Perf(perfmw.Settings(trace=False), CollectorRegistry())
+    with tempfile.TemporaryDirectory() as storage, SecantusDBServer(storage_path=storage) as db:
+        with MongoClient(db.uri) as setup:
+            setup.bench.items.insert_many(
+                [{"_id": i, "owner": f"o{i % 7}", "n": i, "name": f"item-{i}"} for i in range(50)]
+            )
+        pairs = record_events(db.uri)
+        tracer = dropping_tracer()
+        ours: list[float] = []
+        theirs: list[float] = []
+        for _ in range(ROUNDS):  # interleaved, so both see the same machine
+            ours.append(perfmw_round(pairs, perf))
+            theirs.append(otel_round(pairs, tracer))
+        mine, otel = statistics.median(ours), statistics.median(theirs)
+        print(f"listener cost per command (started + succeeded), {len(pairs)} recorded commands")
+        print("| listener | median µs/command | ratio to OpenTelemetry |")
+        print("|---|---|---|")
+        print(f"| perfmw | {mine:.2f} | {mine / otel:.2f} |")
+        print(f"| opentelemetry-instrumentation-pymongo | {otel:.2f} | 1.00 |")
+        verdict = "within" if mine <= 5 and mine <= otel / 3 else "OVER"
+        print(f"budget (<= 5 µs and <= 1/3 of OpenTelemetry): {verdict}\n")
+
+        bare_sync: MongoClient[Any] = MongoClient(db.uri)
+        our_sync: MongoClient[Any] = MongoClient(db.uri, event_listeners=perfmw.mongo_listeners())
+        sync_bare, sync_ours = [], []
+        for _ in range(E2E_ROUNDS):
+            sync_bare.append(sync_e2e(bare_sync, None))
+            sync_ours.append(sync_e2e(our_sync, perf))
+        bare_sync.close()
+        our_sync.close()
+
+        async def run_async() -> tuple[list[float], list[float]]:
+            bare: AsyncMongoClient[Any] = AsyncMongoClient(db.uri)
+            ours_client: AsyncMongoClient[Any] = AsyncMongoClient(
+                db.uri, event_listeners=perfmw.mongo_listeners()
+            )
+            plain, with_ours = [], []
+            for _ in range(E2E_ROUNDS):
+                plain.append(await async_e2e(bare, None))
+                with_ours.append(await async_e2e(ours_client, perf))
+            await bare.close()
+            await ours_client.close()
+            return plain, with_ours
+
+        async_bare, async_ours = asyncio.run(run_async())
+        print(f"end to end, per find_one against the embedded server ({E2E_CALLS} calls x rounds)")
+        print("| client | no listener µs | perfmw µs | ratio |")
+        print("|---|---|---|---|")
+        for name, bare_times, our_times in (
+            ("MongoClient", sync_bare, sync_ours),
+            ("AsyncMongoClient", async_bare, async_ours),
+        ):
+            plain_us, ours_us = statistics.median(bare_times), statistics.median(our_times)
+            print(f"| {name} | {plain_us:.0f} | {ours_us:.0f} | {ours_us / plain_us:.3f} |")
+    perf.shutdown()
+
+
+if __name__ == "__main__":
+    main()
