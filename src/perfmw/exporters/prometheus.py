@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -495,8 +496,8 @@ class _Flusher:
 
     def _run(self) -> None:
         pid = os.getpid()
-        stop = threading.Event()
-        while not stop.wait(FLUSH_SECONDS) and self._pid == pid:
+        while self._pid == pid:
+            time.sleep(FLUSH_SECONDS)
             for sink in live_sinks():
                 sink.flush()
 
