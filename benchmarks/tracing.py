@@ -208,7 +208,12 @@ def wrk_latency(wrk: str, url: str, connections: int, seconds: int) -> dict[str,
 def under_load(wrk: str) -> None:
     receiver_port = free_port()
     receiver = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), str(receiver_port)],
+        [
+            sys.executable,
+            str(ROOT / "tests" / "otlp_receiver.py"),
+            str(receiver_port),
+            "--count-only",
+        ],
         stdout=subprocess.DEVNULL,
     )
     results: dict[tuple[str, int], dict[str, float]] = {}

@@ -5,7 +5,7 @@ with OtlpReceiver() as receiver:                 # in a test
     ...
     receiver.spans                               # every span received, decoded
 
-python tests/otlp_receiver.py PORT               # as a process (the benchmarks use it)
+python tests/otlp_receiver.py PORT [--count-only]   # as a process (the benchmarks use it)
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def decode(body: bytes) -> list[ReceivedSpan]:
 class OtlpReceiver:
     """Serves POST /v1/traces on 127.0.0.1 (a random port) and keeps what it decodes."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, decode: bool = True) -> None:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
+        self.bytes = 0
+        self.decode = decode  # False: accept and count bodies only (a remote collector's cost)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
@@ -115,14 +117,17 @@ class OtlpReceiver:
                     return
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                try:
-                    spans = decode(body)
-                except Exception:
-                    self._answer(400, b"")
-                    return
+                spans: list[ReceivedSpan] = []
+                if receiver.decode:
+                    try:
+                        spans = decode(body)
+                    except Exception:
+                        self._answer(400, b"")
+                        return
                 with receiver._lock:
                     receiver.spans.extend(spans)
                     receiver.requests += 1
+                    receiver.bytes += len(body)
                 self._answer(200, ExportTraceServiceResponse().SerializeToString())
 
             def _answer(self, status: int, body: bytes) -> None:
@@ -164,7 +169,10 @@ class OtlpReceiver:
 
 
 if __name__ == "__main__":
-    receiver = OtlpReceiver(int(sys.argv[1]) if len(sys.argv) > 1 else 0).start()
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    receiver = OtlpReceiver(
+        int(arguments[0]) if arguments else 0, decode="--count-only" not in sys.argv
+    ).start()
     print(receiver.endpoint, flush=True)
     try:
         threading.Event().wait()

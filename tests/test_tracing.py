@@ -422,3 +422,30 @@ def test_configure_tracing_honours_otel_environment(
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
         perfmw.configure_tracing(set_global=False)
+
+
+def test_fastapi_native_telemetry_span_is_enriched_not_doubled(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider, exporter = memory_provider()
+    app = FastAPI(telemetry={"tracer_provider": provider})  # FastAPI's own server span
+
+    @app.get("/servers/{server_id}")
+    async def get_server(server_id: int) -> dict[str, Any]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+        try:
+            await client.registry.servers.find_one({"_id": server_id})
+        finally:
+            await client.close()
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/servers/4").status_code == 200
+    spans = exporter.get_finished_spans()
+    (span,) = [s for s in spans if s.kind.name == "SERVER"]
+    assert span.name == "GET /servers/{server_id}"
+    assert span.attributes is not None
+    assert span.attributes["perfmw.db.queries"] == 1
+    (find,) = [s for s in spans if s.name == "registry.find"]
+    assert find.context.trace_id == span.context.trace_id

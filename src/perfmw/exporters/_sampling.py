@@ -123,7 +123,7 @@ class FastSampling:
             elif key == b"baggage":
                 return None
         if traceparent is None:
-            trace_id = self.ids.generate_trace_id()
+            trace_id = self.ids.inner.generate_trace_id()
             if trace_id & _LIMIT < self.bound:
                 self.ids.local.trace_id = trace_id
                 return self.tracer.start_span(name, None, SpanKind.SERVER)

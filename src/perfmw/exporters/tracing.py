@@ -39,17 +39,18 @@ _NAME = "perfmw"
 class RequestSpan:
     """What `record.span` holds: the request's span, whether perfmw started it, its exemplar."""
 
-    __slots__ = ("exemplar", "owned", "span", "token")
+    __slots__ = ("exemplar", "owned", "recording", "span", "token")
 
     def __init__(
-        self, span: otel_trace.Span, owned: bool, token: object = None, sampled: bool = True
+        self, span: otel_trace.Span, owned: bool, token: object = None, recording: bool = True
     ) -> None:
         self.span = span
         self.owned = owned  # False when enriching another instrumentation's server span
         self.token = token  # the context token to detach when the app call returns
+        self.recording = recording  # False: a dropped span, nothing to add or end
         # The Prometheus exemplar linking a histogram bucket to this trace (sampled spans only).
         self.exemplar: dict[str, str] | None = None
-        if sampled:
+        if recording:
             context = span.get_span_context()
             if context.trace_flags.sampled:
                 self.exemplar = {"trace_id": format(context.trace_id, "032x")}
@@ -78,14 +79,13 @@ class Tracing:
     set (`perfmw.configure_tracing()` or `trace.set_tracer_provider()`), even after startup.
     """
 
-    __slots__ = ("_fast", "_provider", "_textmap", "_w3c", "tracer")
+    __slots__ = ("_fast", "_provider", "_textmap", "tracer")
 
     def __init__(self, provider: Any) -> None:
         self._provider = provider
         self.tracer: otel_trace.Tracer | None = None
         self._fast: FastSampling | None = None
-        self._textmap: Any = None
-        self._w3c = False
+        self._textmap: Any = None  # the global propagator, once known to be W3C only
         self._resolve()
 
     def _resolve(self) -> otel_trace.Tracer | None:
@@ -114,9 +114,10 @@ class Tracing:
             if tracer is None:
                 return
         with _TRACING:
-            current = otel_trace.get_current_span()
+            current_context = otel_context.get_current()
+            current = otel_trace.get_current_span(current_context) if current_context else None
             parent: otel_context.Context | None
-            if current.get_span_context().is_valid:
+            if current is not None and current.get_span_context().is_valid:
                 # Another instrumentation (OTel's ASGI middleware outside us) already opened
                 # this request's span: enrich it rather than starting a second server span.
                 if current.is_recording() and getattr(current, "kind", None) is _SERVER:
@@ -124,16 +125,20 @@ class Tracing:
                     return
                 if not current.is_recording():
                     return  # an unsampled parent in this process: nothing to record
-                parent = otel_context.get_current()
+                parent = current_context
                 span = tracer.start_span(record.method, parent, _SERVER)
             else:
                 headers = scope.get("headers") or ()
-                span = self._fast_start(record.method, headers)
+                fast = self._fast
+                if fast is not None and propagate.get_global_textmap() is self._textmap:
+                    span = fast.start(record.method, headers)
+                else:
+                    span = self._fast_start(record.method, headers)
                 if span is None:
                     parent = propagate.extract(headers, getter=_GETTER) if headers else None
                     span = tracer.start_span(record.method, parent, _SERVER)
                 else:
-                    parent = None
+                    parent = current_context
             recording = span.is_recording()
             if recording:
                 span.set_attributes(_start_attributes(scope, record))
@@ -141,14 +146,15 @@ class Tracing:
             record.span = RequestSpan(span, True, token, recording)
 
     def _fast_start(self, name: str, headers: Sequence[tuple[bytes, bytes]]) -> Any:
+        """The fast sampling decision, when the sampler and the propagator allow it."""
         fast = self._fast
         if fast is None:
             return None
         textmap = propagate.get_global_textmap()
-        if textmap is not self._textmap:
-            self._w3c = FastSampling.applies(textmap)
-            self._textmap = textmap
-        return fast.start(name, headers) if self._w3c else None
+        if FastSampling.applies(textmap):
+            self._textmap = textmap  # W3C propagation: the fast path applies from now on
+            return fast.start(name, headers)
+        return None
 
 
 def leave(record: RequestRecord) -> None:
@@ -157,13 +163,14 @@ def leave(record: RequestRecord) -> None:
     token = request_span.token
     if token is not None:
         request_span.token = None
-        with _TRACING:
-            otel_context.detach(token)  # type: ignore[arg-type]
+        otel_context.detach(token)  # type: ignore[arg-type]  # logs, never raises
 
 
 def end(record: RequestRecord) -> None:
     """Name the span after the route, add perfmw's attributes and events, and end it."""
     request_span: RequestSpan = record.span
+    if not request_span.recording:
+        return
     span = request_span.span
     with _TRACING:
         if span.is_recording():
