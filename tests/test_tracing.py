@@ -131,6 +131,9 @@ def test_n_plus_one_request_is_one_trace_in_the_otlp_receiver(
     assert exemplar_trace_ids(exposition, "http_server_request_duration_seconds_bucket") == {
         span.trace_id
     }
+    assert exemplar_trace_ids(exposition, "db_client_operation_duration_seconds_bucket") == {
+        span.trace_id
+    }
 
 
 def test_client_traceparent_is_continued(

@@ -364,7 +364,11 @@ def _finished(
     seconds = event.duration_micros / 1_000_000
     owner = None if record is None else record.owner
     if owner is not None:
-        owner.sink.observe_command(operation, collection, seconds, None)
+        span = record.span  # type: ignore[union-attr]
+        # The request's trace id as the exemplar when its span is sampled (exporters/tracing.py).
+        owner.sink.observe_command(
+            operation, collection, seconds, None if span is None else span.exemplar
+        )
     else:
         for sink in live_sinks():
             sink.observe_command(operation, collection, seconds, None)
