@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -452,3 +455,74 @@ def test_fastapi_native_telemetry_span_is_enriched_not_doubled(
     assert span.attributes["perfmw.db.queries"] == 1
     (find,) = [s for s in spans if s.name == "registry.find"]
     assert find.context.trace_id == span.context.trace_id
+
+
+def test_loop_stall_and_blocking_call_events(mongo_uri: str, registry: CollectorRegistry) -> None:
+    provider, exporter = memory_provider()
+    app = example.create_app(mongo_uri, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/reports/blocking").status_code == 200
+        assert client.get("/servers/legacy", params={"limit": 3}).status_code == 200
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"}
+
+    blocking = spans["GET /reports/blocking"]
+    assert blocking.attributes is not None
+    assert blocking.attributes["perfmw.loop.stall_ms"] >= 100  # the 150 ms sleep, as seen
+    (stall,) = [e.attributes for e in blocking.events if e.name == "perfmw.loop_stall"]
+    assert stall is not None
+    assert stall["duration_ms"] == blocking.attributes["perfmw.loop.stall_ms"]
+    assert stall["code.filepath"] == "examples/fastapi_app/app.py"
+    assert stall["code.lineno"] == line_of(example.create_app, "time.sleep(")
+    assert "in render_report" in str(stall["code.stacktrace"])
+
+    legacy = spans["GET /servers/legacy"]
+    (call,) = [e.attributes for e in legacy.events if e.name == "perfmw.blocking_call"]
+    assert call is not None
+    assert call["kind"] == "pymongo-sync"
+    assert call["code.filepath"] == "examples/fastapi_app/app.py"
+
+
+GLOBAL_PROVIDER_SCRIPT = """
+import sys
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+import perfmw
+from examples.fastapi_app.app import create_app
+from support import serve
+
+app = create_app(sys.argv[1], registry=CollectorRegistry())  # no provider exists yet
+provider = perfmw.configure_tracing("registry")  # the global one, set after instrument()
+with serve(app) as server:
+    headers = {"traceparent": sys.argv[2]}
+    assert httpx.get(server.url + "/servers/3/uncached", headers=headers).status_code == 200
+assert provider.force_flush()
+"""
+
+
+def test_global_provider_set_after_instrument_is_used(
+    receiver: OtlpReceiver, mongo_uri: str, tmp_path: Any
+) -> None:
+    """The usual set-up, in a fresh process (a process sets its global provider once)."""
+    script = tmp_path / "global_provider.py"
+    script.write_text(GLOBAL_PROVIDER_SCRIPT)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    result = subprocess.run(
+        [sys.executable, str(script), mongo_uri, f"00-{TRACE_ID}-{PARENT_ID}-01"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    # FastAPI opens its own server span when a global provider exists: perfmw enriches it.
+    (span,) = servers(receiver.spans)
+    assert (span.trace_id, span.parent_span_id) == (TRACE_ID, PARENT_ID)
+    assert span.name == "GET /servers/{server_id}/uncached"
+    assert span.attributes["perfmw.db.queries"] == 1
+    assert span.resource["service.name"] == "registry"
+    (find,) = [s for s in receiver.spans if s.name == "registry.find"]
+    assert find.trace_id == TRACE_ID
+    assert find.attributes["db.statement"] == "find registry.servers {_id: ?}"

@@ -28,6 +28,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from .. import _guard
+from .tracing import instrument_pymongo
 
 logger = logging.getLogger("perfmw")
 
@@ -68,6 +69,7 @@ def configure_tracing(service_name: str | None = None, *, set_global: bool = Tru
         )
     if set_global:
         otel_trace.set_tracer_provider(provider)
+    instrument_pymongo()  # MongoDB clients created from now on get child spans
     return provider
 
 

@@ -186,12 +186,13 @@ def for_perf(perf: Perf) -> Tracing | None:
     return Tracing(perf.tracer_provider)
 
 
-def exemplar(record: RequestRecord | None) -> dict[str, str] | None:
-    """The trace exemplar for a metric observed while `record` runs (None when not sampled)."""
-    if record is None:
-        return None
-    request_span: RequestSpan | None = record.span
-    return None if request_span is None else request_span.exemplar
+def on_loop(perf: Perf) -> None:
+    """At lifespan startup: take a global provider set since `instrument()`, so that pymongo is
+    instrumented before the app's lifespan creates its clients (existing clients are not)."""
+    tracing = perf.tracing
+    if tracing is not None and tracing.tracer is None:
+        with _TRACING:
+            tracing._resolve()
 
 
 # What the span says.
