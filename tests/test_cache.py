@@ -734,6 +734,20 @@ def test_per_request_counts_and_server_timing(registry: CollectorRegistry) -> No
     assert counts(registry, "profiles", metrics) == Counts(hits=6, misses=2, size=2, max_size=10)
 
 
+def test_a_membership_test_pairs_with_a_read_of_its_own_request_only(
+    registry: CollectorRegistry,
+) -> None:
+    cache = perfmw.watch_cache(LRUCache(3), "paired", registry)
+    with perfmw.track("first") as first:
+        if "k" not in cache:  # a miss; no read follows in this request
+            cache["k"] = 1
+    with perfmw.track("second") as second:
+        assert cache.pop("k") == 1  # another request's lookup: a hit of its own
+    assert (first.cache_hits, first.cache_misses) == (0, 1)
+    assert (second.cache_hits, second.cache_misses) == (1, 0)
+    assert counts(registry, "paired") == Counts(hits=1, misses=1, size=0, max_size=3)
+
+
 def test_counts_outside_a_request_go_to_no_record(registry: CollectorRegistry) -> None:
     cache = perfmw.watch_cache(LRUCache(3), "jobs", registry)
     cache["a"] = 1
@@ -813,6 +827,10 @@ def test_example_app_hit_rate_rises_and_invalidation_is_counted(
         assert cache_timing(response) == 'cache;desc="0 hit 1 miss"'
         assert response.json()["status"] == "maintenance"  # not the stale cached copy
         seen.append(scrape(client))
+        # Right after the miss that filled it, another request invalidates it: its own lookup.
+        response = client.put("/servers/3", json={"status": original})
+        assert cache_timing(response) == 'cache;desc="1 hit 0 miss"'
+        seen.append(scrape(client))
         return seen
 
     with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
@@ -831,3 +849,4 @@ def test_example_app_hit_rate_rises_and_invalidation_is_counted(
     # and the evictions do not move; the next read of that server is a miss.
     assert seen[4] == Counts(hits=31, misses=10, size=9, max_size=100)
     assert seen[5] == Counts(hits=31, misses=11, size=10, max_size=100)
+    assert seen[6] == Counts(hits=32, misses=11, size=9, max_size=100)

@@ -113,10 +113,10 @@ class _State:
         self.capacity = 0  # entries pushed out for room
         self.expired = 0  # expiries seen by the proxy's own writes and removals
         self.reported_expired = 0
-        # Per thread: the key of a `key in cache` whose read (`cache[key]`, get, pop, setdefault)
-        # is still to come, and the keys that `cache[key]` missed and are still to be stored
-        # (cachetools' `cached(lock=...)` stores them with setdefault).
-        self.reads: dict[int, Any] = {}
+        # Per thread: the key (and request) of a `key in cache` whose read (`cache[key]`, get,
+        # pop, setdefault) is still to come, and the keys that `cache[key]` missed and are
+        # still to be stored (cachetools' `cached(lock=...)` stores them with setdefault).
+        self.reads: dict[int, tuple[Any, Any]] = {}
         self.pending: dict[int, dict[Any, None]] = {}
         self.bounded = hasattr(cache, "maxsize")
         self.maxsize = getattr(cache, "maxsize", 0)
@@ -163,9 +163,15 @@ class _State:
             self.open_miss(key)
 
     def completes_read(self, key: Any) -> bool:
-        """Whether this lookup is the read of this thread's last `key in cache` (not counted)."""
-        opened = self.reads.pop(get_ident(), _MISSING)
-        return opened is not _MISSING and (opened is key or bool(opened == key))
+        """Whether this lookup is the read of this thread's last `key in cache` (not counted).
+
+        Only within the same request: a membership test that found nothing and was followed by
+        a store is not completed by a later request's lookup of that key.
+        """
+        opened = self.reads.pop(get_ident(), None)
+        if opened is None or opened[1] is not _current.get():
+            return False
+        return opened[0] is key or bool(opened[0] == key)
 
     def open_miss(self, key: Any) -> None:
         pending = self.pending
@@ -324,16 +330,19 @@ class _State:
 class CacheProxy(_Proxy):
     """The proxy `watch_cache` returns: the cache's own behaviour, counted."""
 
+    __slots__ = ("_self_state",)
+
     def __init__(self, cache: Any, name: str) -> None:
         super().__init__(cache)
         self._self_state = _State(cache, name)
 
-    # Lookups: one count per logical lookup (docs/caches.md). The hit path reads one attribute
-    # of the proxy (each costs ~65 ns through wrapt) and handles perfmw's own errors with
-    # try/except, the guard's reporter without its ~100 ns context manager.
+    # Lookups: one count per logical lookup (docs/caches.md). The hit path reads its state
+    # through the slot's descriptor (an attribute read through wrapt costs ~65 ns) and handles
+    # perfmw's own errors with try/except: the guard's reporter without its ~100 ns context
+    # manager.
 
     def __getitem__(self, key: Any) -> Any:
-        state: _State = self._self_state
+        state = _state(self)
         if state.computes:
             return state.compute(key)
         try:
@@ -347,10 +356,15 @@ class CacheProxy(_Proxy):
         try:
             if state.pending:
                 state.close_miss(key)
-            if state.reads and state.completes_read(key):
-                return value
-            state.hits += 1
             record = _current.get()
+            if state.reads:
+                # The read of this thread's `key in cache`, in the same request: counted there.
+                opened = state.reads.pop(get_ident(), None)
+                if opened is not None and opened[1] is record:
+                    opened_key = opened[0]
+                    if opened_key is key or opened_key == key:
+                        return value
+            state.hits += 1
             if record is not None and not record.closed:
                 record.cache_hits += 1
         except Exception as exc:
@@ -358,7 +372,7 @@ class CacheProxy(_Proxy):
         return value
 
     def __contains__(self, key: Any) -> bool:
-        state: _State = self._self_state
+        state = _state(self)
         found = key in state.cache
         try:
             if state.pending:
@@ -366,8 +380,8 @@ class CacheProxy(_Proxy):
             reads = state.reads
             if len(reads) >= _THREADS:
                 reads.clear()
-            reads[get_ident()] = key
             record = _current.get()
+            reads[get_ident()] = (key, record)
             if record is not None and record.closed:
                 record = None
             if found:
@@ -383,13 +397,13 @@ class CacheProxy(_Proxy):
         return found
 
     def get(self, key: Any, default: Any = None) -> Any:
-        state: _State = self._self_state
+        state = _state(self)
         value = state.cache.get(key, _MISSING)
         state.looked_up(key, value is not _MISSING)
         return default if value is _MISSING else value
 
     def pop(self, key: Any, *default: Any) -> Any:
-        state: _State = self._self_state
+        state = _state(self)
         cache = state.cache
         value = state.remove(cache.pop, key, _MISSING)
         state.looked_up(key, value is not _MISSING)
@@ -400,7 +414,7 @@ class CacheProxy(_Proxy):
         return value
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        state: _State = self._self_state
+        state = _state(self)
         timer = state.timer
         if timer is None:
             return state.setdefault(key, default)
@@ -410,7 +424,7 @@ class CacheProxy(_Proxy):
     # Writes and removals: evictions counted, never lookups.
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        state: _State = self._self_state
+        state = _state(self)
         if state.pending:
             with _GUARD:
                 state.close_miss(key)
@@ -435,15 +449,15 @@ class CacheProxy(_Proxy):
             self[key] = value
 
     def __delitem__(self, key: Any) -> None:
-        state: _State = self._self_state
+        state = _state(self)
         state.remove(state.cache.__delitem__, key)
 
     def popitem(self) -> Any:
-        state: _State = self._self_state
+        state = _state(self)
         return state.remove(state.cache.popitem, expire_first=True)
 
     def clear(self) -> None:
-        state: _State = self._self_state
+        state = _state(self)
         state.remove(state.cache.clear)
 
     # A copy or an unpickled proxy is the plain cache: the counters belong to this process.
@@ -461,7 +475,11 @@ class CacheProxy(_Proxy):
         return self.__wrapped__.__reduce__()
 
     def __repr__(self) -> str:
-        return f"watch_cache({self.__wrapped__!r}, name={self._self_state.name!r})"
+        return f"watch_cache({self.__wrapped__!r}, name={_state(self).name!r})"
+
+
+# The state's slot read directly, past wrapt's attribute lookup.
+_state: Callable[[CacheProxy], _State] = CacheProxy.__dict__["_self_state"].__get__
 
 
 def _internal_error(exc: Exception) -> None:
