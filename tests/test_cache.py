@@ -271,13 +271,25 @@ def test_cached_coroutine_function_counts_like_the_bare_cache(subject: Subject) 
     async def fetch(n: int) -> int:
         return n * 10
 
+    class Service:
+        def __init__(self) -> None:
+            self.cache = cache
+
+        @cachedmethod(lambda self: self.cache)
+        async def fetch(self, n: int) -> int:
+            return n * 100
+
     async def main() -> None:
         assert await fetch(1) == 10
         with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
             await fetch(1)
+        service = Service()
+        assert await service.fetch(2) == 200
+        with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+            await service.fetch(2)
 
     asyncio.run(main())
-    assert subject.counts() == Counts(hits=1, misses=1, size=1, max_size=10)
+    assert subject.counts() == Counts(hits=2, misses=2, size=2, max_size=10)
 
 
 def test_async_result_cached_with_explicit_lookups(subject: Subject) -> None:
@@ -392,6 +404,23 @@ def test_lookup_of_expired_entry_is_a_miss(timed: Subject) -> None:
     assert timed.counts() == Counts(hits=0, misses=4, expired=1, size=1, max_size=10)
     assert cache["a"] == 2
     assert timed.counts() == Counts(hits=1, misses=4, expired=1, size=1, max_size=10)
+
+
+def test_cached_function_reloads_an_expired_value(timed: Subject) -> None:
+    cache = timed.watch()
+    loads: list[int] = []
+
+    @cached(cache, lock=threading.Lock())
+    def square(n: int) -> int:
+        loads.append(n)
+        return n * n
+
+    assert [square(2), square(2), square(3)] == [4, 4, 9]
+    timed.clock.now = TTL + 1
+    assert [square(2), square(2)] == [4, 4]  # a miss (expired), stored anew, then a hit
+    assert loads == [2, 3, 2]
+    # The store of the reloaded value removed both expired entries first.
+    assert timed.counts() == Counts(hits=2, misses=3, expired=2, size=1, max_size=10)
 
 
 def test_expiries_counted_whoever_removes_them(timed: Subject) -> None:
