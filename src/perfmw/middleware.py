@@ -20,7 +20,6 @@ from . import _guard
 from .endpoints import Message, Receive, Scope, Send, build_endpoints
 from .exporters import tracing as tracing_sink
 from .record import UNMATCHED, RequestRecord, _current
-from .routes import route_template
 from .settings import Settings
 
 _MIDDLEWARE = _guard.guard("middleware")
@@ -43,7 +42,10 @@ class PerfMiddleware:
         self.app = app
         self.perf: Perf = perf if perf is not None else Perf(settings, registry)
         self.endpoints = build_endpoints(self.perf)
-        self.excluded = frozenset(self.perf.settings.exclude_paths)
+        # One lookup per request decides: a path perfmw serves (its endpoint), a path excluded
+        # from measurement (None), or an ordinary request (absent).
+        self._special: dict[str, Any] = dict.fromkeys(self.perf.settings.exclude_paths)
+        self._special.update(self.endpoints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         perf = self.perf
@@ -53,55 +55,53 @@ class PerfMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        endpoint = self.endpoints.get(path)
-        if endpoint is not None:
-            await endpoint(scope, receive, send)
-            return
-        if path in self.excluded:
-            await self.app(scope, receive, send)
+        if path in self._special:
+            endpoint = self._special[path]
+            await (self.app if endpoint is None else endpoint)(scope, receive, send)
             return
 
         method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
         record = RequestRecord(UNMATCHED, method, path, "http", perf)
-        root_path = scope.get("root_path", "")
         token = _current.set(record)
         tracing = perf.tracing
         if tracing is not None:
             tracing.start(scope, record)  # the request's span, current during the app call
-        perf.sink.active(method).inc()
+        active = perf.sink.active(method)
+        active.inc()
+        root_path = scope.get("root_path", "")
         server_timing = perf.settings.server_timing
-        completed = False
 
         def finish() -> None:
+            # Once per request (record.closed tells): at the last chunk, or when the app ends.
             record.duration_seconds = time.perf_counter() - record.started_at
-            perf.sink.active(method).dec()
+            record.closed = True
+            active.dec()
             with _MIDDLEWARE:
                 status = record.status_code
                 app = perf.app if status is not None and status not in (404, 405) else None
-                record.route = perf.routes.label(route_template(scope, root_path, app))
+                record.route = perf.routes.label_for(scope, root_path, app)
                 record.endpoint = scope.get("endpoint")
                 perf.finish(record)
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal completed
             kind = message["type"]
             if kind == "http.response.body":
                 record.response_bytes += len(message.get("body", b""))
                 if message.get("more_body", False):
-                    await _send(send, message, record)
-                    return
-                if record.span is not None and not record.span.owned:
+                    pass
+                elif record.span is not None and not record.span.owned:
                     # The instrumentation outside us ends its span with this chunk: our
                     # measurements must be on it before.
-                    completed = True
                     finish()
-                    await _send(send, message, record)
+                else:
+                    try:
+                        await send(message)
+                    except BaseException:
+                        record.disconnected = True  # the server could not deliver it
+                        raise
+                    finish()
                     return
-                await _send(send, message, record)
-                completed = True
-                finish()
-                return
-            if kind == "http.response.start":
+            elif kind == "http.response.start":
                 record.status_code = message["status"]
                 record.response_started_at = time.perf_counter()
                 record.response_headers = message.get("headers")
@@ -109,22 +109,29 @@ class PerfMiddleware:
                     with _MIDDLEWARE:
                         message = _with_server_timing(message, record)
             elif kind == "http.response.pathsend":
-                await _send(send, message, record)
-                completed = True
+                try:
+                    await send(message)
+                except BaseException:
+                    record.disconnected = True
+                    raise
                 finish()
                 return
-            await send(message)
+            try:
+                await send(message)
+            except BaseException:
+                record.disconnected = True  # the server could not deliver it: the client is gone
+                raise
 
         try:
             await self.app(scope, receive, send_wrapper)
         except BaseException:
-            if not completed:
+            if not record.closed:
                 if not record.disconnected:
                     record.status_code = 500
                 finish()
             raise
         else:
-            if not completed:
+            if not record.closed:
                 # The app returned without finishing its response: the client went away
                 # (a streaming response cancelled on disconnect) or the app never answered.
                 if record.status_code is None:
@@ -136,14 +143,6 @@ class PerfMiddleware:
             _current.reset(token)
             if tracing is not None and record.span is not None:
                 tracing_sink.leave(record)
-
-
-async def _send(send: Send, message: Message, record: RequestRecord) -> None:
-    try:
-        await send(message)
-    except BaseException:
-        record.disconnected = True  # the server could not deliver it: the client is gone
-        raise
 
 
 def _with_server_timing(message: Message, record: RequestRecord) -> Message:
