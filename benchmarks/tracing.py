@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from benchmarks._asgi import per_request_us, table
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSAMPLED_PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-LOAD_SECONDS = 5
+LOAD_SECONDS = 3
 
 
 def make_app() -> FastAPI:
@@ -205,79 +206,78 @@ def wrk_latency(wrk: str, url: str, connections: int, seconds: int) -> dict[str,
     return found
 
 
-def under_load(wrk: str) -> None:
+def start_server(mode: str, receiver_port: int) -> tuple[subprocess.Popen[Any], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PERFMW_BENCH_TRACING": mode,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "uvicorn", "benchmarks._tracing_server:app"]
+    options = ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+    server = subprocess.Popen([*command, *options], cwd=ROOT, env=env)
+    return server, f"http://127.0.0.1:{port}/items/42"
+
+
+MODES = {
+    "off": "perfmw, tracing off",
+    "perfmw": "perfmw + configure_tracing()",
+    "otel-batch": "perfmw + OTel BatchSpanProcessor",
+}
+
+
+def under_load(wrk: str, rounds: int = 3) -> None:
+    """Each set-up in its own uvicorn, all started at once; runs interleaved, medians kept."""
     receiver_port = free_port()
+    receiver_script = str(ROOT / "tests" / "otlp_receiver.py")
     receiver = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "otlp_receiver.py"),
-            str(receiver_port),
-            "--count-only",
-        ],
+        [sys.executable, receiver_script, str(receiver_port), "--count-only"],
         stdout=subprocess.DEVNULL,
     )
-    results: dict[tuple[str, int], dict[str, float]] = {}
+    servers: dict[str, tuple[subprocess.Popen[Any], str]] = {}
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         wait_listening(receiver_port, receiver)
-        for mode in ("off", "perfmw", "otel-batch"):
-            port = free_port()
-            env = {
-                **os.environ,
-                "PERFMW_BENCH_TRACING": mode,
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
-                "PYTHONPATH": str(ROOT),
-            }
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "benchmarks._tracing_server:app",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                    "--no-access-log",
-                ],
-                cwd=ROOT,
-                env=env,
-            )
-            try:
-                wait_listening(port, server)
-                url = f"http://127.0.0.1:{port}/items/42"
-                wrk_latency(wrk, url, 1, 1)  # warm-up
-                for connections in (1, 32):
-                    results[(mode, connections)] = wrk_latency(wrk, url, connections, LOAD_SECONDS)
-            finally:
-                stop(server)
+        for mode in MODES:
+            servers[mode] = start_server(mode, receiver_port)
+        for server, url in servers.values():
+            wait_listening(int(url.split(":")[2].split("/")[0]), server)
+            wrk_latency(wrk, url, 1, 1)  # warm-up
+        for _ in range(rounds):
+            for connections in (1, 32):
+                for mode, (_, url) in servers.items():
+                    found = wrk_latency(wrk, url, connections, LOAD_SECONDS)
+                    runs.setdefault((mode, connections), []).append(found)
     finally:
+        for server, _ in servers.values():
+            stop(server)
         stop(receiver)
 
-    names = {
-        "off": "perfmw, tracing off",
-        "perfmw": "perfmw + configure_tracing()",
-        "otel-batch": "perfmw + OTel BatchSpanProcessor",
+    results = {
+        key: {k: statistics.median(run[k] for run in found) for k in ("rps", "p50", "p99")}
+        for key, found in runs.items()
     }
     print(
-        f"\nwrk {LOAD_SECONDS} s per run, uvicorn in its own process, spans to an OTLP/HTTP "
-        "receiver in another\n"
+        f"\nwrk, {rounds} interleaved rounds of {LOAD_SECONDS} s per set-up (medians); each "
+        "set-up in its own uvicorn process, spans sent to an OTLP/HTTP receiver in another\n"
     )
     print("| set-up | connections | requests/s | p50 ms | p99 ms | p99 / tracing off |")
     print("|---|---:|---:|---:|---:|---:|")
-    for (mode, connections), found in results.items():
+    for connections in (1, 32):
         base = results[("off", connections)]["p99"]
-        print(
-            f"| {names[mode]} | {connections} | {found['rps']:.0f} | {found['p50']:.3f} | "
-            f"{found['p99']:.3f} | {found['p99'] / base:.2f}x |"
-        )
+        for mode, name in MODES.items():
+            found = results[(mode, connections)]
+            print(
+                f"| {name} | {connections} | {found['rps']:.0f} | {found['p50']:.3f} | "
+                f"{found['p99']:.3f} | {found['p99'] / base:.2f}x |"
+            )
     for connections in (1, 32):
         ratio = results[("perfmw", connections)]["p99"] / results[("off", connections)]["p99"]
         print(
-            f"\nconfigure_tracing() p99 at concurrency {connections}: {ratio:.2f}x tracing off "
-            "(budget 2.00)",
-            end="",
+            f"configure_tracing() p99 at concurrency {connections}: {ratio:.2f}x tracing off "
+            "(budget 2.00)"
         )
-    print()
 
 
 def main() -> None:
