@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -18,7 +19,8 @@ from examples.fastapi_app.app import create_app
 from fastapi import FastAPI
 from motor.motor_asyncio import AsyncIOMotorClient
 from prometheus_client import CollectorRegistry
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo.errors import WaitQueueTimeoutError
 
 import perfmw
 from perfmw import _guard, explain, mongo
@@ -73,6 +75,22 @@ def test_n_plus_one_loop_is_flagged_with_the_line_of_the_loop(example: Any) -> N
         "shape": "find registry.agents {server_id: ?} projection=[_id]",
         "repetitions": 20,
     }
+
+
+def test_n_plus_one_is_counted_per_route_collection_and_operation(example: Any) -> None:
+    labels = {
+        "http_route": "/servers-with-agents",
+        "db_collection_name": "agents",
+        "db_operation_name": "find",
+    }
+
+    def counted() -> float:
+        exposition = httpx.get(example.url + "/metrics", timeout=10).text
+        return sample(exposition, "perfmw_n_plus_one_total", **labels) or 0.0
+
+    before = counted()
+    assert httpx.get(example.url + "/servers-with-agents", timeout=30).status_code == 200
+    assert counted() == before + 1
 
 
 def test_in_and_lookup_twins_are_not_flagged(example: Any, mongo_uri: str) -> None:
@@ -376,6 +394,53 @@ def test_pool_wait_with_one_connection_and_ten_requests(mongo_uri: str, registry
         exposition, "db_client_connection_count", db_client_connection_state="used", **pool
     )
     assert used == 0
+
+
+class _Checkouts(monitoring.ConnectionPoolListener):
+    """Counts checkouts as pymongo reports them, to compare with the histogram."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.failed = 0
+
+    def connection_checked_out(self, event: Any) -> None:
+        self.done += 1
+
+    def connection_check_out_failed(self, event: Any) -> None:
+        self.failed += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda event: None
+
+
+def test_failed_checkouts_are_waits_too(mongo_uri: str, registry: Any) -> None:
+    perf = perfmw.Perf(registry=registry)
+    mongo.register_listeners()
+    checkouts = _Checkouts()
+    options = {"maxPoolSize": 1, "waitQueueTimeoutMS": 5, "event_listeners": [checkouts]}
+    with MongoClient(mongo_uri, **options) as client:
+        agents = client.registry.agents
+        agents.find_one({})  # the one connection exists
+
+        def hold() -> None:
+            for _ in range(10):  # each count holds the only connection for tens of ms
+                agents.count_documents({})
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        while holder.is_alive():
+            with contextlib.suppress(WaitQueueTimeoutError):
+                agents.find_one({"_id": 0})
+            time.sleep(0.002)
+        holder.join()
+    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
+    waits = registry.get_sample_value(
+        "db_client_connection_wait_time_seconds_count",
+        {"db_client_connection_pool_name": f"{host}:{port}"},
+    )
+    assert checkouts.failed > 0
+    assert waits == checkouts.done + checkouts.failed
+    perf.shutdown()
 
 
 # What counts

@@ -69,6 +69,8 @@ _DEFAULT_SETTINGS = Settings()
 _internal: ContextVar[bool] = ContextVar("perfmw_mongo_internal", default=False)
 # Open assertions of perfmw.testing.assert_max_queries: each gets every application command.
 _watchers: list[list[Query]] = []
+# When the current operation asked the pool for a connection (read by the command's start).
+_checkout_started: ContextVar[float] = ContextVar("perfmw_checkout_started", default=0.0)
 
 
 class _Extra:
@@ -293,7 +295,14 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
     settings = _DEFAULT_SETTINGS if owner is None else owner.settings
     database = event.database_name
     shape = shape_of(name, command, False, database)
-    query = Query(name, collection, database, shape, 0.0, None, time.perf_counter())
+    # The query began when the application asked for a connection (concurrent operations
+    # that queue for the pool or a new connection still began together).
+    began = _checkout_started.get()
+    if began:
+        _checkout_started.set(0.0)
+    else:
+        began = time.perf_counter()
+    query = Query(name, collection, database, shape, 0.0, None, began)
     if name == "find":
         query.has_limit = bool(command.get("limit"))
         query.has_projection = bool(command.get("projection"))
@@ -394,8 +403,7 @@ def _finished(
                 _cursors.pop((extra.cursor, event.connection_id), None)
         return
     query.duration_seconds = seconds
-    # The event's own duration, from the start we saw: no second clock read.
-    query.finished_at = query.started_at + seconds
+    query.finished_at = time.perf_counter()
     if reply is None:
         query.failed = True
     elif type(cursor) is dict:
@@ -513,7 +521,8 @@ class PoolListener(monitoring.ConnectionPoolListener):
     def connection_check_out_started(
         self, event: monitoring.ConnectionCheckOutStartedEvent
     ) -> None:
-        return None
+        with _GUARD:
+            _checkout_started.set(time.perf_counter())
 
     def connection_check_out_failed(self, event: monitoring.ConnectionCheckOutFailedEvent) -> None:
         if _internal.get():
