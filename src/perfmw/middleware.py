@@ -11,6 +11,7 @@ exceptions reach the server unchanged.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -66,22 +67,11 @@ class PerfMiddleware:
         tracing = perf.tracing
         if tracing is not None:
             tracing.start(scope, record)  # the request's span, current during the app call
-        active = perf.sink.active(method)
-        active.inc()
+        perf.sink.active(method).inc()
         root_path = scope.get("root_path", "")
         server_timing = perf.settings.server_timing
 
-        def finish() -> None:
-            # Once per request (record.closed tells): at the last chunk, or when the app ends.
-            record.duration_seconds = time.perf_counter() - record.started_at
-            record.closed = True
-            active.dec()
-            with _MIDDLEWARE:
-                status = record.status_code
-                app = perf.app if status is not None and status not in (404, 405) else None
-                record.route = perf.routes.label_for(scope, root_path, app)
-                record.endpoint = scope.get("endpoint")
-                perf.finish(record)
+        finish = functools.partial(self._finish, record, scope, root_path)
 
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
@@ -143,6 +133,20 @@ class PerfMiddleware:
             _current.reset(token)
             if tracing is not None and record.span is not None:
                 tracing_sink.leave(record)
+
+
+    def _finish(self, record: RequestRecord, scope: Scope, root_path: str) -> None:
+        # Once per request (record.closed tells): at the last chunk, or when the app ends.
+        record.duration_seconds = time.perf_counter() - record.started_at
+        record.closed = True
+        perf = self.perf
+        with _MIDDLEWARE:
+            perf.sink.active(record.method).dec()
+            status = record.status_code
+            app = perf.app if status is not None and status not in (404, 405) else None
+            record.route = perf.routes.label_for(scope, root_path, app)
+            record.endpoint = scope.get("endpoint")
+            perf.finish(record)
 
 
 def _with_server_timing(message: Message, record: RequestRecord) -> Message:

@@ -98,6 +98,21 @@ class Perf:
     def finish(self, record: RequestRecord) -> None:
         """Run the detectors over a finished record and hand it to every sink."""
         record.closed = True
+        if (
+            record.queries
+            or record.stalls
+            or record.blocking_calls
+            or record.span is not None
+            or record.kind != "http"
+            or record.response_bytes > detectors.http.CACHE_HEADERS_BYTES
+        ):
+            self._finish_with_findings(record)
+            return
+        # Most requests: nothing for a detector, a hook or the tracer to look at.
+        with _FINISH:
+            self.sink.observe_request(record, None)
+
+    def _finish_with_findings(self, record: RequestRecord) -> None:
         with _FINISH:
             if record.stalls:
                 # A loop stall still open when its record finishes is settled first (loop.py).

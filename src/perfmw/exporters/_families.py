@@ -54,16 +54,16 @@ def _format_bound(bound: float) -> str:
 
 
 class HistogramChild:
-    __slots__ = ("_bounds", "counts", "exemplars", "sum")
+    __slots__ = ("bounds", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        self._bounds = bounds
+        self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.exemplars: list[Exemplar | None] | None = None
 
     def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
-        index = bisect_left(self._bounds, value)
+        index = bisect_left(self.bounds, value)
         self.counts[index] += 1
         self.sum += value
         if exemplar is not None:
