@@ -44,6 +44,28 @@ class _Recorder(monitoring.CommandListener):
         self.events.append(event)
 
 
+class _NoopCommands(monitoring.CommandListener):
+    def started(self, event: Any) -> None:
+        return None
+
+    def succeeded(self, event: Any) -> None:
+        return None
+
+    def failed(self, event: Any) -> None:
+        return None
+
+
+class _NoopPool(monitoring.ConnectionPoolListener):
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith(("connection_", "pool_")):
+            return _ignore
+        return super().__getattribute__(name)
+
+
+def _ignore(event: Any) -> None:
+    return None
+
+
 def record_events(uri: str) -> list[tuple[Any, Any]]:
     """(started, succeeded) pairs of real find_one / find / count commands."""
     recorder = _Recorder()
@@ -57,7 +79,8 @@ def record_events(uri: str) -> list[tuple[Any, Any]]:
     started = {
         e.request_id: e
         for e in recorder.events
-        if isinstance(e, monitoring.CommandStartedEvent) and e.command_name not in mongo.HOUSEKEEPING
+        if isinstance(e, monitoring.CommandStartedEvent)
+        and e.command_name not in mongo.HOUSEKEEPING
     }
     return [
         (started[e.request_id], e)
@@ -165,38 +188,43 @@ def main() -> None:
         verdict = "within" if mine <= 5 and mine <= otel / 3 else "OVER"
         print(f"budget (<= 5 µs and <= 1/3 of OpenTelemetry): {verdict}\n")
 
-        bare_sync: MongoClient[Any] = MongoClient(db.uri)
-        our_sync: MongoClient[Any] = MongoClient(db.uri, event_listeners=perfmw.mongo_listeners())
-        sync_bare, sync_ours = [], []
+        listener_sets: dict[str, list[Any]] = {
+            "none": [],
+            "no-op": [_NoopCommands(), _NoopPool()],  # what pymongo's events cost by themselves
+            "perfmw": perfmw.mongo_listeners(),
+        }
+        sync_times: dict[str, list[float]] = {name: [] for name in listener_sets}
+        sync_clients = {
+            name: MongoClient(db.uri, event_listeners=listeners)
+            for name, listeners in listener_sets.items()
+        }
         for _ in range(E2E_ROUNDS):
-            sync_bare.append(sync_e2e(bare_sync, None))
-            sync_ours.append(sync_e2e(our_sync, perf))
-        bare_sync.close()
-        our_sync.close()
+            for name, client in sync_clients.items():
+                sync_times[name].append(sync_e2e(client, perf if name == "perfmw" else None))
+        for client in sync_clients.values():
+            client.close()
 
-        async def run_async() -> tuple[list[float], list[float]]:
-            bare: AsyncMongoClient[Any] = AsyncMongoClient(db.uri)
-            ours_client: AsyncMongoClient[Any] = AsyncMongoClient(
-                db.uri, event_listeners=perfmw.mongo_listeners()
-            )
-            plain, with_ours = [], []
+        async def run_async() -> dict[str, list[float]]:
+            times: dict[str, list[float]] = {name: [] for name in listener_sets}
+            clients = {
+                name: AsyncMongoClient(db.uri, event_listeners=listeners)
+                for name, listeners in listener_sets.items()
+            }
             for _ in range(E2E_ROUNDS):
-                plain.append(await async_e2e(bare, None))
-                with_ours.append(await async_e2e(ours_client, perf))
-            await bare.close()
-            await ours_client.close()
-            return plain, with_ours
+                for name, client in clients.items():
+                    with_record = perf if name == "perfmw" else None
+                    times[name].append(await async_e2e(client, with_record))
+            for client in clients.values():
+                await client.close()
+            return times
 
-        async_bare, async_ours = asyncio.run(run_async())
+        async_times = asyncio.run(run_async())
         print(f"end to end, per find_one against the embedded server ({E2E_CALLS} calls x rounds)")
-        print("| client | no listener µs | perfmw µs | ratio |")
-        print("|---|---|---|---|")
-        for name, bare_times, our_times in (
-            ("MongoClient", sync_bare, sync_ours),
-            ("AsyncMongoClient", async_bare, async_ours),
-        ):
-            plain_us, ours_us = statistics.median(bare_times), statistics.median(our_times)
-            print(f"| {name} | {plain_us:.0f} | {ours_us:.0f} | {ours_us / plain_us:.3f} |")
+        print("| client | no listener µs | no-op listeners µs | perfmw µs | perfmw / no listener |")
+        print("|---|---|---|---|---|")
+        for name, times in (("MongoClient", sync_times), ("AsyncMongoClient", async_times)):
+            none, noop, ours_us = (statistics.median(times[k]) for k in ("none", "no-op", "perfmw"))
+            print(f"| {name} | {none:.0f} | {noop:.0f} | {ours_us:.0f} | {ours_us / none:.3f} |")
     perf.shutdown()
 
 

@@ -469,12 +469,21 @@ _connections: dict[tuple[Any, int], int] = {}  # (address, connection id) -> sta
 _last_failure = threading.local()
 
 
+_pool_names: dict[Any, str] = {}
+
+
 def _pool_name(address: Any) -> str:
-    try:
-        host, port = address
-    except (TypeError, ValueError):
-        return str(address)
-    return f"{host}:{port}"
+    """`host:port`, the pool's label (made once per address)."""
+    name = _pool_names.get(address)
+    if name is None:
+        try:
+            host, port = address
+            name = f"{host}:{port}"
+        except (TypeError, ValueError):
+            name = str(address)
+        if len(_pool_names) < 1000:
+            _pool_names[address] = name
+    return name
 
 
 def _observe_wait(address: Any, seconds: float | None) -> None:
