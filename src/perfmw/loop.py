@@ -154,7 +154,6 @@ class _StallState:
 
     __slots__ = (
         "done",
-        "gil_wait",
         "locations",
         "record",
         "record_known",
@@ -170,8 +169,6 @@ class _StallState:
     def __init__(self, start: float, registered_at: float, runqueue: float) -> None:
         self.start = start  # estimated moment the loop stopped answering
         self.registered_at = registered_at
-        # How long the watchdog waited for the GIL past its wake-ups: another thread held it.
-        self.gil_wait = 0.0
         self.runqueue = runqueue
         self.samples = 0
         # Frames are kept (not their ids) so that an id is not reused within the stall.
@@ -363,13 +360,16 @@ class LoopMonitor:
         runqueue = _runqueue_seconds(self.native_id) - state.runqueue if waited > 0 else 0.0
         root, share = state.dominant_root()
         scattered = state.samples >= 2 and share < 0.5
+        # The share of the stall the loop thread could have run: not waiting for a CPU.
+        descheduled = min(runqueue / waited, 1.0) if waited > 0 else 0.0
+        runnable = duration * (1.0 - descheduled)
         if gc_seconds >= 0.5 * duration:
             cause = "gc"
-        elif cpu >= 0.5 * duration:
+        elif cpu >= 0.5 * runnable and cpu >= 0.25 * duration:
             cause = "saturation" if scattered else "cpu"
         elif (
             others >= 0.5 * duration
-            or (waited > 0 and (runqueue >= 0.5 * waited or state.gil_wait >= 0.5 * waited))
+            or descheduled >= 0.5
             or (state.samples and root is None and share >= 0.5)
         ):
             cause = "starved"
@@ -470,7 +470,7 @@ class LoopMonitor:
                 pending = self._stall
                 if self._seq == seq and (pending is None or not pending.done):
                     with _GUARD:
-                        self._follow_stall(loop, seq, _monotonic() - deadline)
+                        self._follow_stall(loop, seq, deadline)
                 del loop
                 if self._seq == seq and self._wake.acquire(timeout=SAMPLE_SECONDS):
                     # A stall settled early (its request finished): wait for the next beat.
@@ -488,7 +488,7 @@ class LoopMonitor:
                     # This app's next request on a new loop starts a new monitor.
                     owner.loop_started = False
 
-    def _follow_stall(self, loop: asyncio.AbstractEventLoop, seq: int, gil_wait: float) -> None:
+    def _follow_stall(self, loop: asyncio.AbstractEventLoop, seq: int, deadline: float) -> None:
         start = self._beat_at + self.interval / 2
         with self._lock:
             if self._seq != seq or self.stopped:
@@ -496,10 +496,9 @@ class LoopMonitor:
             state = self._stall  # already opened by a long collection on the loop thread
             if state is None:
                 runqueue = _runqueue_seconds(self.native_id)
-                state = self._stall = _StallState(start, _monotonic() - gil_wait, runqueue)
+                state = self._stall = _StallState(start, min(deadline, _monotonic()), runqueue)
             elif state.done:
                 return
-            state.gil_wait += gil_wait
         while True:
             frame = sys._current_frames().get(self.thread_id)
             with self._lock:
@@ -517,12 +516,8 @@ class LoopMonitor:
                 if report is not None:
                     self._report_background(*report)
                 return
-            slept = _monotonic()
             if self._wake.acquire(timeout=SAMPLE_SECONDS):
                 return
-            late = _monotonic() - slept - SAMPLE_SECONDS
-            if late > 0.0:
-                state.gil_wait += late
 
     def _sample(
         self, state: _StallState, frame: FrameType, loop: asyncio.AbstractEventLoop
