@@ -150,14 +150,14 @@ def create_app(
         )
         return {"servers_up": servers, "agents": agents, "open_incidents": incidents}
 
-    def render_report() -> dict[str, str]:
-        time.sleep(0.15)  # stands for a slow synchronous library call
+    def render_report(seconds: float = 0.15) -> dict[str, str]:
+        time.sleep(seconds)  # stands for a slow synchronous library call
         return {"report": "ready"}
 
     # Blocks the event loop: every other request waits.
     @app.get("/reports/blocking")
-    async def report_blocking() -> dict[str, str]:
-        return render_report()
+    async def report_blocking(seconds: float = 0.15) -> dict[str, str]:
+        return render_report(min(seconds, 5.0))
 
     # Fixed: the blocking work runs in a worker thread.
     @app.get("/reports/threadpool")
