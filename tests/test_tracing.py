@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, MongoClient
@@ -394,12 +395,52 @@ def test_findings_become_span_events() -> None:
     }
 
 
-def test_configure_tracing_without_the_otlp_extra_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.common.trace_encoder", None)
-    with pytest.raises(ImportError, match=r"pip install 'perfmw\[otlp\]'"):
-        perfmw.configure_tracing("registry", set_global=False)
+def test_wire_encoding_decodes_like_the_otlp_exporters_encoding() -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+        encode_spans as exporter_encoding,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+        set_span_in_context,
+    )
+
+    from perfmw.exporters._otlp_wire import encode_spans
+
+    provider, exporter = memory_provider()
+    tracer = provider.get_tracer("scope", "1.2", schema_url="https://opentelemetry.io/schemas/1")
+    remote = SpanContext(
+        int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(1), TraceState([("a", "1")])
+    )
+    linked = SpanContext(int(TRACE_ID, 16), 7, True, TraceFlags(1))
+    for kind in ("SERVER", "CLIENT", "INTERNAL"):
+        span = tracer.start_span(
+            "GET /servers/{server_id}",
+            context=set_span_in_context(NonRecordingSpan(remote)) if kind == "SERVER" else None,
+            kind=getattr(SpanKind, kind),
+            attributes={"url.path": "/servers/7", "server.port": 8000, "café": "ü"},
+            links=[Link(linked, {"why": "batch"})],
+        )
+        span.set_attributes(
+            {"n": -5, "ok": True, "ms": 1.25, "tags": ["a", "b"], "ids": [1, 2], "big": 2**62}
+        )
+        span.add_event("perfmw.n_plus_one", {"collection": "agents", "count": 20})
+        span.set_status(Status(StatusCode.ERROR, "boom") if kind == "CLIENT" else StatusCode.OK)
+        span.end()
+    spans = exporter.get_finished_spans()
+    ours, theirs = ExportTraceServiceRequest(), ExportTraceServiceRequest()
+    ours.ParseFromString(encode_spans(spans))
+    theirs.ParseFromString(exporter_encoding(spans).SerializePartialToString())
+    assert ours == theirs
+    assert len(ours.resource_spans[0].scope_spans[0].spans) == 3
 
 
 def test_configure_tracing_honours_otel_environment(

@@ -6,20 +6,19 @@ OpenTelemetry's BatchSpanProcessor encodes spans on its export thread, a whole b
 Encoding is Python work holding the GIL: a batch of 512 spans is about 15 ms of CPU during which
 the event loop's thread waits for the GIL, and the requests it serves at that moment are late:
 we measured p99 at concurrency 1 going from 0.25 ms to 18-24 ms. `LoopFriendlySpanProcessor`
-encodes a few spans at a time and gives the GIL back between chunks. docs/tracing.md has the
-numbers.
+encodes each request's spans when the request ends, after its response went out, writing
+protobuf's wire format directly (`_otlp_wire.py`, a third of the exporter's encoding cost), and
+leaves only network I/O to its thread. docs/tracing.md has the numbers.
 """
 
 from __future__ import annotations
 
-import collections
 import gzip
 import http.client
 import logging
 import os
 import ssl
 import threading
-import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from .. import _guard
+from ._otlp_wire import encode_spans
 from .tracing import instrument_pymongo
 
 logger = logging.getLogger("perfmw")
@@ -44,7 +44,8 @@ def configure_tracing(service_name: str | None = None, *, set_global: bool = Tru
     `service_name` is used unless OTEL_SERVICE_NAME is set. OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT,
     _HEADERS, _TIMEOUT, _COMPRESSION, _CERTIFICATE, OTEL_TRACES_SAMPLER(_ARG),
     OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_EXPORTER (otlp or none) and OTEL_BSP_SCHEDULE_DELAY,
-    _MAX_QUEUE_SIZE, _MAX_EXPORT_BATCH_SIZE are honoured. Needs `pip install 'perfmw[otlp]'`.
+    _MAX_QUEUE_SIZE, _MAX_EXPORT_BATCH_SIZE are honoured. Spans are encoded and sent by perfmw
+    itself: OpenTelemetry's OTLP exporter package is not needed.
     Returns the provider; with `set_global=False` it is not made the global one (pass it to
     `perfmw.instrument(app, tracer_provider=...)`).
     """
@@ -73,16 +74,6 @@ def configure_tracing(service_name: str | None = None, *, set_global: bool = Tru
         otel_trace.set_tracer_provider(provider)
     instrument_pymongo()  # MongoDB clients created from now on get child spans
     return provider
-
-
-def _encoder() -> Any:
-    try:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    except ImportError as exc:
-        raise ImportError(
-            "perfmw.configure_tracing() needs the OTLP exporter: pip install 'perfmw[otlp]'"
-        ) from exc
-    return encode_spans
 
 
 def _env_int(name: str, default: int) -> int:
@@ -199,14 +190,14 @@ class OtlpHttpSender:
 
 
 class LoopFriendlySpanProcessor(SpanProcessor):
-    """Batches spans like BatchSpanProcessor, without holding the GIL for long stretches.
+    """Batches spans like BatchSpanProcessor, but never encodes a big batch on a thread.
 
-    `on_end` only queues the span. A background thread encodes the queue a few spans at a
-    time (`chunk_size`, a fraction of a millisecond of work) and sleeps `pause_seconds`
-    between chunks, so the event loop's thread never waits long for the GIL; encoded chunks
-    are concatenated (a valid protobuf message) and posted every `schedule_delay_millis` or
-    once `max_export_batch_size` spans are ready. Spans beyond `max_queue_size` are dropped
-    and counted in `dropped_spans`.
+    When a local root span ends (a request's server span, after its response was sent), the
+    spans queued for it are encoded right there, in protobuf's wire format: a small, steady
+    cost per request instead of a burst that holds the GIL. Encoded requests are concatenated
+    (a valid protobuf message) and posted by a background thread, which only does network I/O
+    (that releases the GIL), every `schedule_delay_millis` or once `max_export_batch_size`
+    spans wait. Spans beyond `max_queue_size` are dropped and counted in `dropped_spans`.
     """
 
     def __init__(
@@ -216,22 +207,17 @@ class LoopFriendlySpanProcessor(SpanProcessor):
         max_queue_size: int = 2048,
         max_export_batch_size: int = 512,
         schedule_delay_millis: int = 5000,
-        chunk_size: int = 4,
-        pause_seconds: float = 0.0005,
     ) -> None:
-        self._encode = _encoder()
         self.sender = sender
         self.max_queue_size = max_queue_size
         self.max_export_batch_size = min(max_export_batch_size, max_queue_size)
         self.schedule_delay = schedule_delay_millis / 1000.0
-        self.chunk_size = chunk_size
-        self.pause_seconds = pause_seconds
         self.dropped_spans = 0
-        self._pending: collections.deque[ReadableSpan] = collections.deque()
+        self._pending: list[ReadableSpan] = []  # ended, not yet encoded
         self._chunks: list[bytes] = []  # encoded, not yet sent
-        self._encoded = 0  # spans in _chunks
-        self._last_send = time.monotonic()
-        self._lock = threading.Lock()  # one encoder/sender at a time
+        self._queued = 0  # spans in _pending and _chunks
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -245,14 +231,30 @@ class LoopFriendlySpanProcessor(SpanProcessor):
         context = span.context
         if context is None or not context.trace_flags.sampled or self._closed:
             return
-        pending = self._pending
-        if len(pending) >= self.max_queue_size:
-            self.dropped_spans += 1
-            return
-        pending.append(span)
+        with self._lock:
+            if self._queued >= self.max_queue_size:
+                self.dropped_spans += 1
+                return
+            self._pending.append(span)
+            self._queued += 1
+            pending = len(self._pending)
+        parent = span.parent
+        if parent is None or parent.is_remote or pending >= 64:
+            with _guard.guard("tracing-export"):
+                self._encode_pending()
         if self._thread is None or self._pid != os.getpid():
             self._start_thread()
-        if len(pending) == 1:
+
+    def _encode_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        data = encode_spans(batch)
+        with self._lock:
+            self._chunks.append(data)
+            full = self._queued >= self.max_export_batch_size
+        if full:
             self._wake.set()
 
     def _start_thread(self) -> None:
@@ -267,61 +269,41 @@ class LoopFriendlySpanProcessor(SpanProcessor):
 
     def _run(self) -> None:
         while not self._closed:
-            if not self._pending:
-                self._wake.wait(self._until_send())
-                self._wake.clear()
+            self._wake.wait(self.schedule_delay)
+            self._wake.clear()
+            with _guard.guard("tracing-export"):
+                self._export()
+
+    def _export(self) -> bool:
+        """Send what is encoded (encoding first the spans whose root never ended here)."""
+        with self._send_lock:
+            self._encode_pending()
             with self._lock:
-                self._encode_chunk()
-                if self._encoded and (
-                    self._encoded >= self.max_export_batch_size or self._until_send() <= 0
-                ):
-                    self._send()
-            time.sleep(self.pause_seconds)  # the GIL goes back to the event loop's thread
-
-    def _until_send(self) -> float:
-        return max(0.0, self._last_send + self.schedule_delay - time.monotonic())
-
-    def _encode_chunk(self, size: int | None = None) -> None:
-        pending = self._pending
-        batch: list[ReadableSpan] = []
-        limit = self.chunk_size if size is None else size
-        while pending and len(batch) < limit:
-            batch.append(pending.popleft())
-        if batch:
+                chunks, self._chunks = self._chunks, []
+                self._queued = len(self._pending)
+            if not chunks:
+                return True
             try:
-                self._chunks.append(self._encode(batch).SerializePartialToString())
-                self._encoded += len(batch)
-            except Exception as exc:
-                _guard.report_internal_error("tracing-export", exc)
-
-    def _send(self) -> bool:
-        chunks, self._chunks, self._encoded = self._chunks, [], 0
-        self._last_send = time.monotonic()
-        if not chunks:
-            return True
-        try:
-            return self.sender.send(b"".join(chunks))
-        except Exception as exc:  # the collector is unreachable: drop these, say so once
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "perfmw could not send spans to %s (%r); dropping them until it answers "
-                    "(logged once)",
-                    self.sender.endpoint,
-                    exc,
-                )
-            return False
+                return self.sender.send(b"".join(chunks))
+            except Exception as exc:  # the collector is unreachable: drop these, say so once
+                if not self._warned:
+                    self._warned = True
+                    logger.warning(
+                        "perfmw could not send spans to %s (%r); dropping them until it "
+                        "answers (logged once)",
+                        self.sender.endpoint,
+                        exc,
+                    )
+                return False
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Encode and send everything queued, now, on the calling thread."""
-        with self._lock:
-            self._encode_chunk(size=len(self._pending))
-            return self._send()
+        return self._export()
 
     def shutdown(self) -> None:
         if self._closed:
             return
-        self.force_flush()
+        self._export()
         self._closed = True
         self._wake.set()
         thread = self._thread

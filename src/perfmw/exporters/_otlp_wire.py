@@ -1,0 +1,197 @@
+"""Finished spans to an OTLP ExportTraceServiceRequest, written directly in protobuf's wire format.
+
+The exporter's own encoder builds a protobuf object per span, attribute and value before
+serializing them: about 50 µs for a request's span, CPU that a traced service pays for every
+span it exports. Writing the bytes directly (field tags, varint lengths) does the same in a
+fraction of it. Resources and instrumentation scopes are encoded once and reused. The output is
+what `opentelemetry-proto` decodes (tests/otlp_receiver.py does, in the test suite).
+
+Message and field numbers: opentelemetry/proto/trace/v1/trace.proto and common/v1/common.proto.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+_DOUBLE = struct.Struct("<d").pack
+_FIXED64 = struct.Struct("<Q").pack
+_FIXED32 = struct.Struct("<I").pack
+_SMALL = [bytes((n,)) for n in range(128)]
+_UINT64 = (1 << 64) - 1
+
+# Span.flags: bit 8 says whether the parent's remoteness is known, bit 9 that it is remote.
+_HAS_IS_REMOTE = 0x100
+_IS_REMOTE = 0x200
+
+
+def _varint(value: int) -> bytes:
+    if value < 128:
+        return _SMALL[value]
+    out = bytearray()
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _any_value(value: Any) -> bytes:
+    """An AnyValue message."""
+    if isinstance(value, str):
+        return _field(b"\x0a", value.encode("utf-8"))
+    if isinstance(value, bool):  # before int: bool is an int
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + _varint(value & _UINT64)
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE(value)
+    if isinstance(value, bytes):
+        return _field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _field(b"\x2a", b"".join(_field(b"\x0a", _any_value(v)) for v in value))
+    return _field(b"\x0a", str(value).encode("utf-8"))
+
+
+_keys: dict[str, bytes] = {}
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
+    """Repeated KeyValue fields numbered by `tag`."""
+    if not attributes:
+        return b""
+    parts = []
+    for key, value in attributes.items():
+        encoded_key = _keys.get(key)
+        if encoded_key is None:
+            encoded_key = _field(b"\x0a", key.encode("utf-8"))
+            if len(_keys) < 10_000:
+                _keys[key] = encoded_key
+        parts.append(_field(tag, encoded_key + _field(b"\x12", _any_value(value))))
+    return b"".join(parts)
+
+
+def _trace_state(state: Any) -> bytes:
+    if not state:
+        return b""
+    return _field(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode("utf-8"))
+
+
+def _span(span: Any) -> bytes:
+    context = span.context
+    parent = span.parent
+    parts = [
+        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
+        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
+        _trace_state(context.trace_state),
+    ]
+    if parent is not None:
+        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    parts.append(_field(b"\x2a", span.name.encode("utf-8")))
+    parts.append(b"\x30" + _SMALL[span.kind.value + 1])  # OTLP kinds start at INTERNAL = 1
+    parts.append(b"\x39" + _FIXED64(span.start_time or 0))
+    parts.append(b"\x41" + _FIXED64(span.end_time or 0))
+    parts.append(_attributes(b"\x4a", span.attributes))
+    if span.dropped_attributes:
+        parts.append(b"\x50" + _varint(span.dropped_attributes))
+    for event in span.events:
+        body = (
+            b"\x09"
+            + _FIXED64(event.timestamp)
+            + _field(b"\x12", event.name.encode("utf-8"))
+            + _attributes(b"\x1a", event.attributes)
+        )
+        if event.dropped_attributes:
+            body += b"\x20" + _varint(event.dropped_attributes)
+        parts.append(_field(b"\x5a", body))
+    if span.dropped_events:
+        parts.append(b"\x60" + _varint(span.dropped_events))
+    for link in span.links:
+        linked = link.context
+        body = (
+            b"\x0a\x10"
+            + linked.trace_id.to_bytes(16, "big")
+            + b"\x12\x08"
+            + linked.span_id.to_bytes(8, "big")
+            + _trace_state(linked.trace_state)
+            + _attributes(b"\x22", link.attributes)
+        )
+        if link.dropped_attributes:
+            body += b"\x28" + _varint(link.dropped_attributes)
+        flags = _HAS_IS_REMOTE | (_IS_REMOTE if linked.is_remote else 0)
+        parts.append(_field(b"\x6a", body + b"\x35" + _FIXED32(flags)))
+    if span.dropped_links:
+        parts.append(b"\x70" + _varint(span.dropped_links))
+    status = span.status
+    if status is not None:
+        body = b""
+        if status.description:
+            body += _field(b"\x12", status.description.encode("utf-8"))
+        if status.status_code.value:
+            body += b"\x18" + _SMALL[status.status_code.value]
+        parts.append(_field(b"\x7a", body))
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
+    parts.append(b"\x85\x01" + _FIXED32(flags))
+    return b"".join(parts)
+
+
+_resources: dict[int, tuple[Any, bytes]] = {}
+_scopes: dict[int, tuple[Any, bytes]] = {}
+
+
+def _resource(resource: Any) -> bytes:
+    """Resource message and ResourceSpans.schema_url, cached per resource object."""
+    cached = _resources.get(id(resource))
+    if cached is not None and cached[0] is resource:
+        return cached[1]
+    encoded = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
+    if len(_resources) > 64:
+        _resources.clear()
+    _resources[id(resource)] = (resource, encoded)
+    return encoded
+
+
+def _scope(scope: Any) -> bytes:
+    """InstrumentationScope message (field 1 of ScopeSpans), cached per scope object."""
+    if scope is None:
+        return b""
+    cached = _scopes.get(id(scope))
+    if cached is not None and cached[0] is scope:
+        return cached[1]
+    body = _field(b"\x0a", scope.name.encode("utf-8"))
+    if scope.version:
+        body += _field(b"\x12", scope.version.encode("utf-8"))
+    body += _attributes(b"\x1a", getattr(scope, "attributes", None))
+    encoded = _field(b"\x0a", body)
+    if scope.schema_url:
+        encoded += _field(b"\x1a", scope.schema_url.encode("utf-8"))
+    if len(_scopes) > 256:
+        _scopes.clear()
+    _scopes[id(scope)] = (scope, encoded)
+    return encoded
+
+
+def encode_spans(spans: Iterable[Any]) -> bytes:
+    """A serialized ExportTraceServiceRequest holding `spans` (SDK ReadableSpans)."""
+    grouped: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    for span in spans:
+        resource = span.resource
+        scope = span.instrumentation_scope
+        by_scope = grouped.setdefault(id(resource), (resource, {}))[1]
+        by_scope.setdefault(id(scope), (scope, []))[1].append(_span(span))
+    out = []
+    for resource, by_scope in grouped.values():
+        body = _resource(resource)
+        for scope, encoded_spans in by_scope.values():
+            scope_spans = _scope(scope) + b"".join(_field(b"\x12", s) for s in encoded_spans)
+            body += _field(b"\x12", scope_spans)
+        if resource.schema_url:
+            body += _field(b"\x1a", resource.schema_url.encode("utf-8"))
+        out.append(_field(b"\x0a", body))
+    return b"".join(out)
