@@ -97,7 +97,9 @@ def test_in_and_lookup_twins_are_not_flagged(example: Any, mongo_uri: str) -> No
     response = httpx.get(example.url + "/servers-with-agents/batched", timeout=30)
     assert response.status_code == 200
     assert 'desc="2 queries"' in response.headers["server-timing"]
-    assert not [f for f in findings(example.url) if f["route"] == "/servers-with-agents/batched"]
+    # (a slow_query may show up on a loaded machine: the claim here is about N+1 and runs)
+    batched = [f for f in findings(example.url) if f["route"] == "/servers-with-agents/batched"]
+    assert [f for f in batched if f["kind"] != "slow_query"] == []
     # The $lookup version: one aggregate.
     with perfmw.track("lookup") as record, MongoClient(mongo_uri) as client:
         client.registry.servers.aggregate(
@@ -116,7 +118,7 @@ def test_in_and_lookup_twins_are_not_flagged(example: Any, mongo_uri: str) -> No
         ).to_list()
     assert record.db_queries == 1
     assert record.queries[0].shape == "aggregate registry.servers [$sort, $limit, $lookup agents]"
-    assert not record.findings
+    assert [f for f in record.findings if f.kind != "slow_query"] == []
 
 
 @contextlib.asynccontextmanager
@@ -424,7 +426,8 @@ def test_failed_checkouts_are_waits_too(mongo_uri: str, registry: Any) -> None:
 
         def hold() -> None:
             for _ in range(10):  # each count holds the only connection for tens of ms
-                agents.count_documents({})
+                with contextlib.suppress(WaitQueueTimeoutError):
+                    agents.count_documents({})
 
         holder = threading.Thread(target=hold)
         holder.start()
