@@ -426,3 +426,25 @@ def test_compare_reads_json_reports_and_rejects_others(
     assert err == f"perfmw report: {tmp_path / 'r.md'} is not JSON: write it with --format json\n"
     assert main(["report", "--compare", str(path), str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_starved_stalls_are_the_machine_not_a_bottleneck() -> None:
+    starved = {
+        "kind": "loop_stall",
+        "route": "/health",
+        "count": 2,
+        "total_seconds": 0.3,
+        "location": "app/main.py:3",
+        "detail": {"cause": "starved", "duration_seconds": 0.15, "stack": []},
+        "first_seen": 1.0,
+        "last_seen": 2.0,
+    }
+    doc = report.analyse(snapshot(findings=[*FINDINGS, starved]))
+    assert [b["kind"] for b in doc["bottlenecks"]] == ["n_plus_one", "loop_stall", "missing_index"]
+    assert "/health" not in {r["route"] for r in doc["recommendations"]}
+    assert doc["starved"] == {"stalls": 2, "seconds": 0.3, "routes": ["/health"]}
+    markdown = report.render_markdown(doc)
+    assert "`/health`" not in section(markdown, "Bottlenecks Identified")
+    assert "starved of CPU in 2 stalls (300 ms in total, during `/health`)" in section(
+        markdown, "Current Performance"
+    )

@@ -489,6 +489,12 @@ def _index_text(index: Any) -> str:
     return json.dumps(dict(_index_keys(index)))
 
 
+def _starved(finding: Mapping[str, Any]) -> bool:
+    """A stall of a process that did not get the CPU: the machine's doing, not the code's."""
+    detail = finding.get("detail") or {}
+    return finding.get("kind") == "loop_stall" and detail.get("cause") == "starved"
+
+
 def _time_by_route(routes: list[dict[str, Any]]) -> dict[str, float]:
     found: dict[str, float] = defaultdict(float)
     for row in routes:
@@ -512,8 +518,11 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
     routes = _route_table(samples, window)
     route_time = _time_by_route(routes)
     findings.sort(key=lambda f: -float(f.get("total_seconds") or 0.0))
+    starved = [f for f in findings if _starved(f)]
     bottlenecks = []
     for finding in findings:
+        if _starved(finding):
+            continue
         advice = _advice(finding)
         spent = route_time.get(str(finding.get("route")), 0.0)
         total = float(finding.get("total_seconds") or 0.0)
@@ -567,6 +576,11 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         "bottlenecks": bottlenecks,
         "recommendations": recommendations,
         "indexes": list(indexes.values()),
+        "starved": {
+            "stalls": sum(int(f.get("count") or 0) for f in starved),
+            "seconds": sum(float(f.get("total_seconds") or 0.0) for f in starved),
+            "routes": sorted({str(f.get("route")) for f in starved}),
+        },
     }
 
 
@@ -619,6 +633,17 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
             f"{_ms(row['p99_seconds'])} | {'n/a' if queries is None else f'{queries:.2f}'} | "
             f"{_pct(row['db_share'])} | {row['errors']} | {row['stalls']} |"
         )
+    starved = doc.get("starved") or {}
+    if starved.get("stalls"):
+        routes_text = ", ".join(f"`{r}`" for r in starved["routes"])
+        lines += [
+            "",
+            f"The process was starved of CPU in {starved['stalls']} stalls "
+            f"({_ms(starved['seconds'])} in total, during {routes_text}): the event loop was "
+            "ready to run but the process did not get a CPU (an overloaded machine, CPU "
+            "throttling). That is not the code's doing, so these stalls are not listed as "
+            "bottlenecks; they count in the Stalls column.",
+        ]
     return lines
 
 
