@@ -176,7 +176,7 @@ def test_current_performance_per_route() -> None:
         "| `GET /servers-with-agents` | 100 | n/a | 25 ms | 95 ms | 21.00 | 80% | 0 | 0 |" in table
     )
     assert "| `GET /reports/blocking` | 10 | n/a | 100 ms | 100 ms | 0.00 | 0% | 2 | 8 |" in table
-    assert "worker pid 4242" in table
+    assert "the worker that answered (pid 4242)" in table
     assert "--interval 30" in table
 
 
@@ -448,3 +448,24 @@ def test_starved_stalls_are_the_machine_not_a_bottleneck() -> None:
     assert "starved of CPU in 2 stalls (300 ms in total, during `/health`)" in section(
         markdown, "Current Performance"
     )
+
+
+def test_a_change_that_saves_no_server_time_says_what_it_saves() -> None:
+    large = {
+        "kind": "large_response",
+        "route": "/export",
+        "count": 4,
+        "total_seconds": 0.8,
+        "location": "app/export.py:10",
+        "detail": {"bytes": 700 * 1024, "problems": ["uncompressed"], "method": "GET"},
+        "first_seen": 1.0,
+        "last_seen": 2.0,
+    }
+    text = section(
+        report.render_markdown(report.analyse(snapshot(findings=[large]))),
+        "Optimization Recommendations",
+    )
+    assert "1. **Large response (700 KiB)** on `/export` at `app/export.py:10`" in text
+    assert "   - Current pattern: 700 KiB sent without Content-Encoding" in text
+    assert "   - Proposed pattern: compress it (`GZipMiddleware`)" in text
+    assert "   - Expected impact: bytes on the wire and the clients' time, not the server's" in text

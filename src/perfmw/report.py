@@ -457,7 +457,7 @@ def _advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             ),
             "proposed": "; ".join(proposed) or "paginate or compress it",
             "saved": 0.0,
-            "basis": "saves bytes on the wire and client time, not server time",
+            "basis": "bytes on the wire and the clients' time, not the server's",
             "complexity": "low",
         }
     return {
@@ -600,14 +600,19 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
     routes = doc["routes"]
     window = doc.get("window_seconds")
     pid = doc.get("pid")
-    worker = f" (worker pid {pid})" if pid is not None else ""
+    worker = (
+        f" The findings are those of the worker that answered (pid {pid}); with several "
+        "workers, the metrics cover them all."
+        if pid is not None
+        else ""
+    )
     span = f"over {window:.1f} s ({doc['measured']})" if window else doc["measured"]
     lines = [
-        f"Measured inside the service at {doc['url']}{worker} by perfmw's middleware, "
+        f"Measured inside the service at {doc['url']} by perfmw's middleware, "
         f"{span}: each request timed from its arrival to its last body chunk, MongoDB "
         "commands counted by pymongo's command listeners. p50/p99 are interpolated from the "
         "`http_server_request_duration_seconds` histogram buckets (as PromQL's "
-        "`histogram_quantile` does), so they are accurate to a bucket.",
+        f"`histogram_quantile` does), so they are accurate to a bucket.{worker}",
         "",
     ]
     if not routes:
@@ -723,7 +728,9 @@ def _recommendations(doc: Mapping[str, Any]) -> list[str]:
             f"   - Current pattern: {item['current']}",
             f"   - Proposed pattern: {item['proposed']}",
             f"   - Expected impact: about {_ms(item['saved_seconds'])} saved "
-            f"({item['saving_basis']})",
+            f"({item['saving_basis']})"
+            if item["saved_seconds"] > 0
+            else f"   - Expected impact: {item['saving_basis']}",
             f"   - Complexity: {item['complexity']}",
         ]
     return lines
