@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from motor.motor_asyncio import AsyncIOMotorClient
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, MongoClient, monitoring
-from pymongo.errors import WaitQueueTimeoutError
+from pymongo.errors import OperationFailure, WaitQueueTimeoutError
 
 import perfmw
 from perfmw import _guard, explain, mongo
@@ -354,6 +354,30 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
                 assert wait_for(explains_done)
             assert findings(server.url, "missing_index") == []
             assert findings(server.url, "slow_query")  # still slow (threshold 0), now indexed
+
+
+def test_a_server_that_cannot_explain_is_not_an_internal_error(
+    mongo_uri: str, db_name: str, registry: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(client: Any, database: str, body: Any) -> Any:
+        raise OperationFailure("explain is not supported")
+
+    monkeypatch.setattr(explain, "_run_explain", refuse)
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.get("/by-colour")
+    async def by_colour(colour: str) -> int:
+        return len(await clients["async"][db_name].things.find({"colour": colour}).to_list())
+
+    settings = perfmw.Settings(explain_slow_queries=True, slow_query_seconds=0.0)
+    perfmw.instrument(app, settings=settings, registry=registry)
+    with serve(app) as server:
+        assert httpx.get(server.url + "/by-colour?colour=red", timeout=30).json() == 0
+        assert wait_for(explains_done)
+        assert findings(server.url, "missing_index") == []
+    shape = f"find {db_name}.things {{colour: ?}}"
+    assert explain._verdicts[shape].stage == "error: explain is not supported"
 
 
 # Pool

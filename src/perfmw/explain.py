@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from pymongo.errors import PyMongoError
+
 from . import _guard
 from .findings import Finding
 from .record import Query, RequestRecord
 
 EXPLAIN_INTERVAL_SECONDS = 0.5  # at most two explains a second, process-wide
 VERDICT_SECONDS = 600.0  # a shape is explained again after this (indexes change)
+ERROR_RETRY_SECONDS = 60.0  # after the server refused to explain a shape
 _QUEUE_SIZE = 64
 _MAX_VERDICTS = 5000
 _GUARD = _guard.guard("explain")
@@ -143,8 +146,14 @@ def _work() -> None:
         last = time.monotonic()
         verdict = None
         with _GUARD:
-            plan = _run_explain(client, database, body)
-            verdict = judge(plan, body, database, collection)
+            try:
+                plan = _run_explain(client, database, body)
+            except PyMongoError as error:
+                # The server cannot explain it (or is away): not perfmw's fault; retry later.
+                retry = time.monotonic() + ERROR_RETRY_SECONDS
+                verdict = Verdict(database, collection, None, f"error: {error}"[:200], retry)
+            else:
+                verdict = judge(plan, body, database, collection)
         with _lock:
             _pending.discard(shape)
             waiters = _waiters.pop(shape, [])
