@@ -111,3 +111,14 @@ def test_links_between_pages_resolve() -> None:
         text = source.read_text(encoding="utf-8")
         for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", text):
             assert (source.parent / target).exists(), f"{source.name} links to missing {target}"
+
+
+def test_the_readme_gets_a_newcomer_to_the_report_in_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "make demo" in readme and "make test" in readme
+    # `make demo` builds the environment itself, then runs the demo that prints the report.
+    demo = re.search(r"^demo: (.*)\n\t(.*)$", makefile, re.MULTILINE)
+    assert demo is not None
+    assert "$(STAMP)" in demo.group(1)
+    assert demo.group(2).endswith("-m examples.fastapi_app.demo")
