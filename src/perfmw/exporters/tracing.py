@@ -25,7 +25,7 @@ from opentelemetry.util.types import Attributes
 
 from .. import _guard
 from ..record import OTHER, UNMATCHED, RequestRecord, _current
-from ._sampling import FastSampling
+from ._sampling import FastSampling, UnsampledSpan
 
 if TYPE_CHECKING:
     from ..findings import Finding
@@ -69,6 +69,9 @@ class _HeaderGetter(Getter[Sequence[tuple[bytes, bytes]]]):
 
 
 _GETTER = _HeaderGetter()
+# The key OpenTelemetry keeps the current span under, learnt once through its public API, so
+# that making a span current is one Context instead of set_span_in_context's chain of calls.
+(_SPAN_KEY,) = otel_trace.set_span_in_context(otel_trace.INVALID_SPAN, otel_context.Context())
 _SERVER = SpanKind.SERVER
 
 
@@ -113,7 +116,7 @@ class Tracing:
             tracer = self._resolve()
             if tracer is None:
                 return
-        with _TRACING:
+        try:  # perfmw's guard, without a context manager's two calls per request
             current_context = otel_context.get_current()
             current = otel_trace.get_current_span(current_context) if current_context else None
             parent: otel_context.Context | None
@@ -139,11 +142,16 @@ class Tracing:
                     span = tracer.start_span(record.method, parent, _SERVER)
                 else:
                     parent = current_context
-            recording = span.is_recording()
+            recording = type(span) is not UnsampledSpan and span.is_recording()
             if recording:
                 span.set_attributes(_start_attributes(scope, record))
-            token = otel_context.attach(otel_trace.set_span_in_context(span, parent))
+            with_span = otel_context.Context(
+                {**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span}
+            )
+            token = otel_context.attach(with_span)
             record.span = RequestSpan(span, True, token, recording)
+        except Exception as exc:
+            _guard.report_internal_error("tracing", exc)
 
     def _fast_start(self, name: str, headers: Sequence[tuple[bytes, bytes]]) -> Any:
         """The fast sampling decision, when the sampler and the propagator allow it."""
