@@ -81,3 +81,67 @@ class assert_max_queries:
 
 
 # --- forbid_blocking (event loop source) ---
+
+from .blocking import BlockingCallError  # noqa: E402  (re-exported next to its context manager)
+
+
+class forbid_blocking:
+    """Raise `BlockingCallError` at known blocking calls made on the event loop's thread.
+
+    with perfmw.testing.forbid_blocking():
+        client.get("/servers")        # time.sleep() in an async endpoint raises there
+
+    While the block runs, on any thread that is running an event loop: `time.sleep`, blocking
+    socket I/O, `open()` from application code, `subprocess.run`/`call`/`Popen.wait` without a
+    timeout, `requests`, synchronous pymongo, and acquiring (without a timeout) a
+    `threading.Lock` created inside the block. Worker threads (`run_in_executor`,
+    `run_in_threadpool`, `def` endpoints) may block. A violation the application swallowed
+    (a server turning it into a 500) is raised again when the block exits.
+    """
+
+    __slots__ = ("_seen", "_violations")
+
+    def __init__(self) -> None:
+        self._violations: list[BlockingCallError] | None = None  # while active
+        self._seen: list[BlockingCallError] = []
+
+    @property
+    def violations(self) -> list[BlockingCallError]:
+        """The blocking calls caught so far."""
+        return list(self._seen)
+
+    def __enter__(self) -> forbid_blocking:
+        from . import blocking
+
+        self._violations = self._seen = blocking.enter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        from . import blocking
+
+        violations = self._violations
+        if violations is None:
+            return
+        self._violations = None
+        blocking.leave(violations)
+        if exc is None and violations:
+            raise violations[0]
+
+    async def __aenter__(self) -> forbid_blocking:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+__all__ = ["BlockingCallError", "assert_max_queries", "forbid_blocking"]
