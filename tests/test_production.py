@@ -399,3 +399,46 @@ def test_multiprocess_directory_must_exist(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert f"ValueError: PROMETHEUS_MULTIPROC_DIR='{missing}' is not a directory" in done.stderr
+
+
+SHUTDOWN_SCRIPT = """
+import asyncio, os
+import httpx, perfmw
+from fastapi import FastAPI
+
+app = FastAPI()
+
+@app.get("/ping")
+async def ping() -> str:
+    return "pong"
+
+perf = perfmw.instrument(app)
+
+async def main() -> None:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        for _ in range(3):
+            await client.get("/ping")
+
+asyncio.run(main())
+perf.shutdown()
+os._exit(0)  # as a worker ended by a signal: no atexit, no second chance to copy
+"""
+
+
+def test_shutdown_copies_a_worker_s_last_counts(tmp_path: Path) -> None:
+    """perf.shutdown() flushes: counts reach the directory even if the process then dies."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", SHUTDOWN_SCRIPT], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    counts = [
+        sample.value
+        for metric in MultiProcessCollector(None, path=str(tmp_path)).collect()
+        for sample in metric.samples
+        if sample.name == "http_server_request_duration_seconds_count"
+    ]
+    assert counts == [3]

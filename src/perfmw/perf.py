@@ -92,6 +92,7 @@ class Perf:
         for hook in _shutdown_hooks:
             with _guard.guard("shutdown"):
                 hook(self)
+        self.sink.flush()  # multiprocess mode: this worker's last counts to its file
 
     # Finishing records: detectors, then sinks.
 
