@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
@@ -567,3 +569,60 @@ def test_global_provider_set_after_instrument_is_used(
     (find,) = [s for s in receiver.spans if s.name == "registry.find"]
     assert find.trace_id == TRACE_ID
     assert find.attributes["db.statement"] == "find registry.servers {_id: ?}"
+
+
+class AlternatingIds(RandomIdGenerator):
+    """Trace ids a 0.5 ratio sampler samples, then drops, in turn."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate_trace_id(self) -> int:
+        self.calls += 1
+        low = 1 if self.calls % 2 else 0xFFFFFFFFFFFFFFFF  # below, then above, the 0.5 bound
+        return (self.calls << 64) | low
+
+
+def test_ratio_sampling_decides_on_the_trace_id_the_span_gets(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    exporter = InMemorySpanExporter()
+    ids = AlternatingIds()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)), id_generator=ids)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = example.create_app(mongo_uri, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(4):
+            assert client.get("/servers/3/uncached").status_code == 200
+        exposition = openmetrics(client)
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.kind.name == "SERVER"]
+    # Requests 1 and 3 drew sampled ids, 2 and 4 unsampled ones: only 1 and 3 are exported,
+    # each with the id the decision was made on, and its MongoDB command under it.
+    trace_ids = sorted(format(s.context.trace_id, "032x") for s in roots)
+    assert trace_ids == [format((n << 64) | 1, "032x") for n in (1, 3)]
+    assert sorted(format(s.context.trace_id, "032x") for s in spans if s.kind.name == "CLIENT") == (
+        trace_ids
+    )
+    assert exemplar_trace_ids(exposition, "http_server_request_duration_seconds_bucket") <= set(
+        trace_ids
+    )
+
+
+def test_an_unreachable_collector_costs_a_warning_not_the_request(
+    monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    provider = perfmw.configure_tracing("registry", set_global=False)
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(3):
+            assert client.get("/").status_code == 200
+            assert provider.force_flush() is False
+    provider.shutdown()
+    warnings = [r for r in caplog.records if "could not send spans" in r.getMessage()]
+    assert len(warnings) == 1
