@@ -7,7 +7,8 @@
 It reads `/metrics` (parsed with prometheus_client's parser) and `/perfmw/findings` over plain
 urllib, so it runs wherever perfmw is installed, and builds one JSON-ready document (`analyse`)
 that both formats render. Every section is always written, saying so when it found nothing,
-so two reports compare section by section.
+so two reports compare section by section. The texts live beside it: `_report_advice.py` (what
+each finding means and what to do about it), `_report_markdown.py` (the sections).
 """
 
 from __future__ import annotations
@@ -24,17 +25,25 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-FORMAT_VERSION = 1
-SECTIONS = (
-    "Current Performance",
-    "Bottlenecks Identified",
-    "Optimization Recommendations",
-    "Index Recommendations",
-    "Caching",
-    "Verification",
-    "Trade-offs",
-)
+from ._report_advice import advice, index_keys, ms, pct
+from ._report_markdown import SECTIONS, render_markdown
 
+FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION",
+    "SECTIONS",
+    "ReportError",
+    "Snapshot",
+    "analyse",
+    "collect",
+    "finding_key",
+    "load_report",
+    "parse_samples",
+    "quantile",
+    "render_compare",
+    "render_json",
+    "render_markdown",
+]
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
 
@@ -302,193 +311,6 @@ def _cache_table(samples: Mapping[SampleKey, float]) -> list[dict[str, Any]]:
     return sorted(caches.values(), key=lambda c: str(c["cache"]))
 
 
-# What each finding kind means for the report: its title, the pattern to replace, the fix,
-# how much of its measured time the fix would save (an estimate, stated as such), complexity.
-
-
-def _reps(detail: Mapping[str, Any]) -> int:
-    for key in ("repetitions", "queries", "count"):
-        value = detail.get(key)
-        if isinstance(value, (int, float)) and value >= 1:
-            return int(value)
-    return 1
-
-
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 0.01:
-        return f"{seconds * 1000:.0f} ms"
-    return f"{seconds * 1000:.1f} ms"
-
-
-def _code(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=False)
-    return "`" + str(text).replace("`", "'").replace("|", "\\|") + "`"
-
-
-def _where(finding: Mapping[str, Any]) -> str:
-    location = finding.get("location")
-    return _code(location) if location else "unknown (no application frame was found)"
-
-
-def _advice(finding: Mapping[str, Any]) -> dict[str, Any]:
-    """Title, current/proposed pattern, saving estimate, complexity for one finding."""
-    kind = finding.get("kind", "")
-    detail: Mapping[str, Any] = finding.get("detail") or {}
-    total = float(finding.get("total_seconds") or 0.0)
-    collection = detail.get("collection", "?")
-    operation = detail.get("operation", "?")
-    shape = detail.get("shape")
-    shape_text = f" with shape {_code(shape)}" if shape else ""
-    if kind == "n_plus_one":
-        reps = _reps(detail)
-        return {
-            "title": f"N+1 queries: `{operation}` on `{collection}` repeated {reps} times",
-            "current": f"one `{operation}` on `{collection}` per item{shape_text}, "
-            f"{reps} per request",
-            "proposed": "one query for all the items (`$in` on the field that varies, or an "
-            "aggregate with `$lookup`), joined in memory",
-            "saved": total * (reps - 1) / reps,
-            "basis": f"{reps} round trips become one",
-            "complexity": "low",
-        }
-    if kind == "consecutive_queries":
-        queries = detail.get("queries")
-        reads = len(queries) if isinstance(queries, list) and queries else _reps(detail)
-        collections = detail.get("collections") or [collection]
-        return {
-            "title": "Sequential independent queries on "
-            + ", ".join(f"`{c}`" for c in collections),
-            "current": f"{reads if reads > 1 else 'several'} independent reads awaited one "
-            "after another",
-            "proposed": "start them together with `asyncio.gather(...)`; the request then waits "
-            "for the slowest one only",
-            # The finding's cost is already the avoidable part: all but the slowest read.
-            "saved": total,
-            "basis": "the time of all but the slowest read",
-            "complexity": "low",
-        }
-    if kind == "slow_query":
-        return {
-            "title": f"Slow `{operation}` on `{collection}`",
-            "current": f"`{operation}` on `{collection}`{shape_text} slower than "
-            "slow_query_seconds",
-            "proposed": "an index matching the filter and sort (see Index Recommendations), a "
-            "narrower filter or a projection",
-            "saved": total * 0.5,
-            "basis": "assumed half of its time; re-measure after the change",
-            "complexity": "medium",
-        }
-    if kind == "missing_index":
-        index = _index_text(detail.get("index"))
-        return {
-            "title": f"Collection scan on `{collection}`: no index for the filter",
-            "current": f"`{operation}` on `{collection}`{shape_text} scans the whole "
-            "collection (COLLSCAN)",
-            "proposed": f"create the index {_code(index)} on `{collection}`",
-            "saved": total * 0.9,
-            "basis": "an index scan reads only the matching entries; assumed 90% of its time",
-            "complexity": "low",
-        }
-    if kind == "unbounded_read":
-        missing = detail.get("missing") or detail.get("problems") or []
-        if isinstance(missing, str):
-            missing = [missing]
-        docs = detail.get("documents")
-        returned = f" returning {int(docs)} documents" if isinstance(docs, (int, float)) else ""
-        without = " and ".join(str(m) for m in missing) or "a limit or a projection"
-        fraction = 0.9 if isinstance(docs, (int, float)) and docs > 1000 else 0.5
-        return {
-            "title": f"Unbounded read on `{collection}`",
-            "current": f"`{operation}` on `{collection}`{returned} without {without}",
-            "proposed": "paginate (`limit` + a range on the sort key, `?limit=100`) and project "
-            "only the fields the client needs",
-            "saved": total * fraction,
-            "basis": "a page of 100 instead of the whole collection; estimate",
-            "complexity": "medium (the API's clients page through results)",
-        }
-    if kind == "loop_stall":
-        cause = detail.get("cause", "blocking")
-        return {
-            "title": f"Event loop stalled ({cause})",
-            "current": "synchronous work on the event loop inside `async def`: every request in "
-            "flight waits for it",
-            "proposed": "move it off the loop: `await run_in_threadpool(fn)` / "
-            "`asyncio.to_thread(fn)`, an async library, or make the endpoint a plain `def`",
-            "saved": total,
-            "basis": "the whole stall is given back to the other requests",
-            "complexity": "low",
-        }
-    if kind == "blocking_call":
-        what = detail.get("kind", "blocking call")
-        return {
-            "title": f"Blocking call on the event loop ({what})",
-            "current": "a synchronous `MongoClient` called inside `async def`: the loop waits "
-            "for the network"
-            if what == "pymongo-sync"
-            else f"a blocking `{what}` call inside `async def`",
-            "proposed": "`pymongo.AsyncMongoClient` (or motor) with `await`, or declare the "
-            "endpoint with plain `def` so it runs in the threadpool",
-            "saved": total,
-            "basis": "the loop no longer waits for these calls",
-            "complexity": "medium",
-        }
-    if kind == "large_response":
-        size = detail.get("bytes")
-        problems = detail.get("problems") or []
-        proposed = []
-        if "uncompressed" in problems:
-            proposed.append("compress it (`GZipMiddleware`)")
-        if "no_cache_headers" in problems:
-            proposed.append("send `Cache-Control` or an `ETag` so clients can reuse it")
-        kib = f"{size / 1024:.0f} KiB" if isinstance(size, (int, float)) else "a large body"
-        return {
-            "title": f"Large response ({kib})",
-            "current": f"{kib} sent "
-            + " and ".join(
-                {
-                    "uncompressed": "without Content-Encoding",
-                    "no_cache_headers": "without Cache-Control or ETag",
-                }.get(p, str(p))
-                for p in problems
-            ),
-            "proposed": "; ".join(proposed) or "paginate or compress it",
-            "saved": 0.0,
-            "basis": "bytes on the wire and the clients' time, not the server's",
-            "complexity": "low",
-        }
-    return {
-        "title": f"{kind}",
-        "current": json.dumps(detail, default=str),
-        "proposed": "see docs/findings.md",
-        "saved": 0.0,
-        "basis": "unknown kind",
-        "complexity": "unknown",
-    }
-
-
-def _index_keys(index: Any) -> list[tuple[str, Any]]:
-    """Index keys as (field, direction) pairs, from a dict, pairs, or field names."""
-    if isinstance(index, Mapping):
-        return [(str(k), v) for k, v in index.items()]
-    if isinstance(index, str):
-        return [(index, 1)]
-    keys: list[tuple[str, Any]] = []
-    for item in index or ():
-        if isinstance(item, (list, tuple)) and len(item) == 2:
-            keys.append((str(item[0]), item[1]))
-        else:
-            keys.append((str(item), 1))
-    return keys
-
-
-def _index_text(index: Any) -> str:
-    return json.dumps(dict(_index_keys(index)))
-
-
 def _starved(finding: Mapping[str, Any]) -> bool:
     """A stall of a process that did not get the CPU: the machine's doing, not the code's."""
     detail = finding.get("detail") or {}
@@ -523,7 +345,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
     for finding in findings:
         if _starved(finding):
             continue
-        advice = _advice(finding)
+        found = advice(finding)
         spent = route_time.get(str(finding.get("route")), 0.0)
         total = float(finding.get("total_seconds") or 0.0)
         bottlenecks.append(
@@ -532,12 +354,12 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
                 "total_seconds": total,
                 "detail": finding.get("detail") or {},
                 "route_share": total / spent if spent > 0 else None,
-                "title": advice["title"],
-                "current": advice["current"],
-                "proposed": advice["proposed"],
-                "saved_seconds": advice["saved"],
-                "saving_basis": advice["basis"],
-                "complexity": advice["complexity"],
+                "title": found["title"],
+                "current": found["current"],
+                "proposed": found["proposed"],
+                "saved_seconds": found["saved"],
+                "saving_basis": found["basis"],
+                "complexity": found["complexity"],
             }
         )
     recommendations = sorted(bottlenecks, key=lambda b: -b["saved_seconds"])
@@ -546,7 +368,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         if finding.get("kind") != "missing_index":
             continue
         detail = finding.get("detail") or {}
-        keys = _index_keys(detail.get("index"))
+        keys = index_keys(detail.get("index"))
         if not keys:
             continue
         key = (str(detail.get("collection", "?")), json.dumps(dict(keys)))
@@ -582,312 +404,6 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
             "routes": sorted({str(f.get("route")) for f in starved}),
         },
     }
-
-
-# Markdown.
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:.0f}%"
-
-
-def _route_name(item: Mapping[str, Any]) -> str:
-    method = item.get("method")
-    return f"`{method} {item.get('route')}`" if method else f"`{item.get('route')}`"
-
-
-def _current_performance(doc: Mapping[str, Any]) -> list[str]:
-    routes = doc["routes"]
-    window = doc.get("window_seconds")
-    pid = doc.get("pid")
-    worker = (
-        f" The findings are those of the worker that answered (pid {pid}); with several "
-        "workers, the metrics cover them all."
-        if pid is not None
-        else ""
-    )
-    span = f"over {window:.1f} s ({doc['measured']})" if window else doc["measured"]
-    lines = [
-        f"Measured inside the service at {doc['url']} by perfmw's middleware, "
-        f"{span}: each request timed from its arrival to its last body chunk, MongoDB "
-        "commands counted by pymongo's command listeners. p50/p99 are interpolated from the "
-        "`http_server_request_duration_seconds` histogram buckets (as PromQL's "
-        f"`histogram_quantile` does), so they are accurate to a bucket.{worker}",
-        "",
-    ]
-    if not routes:
-        lines.append("No request was measured: the service answered, but no request reached it.")
-        return lines
-    if not window:
-        lines.append(
-            "The request rate is not shown: the exposition carries no process start time. "
-            "Pass `--interval 30` to measure it over 30 seconds."
-        )
-        lines.append("")
-    lines += [
-        "| Route | Requests | Rate (req/s) | p50 | p99 | Queries/request | DB share | 5xx "
-        "| Stalls |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in routes:
-        rate = row["rate_per_second"]
-        queries = row["queries_per_request"]
-        lines.append(
-            f"| {_route_name(row)} | {row['requests']} | "
-            f"{'n/a' if rate is None else f'{rate:.1f}'} | {_ms(row['p50_seconds'])} | "
-            f"{_ms(row['p99_seconds'])} | {'n/a' if queries is None else f'{queries:.2f}'} | "
-            f"{_pct(row['db_share'])} | {row['errors']} | {row['stalls']} |"
-        )
-    starved = doc.get("starved") or {}
-    if starved.get("stalls"):
-        routes_text = ", ".join(f"`{r}`" for r in starved["routes"])
-        lines += [
-            "",
-            f"The process was starved of CPU in {starved['stalls']} stalls "
-            f"({_ms(starved['seconds'])} in total, during {routes_text}): the event loop was "
-            "ready to run but the process did not get a CPU (an overloaded machine, CPU "
-            "throttling). That is not the code's doing, so these stalls are not listed as "
-            "bottlenecks; they count in the Stalls column.",
-        ]
-    return lines
-
-
-def _bottlenecks(doc: Mapping[str, Any]) -> list[str]:
-    items = doc["bottlenecks"]
-    if not items:
-        return ["No bottleneck found: perfmw recorded no finding in this window."]
-    lines: list[str] = []
-    for number, item in enumerate(items, 1):
-        share = item["route_share"]
-        of_route = f", {_pct(share)} of the route's time" if share is not None else ""
-        count = item.get("count") or 0
-        per = item["total_seconds"] / count if count else 0.0
-        lines += [
-            f"### {number}. {item['title']} ({item['kind']}) on `{item['route']}`",
-            "",
-            f"- **Location:** {_where(item)}",
-            f"- **Impact:** {_ms(item['total_seconds'])} in total, {_ms(per)} per occurrence"
-            f"{of_route}",
-            f"- **Evidence:** {_evidence(item)}",
-            "",
-        ]
-    return lines[:-1]
-
-
-# Detail facts shown as evidence, in this order, with the words that introduce them.
-_EVIDENCE_KEYS = {
-    "kind": "kind",
-    "operation": "operation",
-    "collection": "collection",
-    "repetitions": "repetitions",
-    "documents": "documents",
-    "bytes": "bytes",
-    "missing": "missing",
-    "duration_seconds": "latest",
-    "sequential_seconds": "one after another",
-    "concurrent_seconds": "concurrently",
-    "cause": "cause",
-    "stage": "plan stage",
-}
-
-
-def _evidence(item: Mapping[str, Any]) -> str:
-    detail: Mapping[str, Any] = item.get("detail") or {}
-    count = item.get("count") or 0
-    kind = item.get("kind")
-    noun = {"loop_stall": "stall", "blocking_call": "call"}.get(str(kind), "request")
-    parts = [f"seen {count} {noun}{'' if count == 1 else 's'}, {_ms(item['total_seconds'])}"]
-    for key in _EVIDENCE_KEYS:
-        value = detail.get(key)
-        if value is None or value == [] or (key == "kind" and kind != "blocking_call"):
-            continue
-        if key.endswith("_seconds") and isinstance(value, (int, float)):
-            parts.append(f"{_EVIDENCE_KEYS[key]} {_ms(float(value))}")
-        elif isinstance(value, list):
-            parts.append(f"{_EVIDENCE_KEYS[key]} {', '.join(str(v) for v in value)}")
-        else:
-            parts.append(f"{_EVIDENCE_KEYS[key]} {value}")
-    if detail.get("shape"):
-        parts.append(f"shape {_code(detail['shape'])}")
-    if detail.get("index"):
-        parts.append(f"proposed index {_code(_index_text(detail['index']))}")
-    stack = detail.get("stack")
-    if stack:
-        parts.append(f"innermost frame {_code(stack[-1])}")
-    return "; ".join(parts)
-
-
-def _recommendations(doc: Mapping[str, Any]) -> list[str]:
-    items = doc["recommendations"]
-    if not items:
-        return ["No optimization to recommend: nothing was found to fix."]
-    lines = ["Ordered by the time each change would save over the measured window.", ""]
-    for number, item in enumerate(items, 1):
-        lines += [
-            f"{number}. **{item['title']}** on `{item['route']}` at {_where(item)}",
-            f"   - Current pattern: {item['current']}",
-            f"   - Proposed pattern: {item['proposed']}",
-            f"   - Expected impact: about {_ms(item['saved_seconds'])} saved "
-            f"({item['saving_basis']})"
-            if item["saved_seconds"] > 0
-            else f"   - Expected impact: {item['saving_basis']}",
-            f"   - Complexity: {item['complexity']}",
-        ]
-    return lines
-
-
-def _index_recommendations(doc: Mapping[str, Any]) -> list[str]:
-    items = doc["indexes"]
-    if not items:
-        return [
-            "No index to recommend: no collection scan was found. (perfmw looks for them when "
-            "`explain_slow_queries` is on.)"
-        ]
-    lines = ["| Collection | Index | Fields | Purpose |", "|---|---|---|---|"]
-    for item in items:
-        uses = "; ".join(
-            f"`{u['route']}` at {u['location'] or 'unknown'} ({u['count']}x)" for u in item["for"]
-        )
-        lines.append(
-            f"| `{item['collection']}` | {_code(json.dumps(item['index']))} | "
-            f"{', '.join(item['fields'])} | removes the collection scan of {uses} |"
-        )
-    lines += [
-        "",
-        "Create each with `db.<collection>.create_index([...])` (keys in the order shown: "
-        "equality fields, then sort, then range).",
-    ]
-    return lines
-
-
-def _caching(doc: Mapping[str, Any]) -> list[str]:
-    caches = doc["caches"]
-    if not caches:
-        return [
-            "No cache is watched: wrap a cachetools cache with "
-            "`perfmw.watch_cache(cache, name=...)` to see its hit rate here."
-        ]
-    lines = [
-        "| Cache | Hit rate | Hits | Misses | Evictions (capacity / expired) | Size / max |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    advice = []
-    for cache in caches:
-        size = cache["size"]
-        maximum = cache["max_size"]
-        sizes = f"{size:.0f} / {maximum:.0f}" if size is not None and maximum else "n/a"
-        evictions = cache["evictions"]
-        lines.append(
-            f"| `{cache['cache']}` | {_pct(cache['hit_rate'])} | {cache['hits']} | "
-            f"{cache['misses']} | {evictions.get('capacity', 0)} / {evictions.get('expired', 0)} "
-            f"| {sizes} |"
-        )
-        advice.append(f"- `{cache['cache']}`: {_cache_advice(cache)}")
-    return [*lines, "", *advice]
-
-
-def _cache_advice(cache: Mapping[str, Any]) -> str:
-    rate = cache["hit_rate"]
-    capacity = cache["evictions"].get("capacity", 0)
-    expired = cache["evictions"].get("expired", 0)
-    if rate is None:
-        return "no lookup in this window."
-    if rate >= 0.8:
-        return f"hits {_pct(rate)} of lookups: it is doing its job."
-    if capacity > cache["hits"]:
-        return (
-            f"hits only {_pct(rate)}, and {capacity} entries were pushed out for room: "
-            "raise maxsize."
-        )
-    if expired > cache["hits"]:
-        return f"hits only {_pct(rate)}, and {expired} entries expired first: a longer ttl helps."
-    return (
-        f"hits only {_pct(rate)}: the keys rarely repeat within the ttl; cache at a coarser key "
-        "or drop the cache."
-    )
-
-
-def _verification(doc: Mapping[str, Any]) -> list[str]:
-    url = doc["url"]
-    lines = [
-        "Re-measure under the same load before and after a change:",
-        "",
-        "```bash",
-        f"perfmw report --url {url} --format json --out before.json",
-        "# deploy the change, run the same load again",
-        f"perfmw report --url {url} --format json --out after.json",
-        "perfmw report --compare before.json after.json",
-        "```",
-    ]
-    routes = sorted({str(b["route"]) for b in doc["bottlenecks"]})
-    if routes:
-        lines += ["", "And watch the affected routes in Prometheus:", "", "```promql"]
-        for route in routes:
-            lines.append(
-                "histogram_quantile(0.99, sum by (le) (rate("
-                f'http_server_request_duration_seconds_bucket{{http_route="{route}"}}[5m])))'
-            )
-        lines.append("```")
-    n_plus_one = [b for b in doc["bottlenecks"] if b["kind"] == "n_plus_one"]
-    if n_plus_one:
-        lines += [
-            "",
-            "Keep an N+1 from coming back with a test: "
-            "`with perfmw.testing.assert_max_queries(2): client.get(...)`.",
-        ]
-    return lines
-
-
-_TRADE_OFFS = {
-    "n_plus_one": "Batching with `$in`: one larger reply instead of many small ones; chunk "
-    "very long id lists (thousands) to keep each command small.",
-    "consecutive_queries": "`asyncio.gather`: the reads hold several pool connections at "
-    "once and load MongoDB in bursts; errors surface from the first one that fails.",
-    "slow_query": "Tuning a slow query: an index speeds reads but costs every write and RAM.",
-    "missing_index": "Indexes: each one slows inserts and updates on that collection a little "
-    "and takes memory; building one on a large collection takes time (build it off-peak).",
-    "unbounded_read": "Pagination changes the API: clients must follow pages; a projection "
-    "must keep every field clients use.",
-    "loop_stall": "Threadpool offloading: the default pool has 40 threads; long blocking work "
-    "there still limits throughput, it only stops blocking everyone else.",
-    "blocking_call": "Switching to the async client touches every call site of the sync one; "
-    "a plain `def` endpoint is the smaller change but uses a threadpool slot per request.",
-    "large_response": "Compression costs CPU per response; cache headers risk stale data in "
-    "clients for as long as they allow.",
-}
-
-
-def _trade_offs(doc: Mapping[str, Any]) -> list[str]:
-    kinds = []
-    for item in doc["recommendations"]:
-        if item["kind"] not in kinds:
-            kinds.append(item["kind"])
-    lines = [f"- {_TRADE_OFFS[kind]}" for kind in kinds if kind in _TRADE_OFFS]
-    if doc["caches"]:
-        lines.append(
-            "- Caching: a cached entry can be stale for up to its ttl; invalidate on writes."
-        )
-    if not lines:
-        return ["No change is recommended, so there is nothing to trade off."]
-    return lines
-
-
-def render_markdown(doc: Mapping[str, Any]) -> str:
-    """The report as Markdown: every section of SECTIONS, in order, always."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(doc["taken_at"]))
-    builders = (
-        _current_performance,
-        _bottlenecks,
-        _recommendations,
-        _index_recommendations,
-        _caching,
-        _verification,
-        _trade_offs,
-    )
-    out = [f"# Performance report: {doc['url']}", "", f"Generated by perfmw at {when}.", ""]
-    for title, build in zip(SECTIONS, builders, strict=True):
-        out += [f"## {title}", "", *build(doc), ""]
-    return "\n".join(out)
 
 
 def render_json(doc: Mapping[str, Any]) -> str:
@@ -942,9 +458,9 @@ def render_compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
             return "n/a" if value is None else f"{value:.2f}"
 
         lines.append(
-            f"| `{key[0]} {key[1]}` | {_ms(a.get('p50_seconds'))} | {_ms(b.get('p50_seconds'))} "
+            f"| `{key[0]} {key[1]}` | {ms(a.get('p50_seconds'))} | {ms(b.get('p50_seconds'))} "
             f"| {_change(a.get('p50_seconds'), b.get('p50_seconds'))} "
-            f"| {_ms(a.get('p99_seconds'))} | {_ms(b.get('p99_seconds'))} "
+            f"| {ms(a.get('p99_seconds'))} | {ms(b.get('p99_seconds'))} "
             f"| {_change(a.get('p99_seconds'), b.get('p99_seconds'))} "
             f"| {q(a)} | {q(b)} "
             f"| {_change(a.get('queries_per_request'), b.get('queries_per_request'))} "
@@ -959,7 +475,7 @@ def render_compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
     for name in names:
         a, b = old_caches.get(name, {}), new_caches.get(name, {})
         lines.append(
-            f"| `{name}` | {_pct(a.get('hit_rate'))} | {_pct(b.get('hit_rate'))} | "
+            f"| `{name}` | {pct(a.get('hit_rate'))} | {pct(b.get('hit_rate'))} | "
             f"{_change(a.get('hit_rate'), b.get('hit_rate'))} |"
         )
     found_before = len(before.get("findings", []))

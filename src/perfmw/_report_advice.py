@@ -1,0 +1,217 @@
+"""What each finding means in the report: its title, the pattern to replace and the fix, the
+time the fix would save (an estimate, and said to be one), its complexity and trade-off.
+
+Also the few formatting atoms the report's texts share (durations, percentages, code spans).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+def repetitions(detail: Mapping[str, Any]) -> int:
+    for key in ("repetitions", "queries", "count"):
+        value = detail.get(key)
+        if isinstance(value, (int, float)) and value >= 1:
+            return int(value)
+    return 1
+
+
+def ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 0.01:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds * 1000:.1f} ms"
+
+
+def code(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=False)
+    return "`" + str(text).replace("`", "'").replace("|", "\\|") + "`"
+
+
+def where(finding: Mapping[str, Any]) -> str:
+    location = finding.get("location")
+    return code(location) if location else "unknown (no application frame was found)"
+
+
+def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
+    """Title, current/proposed pattern, saving estimate, complexity for one finding."""
+    kind = finding.get("kind", "")
+    detail: Mapping[str, Any] = finding.get("detail") or {}
+    total = float(finding.get("total_seconds") or 0.0)
+    collection = detail.get("collection", "?")
+    operation = detail.get("operation", "?")
+    shape = detail.get("shape")
+    shape_text = f" with shape {code(shape)}" if shape else ""
+    if kind == "n_plus_one":
+        reps = repetitions(detail)
+        return {
+            "title": f"N+1 queries: `{operation}` on `{collection}` repeated {reps} times",
+            "current": f"one `{operation}` on `{collection}` per item{shape_text}, "
+            f"{reps} per request",
+            "proposed": "one query for all the items (`$in` on the field that varies, or an "
+            "aggregate with `$lookup`), joined in memory",
+            "saved": total * (reps - 1) / reps,
+            "basis": f"{reps} round trips become one",
+            "complexity": "low",
+        }
+    if kind == "consecutive_queries":
+        queries = detail.get("queries")
+        reads = len(queries) if isinstance(queries, list) and queries else repetitions(detail)
+        collections = detail.get("collections") or [collection]
+        return {
+            "title": "Sequential independent queries on "
+            + ", ".join(f"`{c}`" for c in collections),
+            "current": f"{reads if reads > 1 else 'several'} independent reads awaited one "
+            "after another",
+            "proposed": "start them together with `asyncio.gather(...)`; the request then waits "
+            "for the slowest one only",
+            # The finding's cost is already the avoidable part: all but the slowest read.
+            "saved": total,
+            "basis": "the time of all but the slowest read",
+            "complexity": "low",
+        }
+    if kind == "slow_query":
+        return {
+            "title": f"Slow `{operation}` on `{collection}`",
+            "current": f"`{operation}` on `{collection}`{shape_text} slower than "
+            "slow_query_seconds",
+            "proposed": "an index matching the filter and sort (see Index Recommendations), a "
+            "narrower filter or a projection",
+            "saved": total * 0.5,
+            "basis": "assumed half of its time; re-measure after the change",
+            "complexity": "medium",
+        }
+    if kind == "missing_index":
+        index = index_text(detail.get("index"))
+        return {
+            "title": f"Collection scan on `{collection}`: no index for the filter",
+            "current": f"`{operation}` on `{collection}`{shape_text} scans the whole "
+            "collection (COLLSCAN)",
+            "proposed": f"create the index {code(index)} on `{collection}`",
+            "saved": total * 0.9,
+            "basis": "an index scan reads only the matching entries; assumed 90% of its time",
+            "complexity": "low",
+        }
+    if kind == "unbounded_read":
+        missing = detail.get("missing") or detail.get("problems") or []
+        if isinstance(missing, str):
+            missing = [missing]
+        docs = detail.get("documents")
+        returned = f" returning {int(docs)} documents" if isinstance(docs, (int, float)) else ""
+        without = " and ".join(str(m) for m in missing) or "a limit or a projection"
+        fraction = 0.9 if isinstance(docs, (int, float)) and docs > 1000 else 0.5
+        return {
+            "title": f"Unbounded read on `{collection}`",
+            "current": f"`{operation}` on `{collection}`{returned} without {without}",
+            "proposed": "paginate (`limit` + a range on the sort key, `?limit=100`) and project "
+            "only the fields the client needs",
+            "saved": total * fraction,
+            "basis": "a page of 100 instead of the whole collection; estimate",
+            "complexity": "medium (the API's clients page through results)",
+        }
+    if kind == "loop_stall":
+        cause = detail.get("cause", "blocking")
+        return {
+            "title": f"Event loop stalled ({cause})",
+            "current": "synchronous work on the event loop inside `async def`: every request in "
+            "flight waits for it",
+            "proposed": "move it off the loop: `await run_in_threadpool(fn)` / "
+            "`asyncio.to_thread(fn)`, an async library, or make the endpoint a plain `def`",
+            "saved": total,
+            "basis": "the whole stall is given back to the other requests",
+            "complexity": "low",
+        }
+    if kind == "blocking_call":
+        what = detail.get("kind", "blocking call")
+        return {
+            "title": f"Blocking call on the event loop ({what})",
+            "current": "a synchronous `MongoClient` called inside `async def`: the loop waits "
+            "for the network"
+            if what == "pymongo-sync"
+            else f"a blocking `{what}` call inside `async def`",
+            "proposed": "`pymongo.AsyncMongoClient` (or motor) with `await`, or declare the "
+            "endpoint with plain `def` so it runs in the threadpool",
+            "saved": total,
+            "basis": "the loop no longer waits for these calls",
+            "complexity": "medium",
+        }
+    if kind == "large_response":
+        size = detail.get("bytes")
+        problems = detail.get("problems") or []
+        proposed = []
+        if "uncompressed" in problems:
+            proposed.append("compress it (`GZipMiddleware`)")
+        if "no_cache_headers" in problems:
+            proposed.append("send `Cache-Control` or an `ETag` so clients can reuse it")
+        kib = f"{size / 1024:.0f} KiB" if isinstance(size, (int, float)) else "a large body"
+        return {
+            "title": f"Large response ({kib})",
+            "current": f"{kib} sent "
+            + " and ".join(
+                {
+                    "uncompressed": "without Content-Encoding",
+                    "no_cache_headers": "without Cache-Control or ETag",
+                }.get(p, str(p))
+                for p in problems
+            ),
+            "proposed": "; ".join(proposed) or "paginate or compress it",
+            "saved": 0.0,
+            "basis": "bytes on the wire and the clients' time, not the server's",
+            "complexity": "low",
+        }
+    return {
+        "title": f"{kind}",
+        "current": json.dumps(detail, default=str),
+        "proposed": "see docs/findings.md",
+        "saved": 0.0,
+        "basis": "unknown kind",
+        "complexity": "unknown",
+    }
+
+
+def index_keys(index: Any) -> list[tuple[str, Any]]:
+    """Index keys as (field, direction) pairs, from a dict, pairs, or field names."""
+    if isinstance(index, Mapping):
+        return [(str(k), v) for k, v in index.items()]
+    if isinstance(index, str):
+        return [(index, 1)]
+    keys: list[tuple[str, Any]] = []
+    for item in index or ():
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            keys.append((str(item[0]), item[1]))
+        else:
+            keys.append((str(item), 1))
+    return keys
+
+
+def index_text(index: Any) -> str:
+    return json.dumps(dict(index_keys(index)))
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.0f}%"
+
+
+TRADE_OFFS = {
+    "n_plus_one": "Batching with `$in`: one larger reply instead of many small ones; chunk "
+    "very long id lists (thousands) to keep each command small.",
+    "consecutive_queries": "`asyncio.gather`: the reads hold several pool connections at "
+    "once and load MongoDB in bursts; errors surface from the first one that fails.",
+    "slow_query": "Tuning a slow query: an index speeds reads but costs every write and RAM.",
+    "missing_index": "Indexes: each one slows inserts and updates on that collection a little "
+    "and takes memory; building one on a large collection takes time (build it off-peak).",
+    "unbounded_read": "Pagination changes the API: clients must follow pages; a projection "
+    "must keep every field clients use.",
+    "loop_stall": "Threadpool offloading: the default pool has 40 threads; long blocking work "
+    "there still limits throughput, it only stops blocking everyone else.",
+    "blocking_call": "Switching to the async client touches every call site of the sync one; "
+    "a plain `def` endpoint is the smaller change but uses a threadpool slot per request.",
+    "large_response": "Compression costs CPU per response; cache headers risk stale data in "
+    "clients for as long as they allow.",
+}

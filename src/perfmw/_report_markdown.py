@@ -1,0 +1,300 @@
+"""The report as Markdown: one builder per section, every section always written."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ._report_advice import TRADE_OFFS, code, index_text, ms, pct, where
+
+SECTIONS = (
+    "Current Performance",
+    "Bottlenecks Identified",
+    "Optimization Recommendations",
+    "Index Recommendations",
+    "Caching",
+    "Verification",
+    "Trade-offs",
+)
+
+
+def _route_name(item: Mapping[str, Any]) -> str:
+    method = item.get("method")
+    return f"`{method} {item.get('route')}`" if method else f"`{item.get('route')}`"
+
+
+def _current_performance(doc: Mapping[str, Any]) -> list[str]:
+    routes = doc["routes"]
+    window = doc.get("window_seconds")
+    pid = doc.get("pid")
+    worker = (
+        f" The findings are those of the worker that answered (pid {pid}); with several "
+        "workers, the metrics cover them all."
+        if pid is not None
+        else ""
+    )
+    span = f"over {window:.1f} s ({doc['measured']})" if window else doc["measured"]
+    lines = [
+        f"Measured inside the service at {doc['url']} by perfmw's middleware, "
+        f"{span}: each request timed from its arrival to its last body chunk, MongoDB "
+        "commands counted by pymongo's command listeners. p50/p99 are interpolated from the "
+        "`http_server_request_duration_seconds` histogram buckets (as PromQL's "
+        f"`histogram_quantile` does), so they are accurate to a bucket.{worker}",
+        "",
+    ]
+    if not routes:
+        lines.append("No request was measured: the service answered, but no request reached it.")
+        return lines
+    if not window:
+        lines.append(
+            "The request rate is not shown: the exposition carries no process start time. "
+            "Pass `--interval 30` to measure it over 30 seconds."
+        )
+        lines.append("")
+    lines += [
+        "| Route | Requests | Rate (req/s) | p50 | p99 | Queries/request | DB share | 5xx "
+        "| Stalls |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in routes:
+        rate = row["rate_per_second"]
+        queries = row["queries_per_request"]
+        lines.append(
+            f"| {_route_name(row)} | {row['requests']} | "
+            f"{'n/a' if rate is None else f'{rate:.1f}'} | {ms(row['p50_seconds'])} | "
+            f"{ms(row['p99_seconds'])} | {'n/a' if queries is None else f'{queries:.2f}'} | "
+            f"{pct(row['db_share'])} | {row['errors']} | {row['stalls']} |"
+        )
+    starved = doc.get("starved") or {}
+    if starved.get("stalls"):
+        routes_text = ", ".join(f"`{r}`" for r in starved["routes"])
+        lines += [
+            "",
+            f"The process was starved of CPU in {starved['stalls']} stalls "
+            f"({ms(starved['seconds'])} in total, during {routes_text}): the event loop was "
+            "ready to run but the process did not get a CPU (an overloaded machine, CPU "
+            "throttling). That is not the code's doing, so these stalls are not listed as "
+            "bottlenecks; they count in the Stalls column.",
+        ]
+    return lines
+
+
+def _bottlenecks(doc: Mapping[str, Any]) -> list[str]:
+    items = doc["bottlenecks"]
+    if not items:
+        return ["No bottleneck found: perfmw recorded no finding in this window."]
+    lines: list[str] = []
+    for number, item in enumerate(items, 1):
+        share = item["route_share"]
+        of_route = f", {pct(share)} of the route's time" if share is not None else ""
+        count = item.get("count") or 0
+        per = item["total_seconds"] / count if count else 0.0
+        lines += [
+            f"### {number}. {item['title']} ({item['kind']}) on `{item['route']}`",
+            "",
+            f"- **Location:** {where(item)}",
+            f"- **Impact:** {ms(item['total_seconds'])} in total, {ms(per)} per occurrence"
+            f"{of_route}",
+            f"- **Evidence:** {_evidence(item)}",
+            "",
+        ]
+    return lines[:-1]
+
+
+# Detail facts shown as evidence, in this order, with the words that introduce them.
+_EVIDENCE_KEYS = {
+    "kind": "kind",
+    "operation": "operation",
+    "collection": "collection",
+    "repetitions": "repetitions",
+    "documents": "documents",
+    "bytes": "bytes",
+    "missing": "missing",
+    "duration_seconds": "latest",
+    "sequential_seconds": "one after another",
+    "concurrent_seconds": "concurrently",
+    "cause": "cause",
+    "stage": "plan stage",
+}
+
+
+def _evidence(item: Mapping[str, Any]) -> str:
+    detail: Mapping[str, Any] = item.get("detail") or {}
+    count = item.get("count") or 0
+    kind = item.get("kind")
+    noun = {"loop_stall": "stall", "blocking_call": "call"}.get(str(kind), "request")
+    parts = [f"seen {count} {noun}{'' if count == 1 else 's'}, {ms(item['total_seconds'])}"]
+    for key in _EVIDENCE_KEYS:
+        value = detail.get(key)
+        if value is None or value == [] or (key == "kind" and kind != "blocking_call"):
+            continue
+        if key.endswith("_seconds") and isinstance(value, (int, float)):
+            parts.append(f"{_EVIDENCE_KEYS[key]} {ms(float(value))}")
+        elif isinstance(value, list):
+            parts.append(f"{_EVIDENCE_KEYS[key]} {', '.join(str(v) for v in value)}")
+        else:
+            parts.append(f"{_EVIDENCE_KEYS[key]} {value}")
+    if detail.get("shape"):
+        parts.append(f"shape {code(detail['shape'])}")
+    if detail.get("index"):
+        parts.append(f"proposed index {code(index_text(detail['index']))}")
+    stack = detail.get("stack")
+    if stack:
+        parts.append(f"innermost frame {code(stack[-1])}")
+    return "; ".join(parts)
+
+
+def _recommendations(doc: Mapping[str, Any]) -> list[str]:
+    items = doc["recommendations"]
+    if not items:
+        return ["No optimization to recommend: nothing was found to fix."]
+    lines = ["Ordered by the time each change would save over the measured window.", ""]
+    for number, item in enumerate(items, 1):
+        lines += [
+            f"{number}. **{item['title']}** on `{item['route']}` at {where(item)}",
+            f"   - Current pattern: {item['current']}",
+            f"   - Proposed pattern: {item['proposed']}",
+            f"   - Expected impact: about {ms(item['saved_seconds'])} saved "
+            f"({item['saving_basis']})"
+            if item["saved_seconds"] > 0
+            else f"   - Expected impact: {item['saving_basis']}",
+            f"   - Complexity: {item['complexity']}",
+        ]
+    return lines
+
+
+def _index_recommendations(doc: Mapping[str, Any]) -> list[str]:
+    items = doc["indexes"]
+    if not items:
+        return [
+            "No index to recommend: no collection scan was found. (perfmw looks for them when "
+            "`explain_slow_queries` is on.)"
+        ]
+    lines = ["| Collection | Index | Fields | Purpose |", "|---|---|---|---|"]
+    for item in items:
+        uses = "; ".join(
+            f"`{u['route']}` at {u['location'] or 'unknown'} ({u['count']}x)" for u in item["for"]
+        )
+        lines.append(
+            f"| `{item['collection']}` | {code(json.dumps(item['index']))} | "
+            f"{', '.join(item['fields'])} | removes the collection scan of {uses} |"
+        )
+    lines += [
+        "",
+        "Create each with `db.<collection>.create_index([...])` (keys in the order shown: "
+        "equality fields, then sort, then range).",
+    ]
+    return lines
+
+
+def _caching(doc: Mapping[str, Any]) -> list[str]:
+    caches = doc["caches"]
+    if not caches:
+        return [
+            "No cache is watched: wrap a cachetools cache with "
+            "`perfmw.watch_cache(cache, name=...)` to see its hit rate here."
+        ]
+    lines = [
+        "| Cache | Hit rate | Hits | Misses | Evictions (capacity / expired) | Size / max |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    advice = []
+    for cache in caches:
+        size = cache["size"]
+        maximum = cache["max_size"]
+        sizes = f"{size:.0f} / {maximum:.0f}" if size is not None and maximum else "n/a"
+        evictions = cache["evictions"]
+        lines.append(
+            f"| `{cache['cache']}` | {pct(cache['hit_rate'])} | {cache['hits']} | "
+            f"{cache['misses']} | {evictions.get('capacity', 0)} / {evictions.get('expired', 0)} "
+            f"| {sizes} |"
+        )
+        advice.append(f"- `{cache['cache']}`: {_cache_advice(cache)}")
+    return [*lines, "", *advice]
+
+
+def _cache_advice(cache: Mapping[str, Any]) -> str:
+    rate = cache["hit_rate"]
+    capacity = cache["evictions"].get("capacity", 0)
+    expired = cache["evictions"].get("expired", 0)
+    if rate is None:
+        return "no lookup in this window."
+    if rate >= 0.8:
+        return f"hits {pct(rate)} of lookups: it is doing its job."
+    if capacity > cache["hits"]:
+        return (
+            f"hits only {pct(rate)}, and {capacity} entries were pushed out for room: "
+            "raise maxsize."
+        )
+    if expired > cache["hits"]:
+        return f"hits only {pct(rate)}, and {expired} entries expired first: a longer ttl helps."
+    return (
+        f"hits only {pct(rate)}: the keys rarely repeat within the ttl; cache at a coarser key "
+        "or drop the cache."
+    )
+
+
+def _verification(doc: Mapping[str, Any]) -> list[str]:
+    url = doc["url"]
+    lines = [
+        "Re-measure under the same load before and after a change:",
+        "",
+        "```bash",
+        f"perfmw report --url {url} --format json --out before.json",
+        "# deploy the change, run the same load again",
+        f"perfmw report --url {url} --format json --out after.json",
+        "perfmw report --compare before.json after.json",
+        "```",
+    ]
+    routes = sorted({str(b["route"]) for b in doc["bottlenecks"]})
+    if routes:
+        lines += ["", "And watch the affected routes in Prometheus:", "", "```promql"]
+        for route in routes:
+            lines.append(
+                "histogram_quantile(0.99, sum by (le) (rate("
+                f'http_server_request_duration_seconds_bucket{{http_route="{route}"}}[5m])))'
+            )
+        lines.append("```")
+    n_plus_one = [b for b in doc["bottlenecks"] if b["kind"] == "n_plus_one"]
+    if n_plus_one:
+        lines += [
+            "",
+            "Keep an N+1 from coming back with a test: "
+            "`with perfmw.testing.assert_max_queries(2): client.get(...)`.",
+        ]
+    return lines
+
+
+def _trade_offs(doc: Mapping[str, Any]) -> list[str]:
+    kinds = []
+    for item in doc["recommendations"]:
+        if item["kind"] not in kinds:
+            kinds.append(item["kind"])
+    lines = [f"- {TRADE_OFFS[kind]}" for kind in kinds if kind in TRADE_OFFS]
+    if doc["caches"]:
+        lines.append(
+            "- Caching: a cached entry can be stale for up to its ttl; invalidate on writes."
+        )
+    if not lines:
+        return ["No change is recommended, so there is nothing to trade off."]
+    return lines
+
+
+def render_markdown(doc: Mapping[str, Any]) -> str:
+    """The report as Markdown: every section of SECTIONS, in order, always."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(doc["taken_at"]))
+    builders = (
+        _current_performance,
+        _bottlenecks,
+        _recommendations,
+        _index_recommendations,
+        _caching,
+        _verification,
+        _trade_offs,
+    )
+    out = [f"# Performance report: {doc['url']}", "", f"Generated by perfmw at {when}.", ""]
+    for title, build in zip(SECTIONS, builders, strict=True):
+        out += [f"## {title}", "", *build(doc), ""]
+    return "\n".join(out)
