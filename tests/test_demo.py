@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+from unittest import mock
 
 import pytest
 from examples.fastapi_app import app as example
 from examples.fastapi_app import demo
+from pymongo import MongoClient
 
 from perfmw import report
 from perfmw._frames import format_location
@@ -69,6 +73,7 @@ FIXED = [
 class Run:
     markdown: str
     progress: str
+    service: demo.Service
 
     def section(self, title: str) -> str:
         start = self.markdown.index(f"\n## {title}\n")
@@ -88,9 +93,12 @@ class Run:
 @pytest.fixture(scope="module")
 def run() -> Iterator[Run]:
     out, progress = io.StringIO(), io.StringIO()
-    markdown = demo.run_demo(out, progress, settings=demo.demo_settings({}))
+    services: list[demo.Service] = []
+    markdown = demo.run_demo(
+        out, progress, settings=demo.demo_settings({}), on_ready=services.append
+    )
     assert out.getvalue() == markdown
-    yield Run(markdown, progress.getvalue())
+    yield Run(markdown, progress.getvalue(), services[0])
 
 
 def test_the_demo_prints_every_section_and_its_progress(run: Run) -> None:
@@ -149,3 +157,49 @@ def test_the_cache_shows_its_hits_and_the_uncached_twin_its_queries(run: Run) ->
     assert uncached is not None and cached is not None
     assert uncached.group(1).split("|")[4].strip() == "1.00"  # a query every time
     assert cached.group(1).split("|")[4].strip() == "0.20"  # only the 4 misses
+
+
+def test_the_demo_stops_what_it_started(run: Run) -> None:
+    assert not run.service.thread.is_alive()
+    assert run.service.sock.fileno() == -1  # closed
+    started: list[subprocess.Popen[str]] = []
+    popen = subprocess.Popen
+
+    def spy(*args: Any, **kwargs: Any) -> subprocess.Popen[str]:
+        child = popen(*args, **kwargs)
+        started.append(child)
+        return child
+
+    with (
+        mock.patch.object(demo.subprocess, "Popen", spy),
+        demo.embedded_mongodb() as uri,
+        MongoClient(uri) as client,
+    ):
+        assert client.admin.command("ping")["ok"] == 1
+    [child] = started
+    assert child.returncode == 0  # it exited by itself when its stdin closed
+
+
+def test_the_progress_bar_redraws_in_place_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    bar = demo.Progress(4, terminal, width=8)
+    for _ in range(4):
+        bar.advance("/health")
+    frames = terminal.getvalue().split("\r")[1:]
+    assert [frame.split("]")[0] for frame in frames] == [
+        "load [##------",
+        "load [####----",
+        "load [######--",
+        "load [########",
+    ]
+    assert frames[-1].endswith("\n") and not frames[0].endswith("\n")
+    # Not a terminal (a log, CI): the finished bar only, once.
+    log = io.StringIO()
+    bar = demo.Progress(4, log, width=8)
+    for _ in range(4):
+        bar.advance("/health")
+    assert log.getvalue().count("load [") == 1
