@@ -470,3 +470,17 @@ def test_a_change_that_saves_no_server_time_says_what_it_saves() -> None:
     assert "   - Current pattern: 700 KiB sent without Content-Encoding" in text
     assert "   - Proposed pattern: compress it (`GZipMiddleware`)" in text
     assert "   - Expected impact: bytes on the wire and the clients' time, not the server's" in text
+
+
+def test_a_service_without_findings_endpoint_still_gets_its_metrics(
+    registry: CollectorRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = quiet_app(registry, findings_path=None)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/fast").status_code == 200
+        assert main(["report", "--url", server.url]) == 0
+    markdown = capsys.readouterr().out
+    assert "| `GET /fast` | 1 | n/a |" in markdown
+    assert "Not known: the service serves no findings endpoint" in section(
+        markdown, "Bottlenecks Identified"
+    )

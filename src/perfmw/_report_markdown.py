@@ -83,6 +83,11 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
 
 def _bottlenecks(doc: Mapping[str, Any]) -> list[str]:
     items = doc["bottlenecks"]
+    if not doc.get("findings_served", True):
+        return [
+            "Not known: the service serves no findings endpoint (its `findings_path` is off), "
+            "so perfmw cannot say where the time goes; the metrics above still hold."
+        ]
     if not items:
         return ["No bottleneck found: perfmw recorded no finding in this window."]
     lines: list[str] = []

@@ -63,9 +63,11 @@ class Snapshot:
     samples: dict[SampleKey, float]
     findings: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
+    findings_served: bool = True
 
 
-def _get(url: str, token: str | None, timeout: float) -> bytes:
+def _get(url: str, token: str | None, timeout: float, missing_ok: bool = False) -> bytes | None:
+    """The body at `url`; None for a 404 when `missing_ok`; ReportError on any failure."""
     headers = {"Accept": "text/plain; version=0.0.4", "User-Agent": "perfmw-report"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -78,6 +80,8 @@ def _get(url: str, token: str | None, timeout: float) -> bytes:
         if exc.code == 401:
             given = "the token given was refused" if token else "it needs a token (--token)"
             raise ReportError(f"{url} answered 401 Unauthorized: {given}") from None
+        if exc.code == 404 and missing_ok:
+            return None
         raise ReportError(f"{url} answered {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise ReportError(f"cannot reach {url}: {exc.reason}") from None
@@ -112,21 +116,23 @@ def collect(
     if not base.startswith(("http://", "https://")):
         raise ReportError(f"--url must start with http:// or https://, got {base_url!r}")
     taken_at = time.time()
-    text = _get(base + metrics_path, token, timeout).decode("utf-8", "replace")
-    samples = parse_samples(text)
+    exposition = _get(base + metrics_path, token, timeout)
+    assert exposition is not None
+    samples = parse_samples(exposition.decode("utf-8", "replace"))
     findings: list[dict[str, Any]] = []
     pid = None
-    if findings_path is not None:
-        raw = _get(base + findings_path, token, timeout)
+    # A service may serve metrics only (findings_path=None): the report still has those.
+    raw = None if findings_path is None else _get(base + findings_path, token, timeout, True)
+    if raw is not None:
         try:
             document = json.loads(raw)
             findings = list(document["findings"])
             pid = document.get("pid")
         except (ValueError, KeyError, TypeError):
             raise ReportError(
-                f"{base + findings_path} did not answer perfmw findings JSON"
+                f"{base}{findings_path} did not answer perfmw findings JSON"
             ) from None
-    return Snapshot(base, taken_at, samples, findings, pid)
+    return Snapshot(base, taken_at, samples, findings, pid, raw is not None)
 
 
 # Analysis: from one snapshot (totals since the process started) or the difference of two
@@ -388,6 +394,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         "perfmw_report": FORMAT_VERSION,
         "url": after.url,
         "pid": after.pid,
+        "findings_served": after.findings_served,
         "taken_at": after.taken_at,
         "window_seconds": window,
         "measured": measured,
