@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from perfmw.detectors import mongo
-from perfmw.explain import esr_index, judge
+from perfmw.explain import covering_index, esr_index, judge
 from perfmw.record import Query, RequestRecord
 from perfmw.settings import Settings
 
@@ -155,3 +155,12 @@ def test_judge_collscan_and_in_memory_sort() -> None:
     aggregate = {"stages": [{"$cursor": {"queryPlanner": {"winningPlan": {"stage": "COLLSCAN"}}}}]}
     body = {"aggregate": "c", "pipeline": [{"$match": {"k": 1}}, {"$sort": {"t": -1}}]}
     assert judge(aggregate, body, "db", "c").index == [["k", 1], ["t", -1]]
+
+
+def test_an_existing_index_starting_with_the_keys_covers_them() -> None:
+    existing = {"_id_": [("_id", 1)], "owner_1_name_1": [("owner", 1), ("name", 1)]}
+    assert covering_index([["_id", 1]], existing) == "_id_"
+    assert covering_index([["_id", -1]], existing) == "_id_"  # read backwards
+    assert covering_index([["owner", 1]], existing) == "owner_1_name_1"
+    assert covering_index([["owner", 1], ["name", -1]], existing) is None
+    assert covering_index([["name", 1]], existing) is None

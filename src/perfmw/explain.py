@@ -1,14 +1,14 @@
 """Missing-index advice: `explain` a slow or repeated query shape once, off the request path.
 
-With `explain_slow_queries` on, the MongoDB listener hands this module the first slow or
-N+1-repeated command of each shape. One daemon thread explains them one at a time, at most
-one every `EXPLAIN_INTERVAL_SECONDS`, on its own connection (a pooled connection of the
-application's sync client, or of a private sync twin of an AsyncMongoClient). A winning plan
-with a COLLSCAN or an in-memory SORT is a verdict "missing index", with the keys to create in
-ESR order (equality fields, then sort fields, then range fields). Each later request in which
-the shape is slow or repeated adds a `missing_index` finding to its Perf's store; a
-createIndexes or dropIndexes on the collection forgets the verdict (and the findings), so the
-next occurrence is explained again and, once indexed, reported no more.
+With `explain_slow_queries` on, the MongoDB listener hands this module a command of each shape
+that is slow, or sent again after its first sighting in the process (an N+1 included). One
+daemon thread explains them one at a time, at most one every `EXPLAIN_INTERVAL_SECONDS`, on its
+own connection (a pooled connection of the application's sync client, or of a private sync
+twin of an AsyncMongoClient). A winning plan with a COLLSCAN or an in-memory SORT is a verdict
+"missing index", with the keys to create in ESR order (equality fields, then sort fields, then
+range fields). Each later request that sends the shape adds a `missing_index` finding to its
+Perf's store; a createIndexes or dropIndexes on the collection forgets the verdict (and the
+findings), so the next occurrence is explained again and, once indexed, reported no more.
 """
 
 from __future__ import annotations
@@ -80,6 +80,27 @@ _worker: threading.Thread | None = None
 _twins: dict[int, Any] = {}
 
 
+MISSING, PENDING, INDEXED, NEW, REPEATED = range(5)
+_seen: set[str] = set()  # shapes sent once so far: a second sighting gets them explained
+_MAX_SEEN = 10_000
+
+
+def state(shape: str) -> int:
+    """Where a shape stands: MISSING or INDEXED (a fresh verdict), PENDING (queued),
+    NEW (first sighting in this process) or REPEATED (seen before, to explain now)."""
+    verdict = _verdicts.get(shape)
+    if verdict is not None and verdict.expires > time.monotonic():
+        return INDEXED if verdict.index is None else MISSING
+    if shape in _pending:
+        return PENDING
+    if shape in _seen:
+        return REPEATED
+    if len(_seen) >= _MAX_SEEN:
+        _seen.clear()
+    _seen.add(shape)
+    return NEW
+
+
 def consider(query: Query, command: Any, frame: FrameType | None) -> None:
     """Queue an explain of this query's shape unless its verdict is known or on the way."""
     if query.operation not in _EXPLAINABLE or not isinstance(command, Mapping):
@@ -91,7 +112,10 @@ def consider(query: Query, command: Any, frame: FrameType | None) -> None:
         if (verdict is not None and verdict.expires > now) or shape in _pending:
             return
     client = _client_from(frame)
-    if client is None:
+    if client is None:  # nothing to explain with: do not look again for a while
+        retry = now + ERROR_RETRY_SECONDS
+        with _lock:
+            _verdicts[shape] = Verdict(query.database, query.collection, None, "no client", retry)
         return
     body = {key: value for key, value in command.items() if key not in _TRANSPORT}
     with _lock:
@@ -154,6 +178,12 @@ def _work() -> None:
                 verdict = Verdict(database, collection, None, f"error: {error}"[:200], retry)
             else:
                 verdict = judge(plan, body, database, collection)
+                if verdict.index is not None:
+                    existing = _existing_indexes(client, database, collection)
+                    name = covering_index(verdict.index, existing)
+                    if name is not None:  # the server chose not to use it: nothing to create
+                        verdict.stage = f"{verdict.stage} (index {name} exists)"
+                        verdict.index = None
         with _lock:
             _pending.discard(shape)
             waiters = _waiters.pop(shape, [])
@@ -178,6 +208,28 @@ def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[st
         {"explain": body, "verbosity": "queryPlanner"}
     )
     return explained
+
+
+def _existing_indexes(client: Any, database: str, collection: str) -> dict[str, list[Any]]:
+    from pymongo import AsyncMongoClient
+
+    if isinstance(client, AsyncMongoClient):
+        client = _sync_twin(client)
+    information = client[database][collection].index_information()
+    return {name: list(spec.get("key", ())) for name, spec in information.items()}
+
+
+def covering_index(index: list[list[Any]], existing: dict[str, list[Any]]) -> str | None:
+    """The name of an existing index that starts with the proposed keys (or their mirror)."""
+    wanted = [(field, direction) for field, direction in index]
+    mirrored = [
+        (field, -direction if direction in (1, -1) else direction) for field, direction in wanted
+    ]
+    for name, keys in existing.items():
+        prefix = [tuple(key) for key in keys[: len(wanted)]]
+        if prefix in (wanted, mirrored):
+            return name
+    return None
 
 
 def _sync_twin(client: Any) -> Any:
@@ -339,28 +391,26 @@ def _report(
 
 
 def on_finish(perf: Any, record: RequestRecord) -> None:
-    """After the detectors: missing_index findings for this request's slow or repeated shapes."""
-    if not perf.settings.explain_slow_queries or not record.findings:
+    """After the detectors: one missing_index finding per (shape, location) of this request."""
+    if not perf.settings.explain_slow_queries or not record.queries:
         return
     now = time.monotonic()
-    for found in list(record.findings):
-        if found.kind not in ("n_plus_one", "slow_query"):
-            continue
-        shape = found.detail.get("shape")
-        if not isinstance(shape, str):
-            continue
+    groups: dict[tuple[str, str | None], float] = {}
+    for query in record.queries:
+        key = (query.shape, query.location)
+        groups[key] = groups.get(key, 0.0) + query.duration_seconds
+    for (shape, location), seconds in groups.items():
         with _lock:
             verdict = _verdicts.get(shape)
             if verdict is None or verdict.expires <= now:
-                if shape in _pending:
+                # Only located queries wait: the one that asked for the explain has its line.
+                if shape in _pending and location is not None:
                     waiters = _waiters.setdefault(shape, [])
                     if len(waiters) < 100:
-                        waiters.append(
-                            (weakref.ref(perf), record.route, found.location, found.total_seconds)
-                        )
+                        waiters.append((weakref.ref(perf), record.route, location, seconds))
                 continue
         if verdict.index is not None:
-            _report(perf, record, record.route, found.location, found.total_seconds, shape, verdict)
+            _report(perf, record, record.route, location, seconds, shape, verdict)
 
 
 def invalidate(database: str, collection: str) -> None:

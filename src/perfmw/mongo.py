@@ -323,10 +323,16 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         repeated = counts.get(shape, 0) + 1
         counts[shape] = repeated
         threshold = settings.n_plus_one_threshold
-        if repeated >= threshold:
-            query.location = locate(sys._getframe(1))
-            if repeated == threshold and extra is not None:
+        if extra is not None:  # explain_slow_queries: missing indexes get their location
+            verdict = explain.state(shape)
+            if verdict == explain.MISSING:
+                query.location = locate(sys._getframe(1))
+            elif verdict == explain.REPEATED:
+                query.location = locate(sys._getframe(1))
                 _explain(query, command, sys._getframe(1))
+        if repeated >= threshold:
+            if query.location is None:
+                query.location = locate(sys._getframe(1))
         elif (
             previous is not None
             and name in READS
