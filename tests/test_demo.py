@@ -28,11 +28,6 @@ def line_of(text: str) -> str:
     return format_location(example.__file__, lines[0])
 
 
-# explain runs only for shapes that are slow or repeated as an N+1 (perfmw/explain.py); the
-# owner filter scans 200 servers in a few milliseconds, so it is never explained. Pending a
-# rule that explains each new shape once.
-MISSING_INDEX_PENDING = "explain is not run for a fast, unrepeated shape"
-
 # (route, finding kind, the source line the report must point at)
 ANTI_PATTERNS = [
     ("/servers-with-agents", "n_plus_one", 'server["agents"] = await db().agents.find_one('),
@@ -40,12 +35,7 @@ ANTI_PATTERNS = [
     ("/dashboard", "consecutive_queries", "agents = await db().agents.count_documents({})"),
     ("/reports/blocking", "loop_stall", "# stands for a slow synchronous library call"),
     ("/servers/legacy", "blocking_call", 'list(state["sync_db"].servers.find('),
-    pytest.param(
-        "/servers/by-owner",
-        "missing_index",
-        'servers.find({"owner": owner}',
-        marks=pytest.mark.xfail(strict=True, reason=MISSING_INDEX_PENDING),
-    ),
+    ("/servers/by-owner", "missing_index", 'servers.find({"owner": owner}'),
     ("/agents/export", "unbounded_read", 'await db().agents.find({}, {"_id": 0}).to_list()'),
     ("/agents/export", "large_response", '@app.get("/agents/export")'),
 ]
@@ -135,7 +125,6 @@ def test_no_fixed_endpoint_is_named_as_a_problem(run: Run) -> None:
             assert f"`{route}`" not in text, (title, route)
 
 
-@pytest.mark.xfail(strict=True, reason=MISSING_INDEX_PENDING)
 def test_the_missing_index_is_recommended(run: Run) -> None:
     table = run.section("Index Recommendations")
     rows = [line for line in table.splitlines() if line.startswith("| `")]
