@@ -628,3 +628,11 @@ def test_an_unreachable_collector_costs_a_warning_not_the_request(
     provider.shutdown()
     warnings = [r for r in caplog.records if "could not send spans" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_tracer_provider_that_is_not_one_fails_at_instrument(
+    registry: CollectorRegistry,
+) -> None:
+    app = Starlette()
+    with pytest.raises(ValueError, match="tracer_provider must be an OpenTelemetry TracerProvider"):
+        perfmw.instrument(app, registry=registry, tracer_provider="jaeger")

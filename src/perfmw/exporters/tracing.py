@@ -189,9 +189,14 @@ def end(record: RequestRecord) -> None:
 
 def for_perf(perf: Perf) -> Tracing | None:
     """The Perf's tracing, or None when `settings.trace` is off."""
+    provider = perf.tracer_provider
+    if provider is not None and not callable(getattr(provider, "get_tracer", None)):
+        raise ValueError(
+            f"tracer_provider must be an OpenTelemetry TracerProvider, got {provider!r}"
+        )
     if not perf.settings.trace:
         return None
-    return Tracing(perf.tracer_provider)
+    return Tracing(provider)
 
 
 def on_loop(perf: Perf) -> None:
