@@ -636,3 +636,17 @@ def test_a_tracer_provider_that_is_not_one_fails_at_instrument(
     app = Starlette()
     with pytest.raises(ValueError, match="tracer_provider must be an OpenTelemetry TracerProvider"):
         perfmw.instrument(app, registry=registry, tracer_provider="jaeger")
+
+
+def test_perf_shutdown_sends_the_spans_still_queued(
+    receiver: OtlpReceiver, registry: CollectorRegistry
+) -> None:
+    provider = perfmw.configure_tracing("registry", set_global=False)
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    perf = perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/").status_code == 200
+    assert receiver.spans == []  # queued: the export runs every 5 s
+    perf.shutdown()
+    assert [span.name for span in receiver.spans] == ["GET /"]
+    provider.shutdown()

@@ -144,6 +144,7 @@ _shutdown_hooks: list[Any] = []
 _finish_hooks: list[Any] = []
 _stall_hooks: list[Any] = []  # called with a finishing record that has stalls, before detectors
 _loop_hooks.append(tracing_sink.on_loop)  # a provider set since instrument() is taken at startup
+_shutdown_hooks.append(tracing_sink.flush)  # spans still queued are sent
 
 
 def instrument(

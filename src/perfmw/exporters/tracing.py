@@ -208,6 +208,15 @@ def on_loop(perf: Perf) -> None:
             tracing._resolve()
 
 
+def flush(perf: Perf) -> None:
+    """`perf.shutdown()`: send the spans its provider still holds (the provider stays usable)."""
+    tracing = perf.tracing
+    if tracing is not None and tracing.tracer is not None:
+        force_flush = getattr(tracing.provider, "force_flush", None)
+        if force_flush is not None:
+            force_flush()
+
+
 # What the span says.
 
 
