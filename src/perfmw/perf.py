@@ -103,7 +103,7 @@ class Perf:
             record.queries
             or record.stalls
             or record.blocking_calls
-            or record.span is not None
+            or (record.span is not None and record.span.recording)  # unsampled: nothing to add
             or record.kind != "http"
             or record.response_bytes > detectors.http.CACHE_HEADERS_BYTES
         ):
