@@ -157,8 +157,11 @@ def gather_app(mongo_uri: str, registry: CollectorRegistry) -> FastAPI:
     return app
 
 
-def test_gather_of_20_find_one_is_flagged(example: Any, mongo_uri: str, registry: Any) -> None:
-    with serve(gather_app(mongo_uri, registry)) as server:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_gather_of_20_find_one_is_flagged(
+    example: Any, mongo_uri: str, registry: Any, loop: str
+) -> None:
+    with serve(gather_app(mongo_uri, registry), loop=loop) as server:
         for driver in ("async", "motor"):
             assert httpx.get(f"{server.url}/gather/{driver}", timeout=30).json() == 20
         assert httpx.get(f"{server.url}/motor-loop", timeout=30).json() == 6
