@@ -58,7 +58,16 @@ class _PresetIds(IdGenerator):
 
 
 class UnsampledSpan(NonRecordingSpan):
-    """A dropped request span whose SpanContext is built the first time it is asked for."""
+    """A dropped request span whose SpanContext is built the first time it is asked for.
+
+    It is also what `record.span` holds for its request (the fields of tracing.RequestSpan):
+    one object per dropped request instead of two.
+    """
+
+    # The RequestSpan fields: perfmw's own span, nothing recorded, no exemplar.
+    owned = True
+    recording = False
+    exemplar = None
 
     def __init__(
         self, trace_id: int, flags: int, trace_state: list[str] | None, ids: IdGenerator
@@ -68,6 +77,11 @@ class UnsampledSpan(NonRecordingSpan):
         self._flags = flags
         self._trace_state = trace_state
         self._ids = ids
+        self.token: object = None  # the context token to detach when the app call returns
+
+    @property
+    def span(self) -> UnsampledSpan:
+        return self
 
     def get_span_context(self) -> SpanContext:
         context = self._context

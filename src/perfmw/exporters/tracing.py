@@ -142,7 +142,15 @@ class Tracing:
                     span = tracer.start_span(record.method, parent, _SERVER)
                 else:
                     parent = current_context
-            recording = type(span) is not UnsampledSpan and span.is_recording()
+            if type(span) is UnsampledSpan:  # the fast path's dropped span: its own record
+                span.token = otel_context.attach(
+                    otel_context.Context(
+                        {**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span}
+                    )
+                )
+                record.span = span
+                return
+            recording = span.is_recording()
             if recording:
                 span.set_attributes(_start_attributes(scope, record))
             with_span = otel_context.Context(
