@@ -240,7 +240,9 @@ def test_caching_hit_rates_and_advice() -> None:
 def test_verification_and_trade_offs_follow_the_findings() -> None:
     markdown = report.render_markdown(report.analyse(snapshot()))
     verification = section(markdown, "Verification")
-    assert "perfmw report --url http://svc:8000 --format json --out before.json" in verification
+    assert (
+        "perfmw report --url http://svc:8000 --interval 60 --format json --out before.json"
+    ) in verification
     assert "perfmw report --compare before.json after.json" in verification
     assert 'http_server_request_duration_seconds_bucket{http_route="/reports/blocking"}' in (
         verification

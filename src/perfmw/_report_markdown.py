@@ -244,12 +244,13 @@ def _cache_advice(cache: Mapping[str, Any]) -> str:
 def _verification(doc: Mapping[str, Any]) -> list[str]:
     url = doc["url"]
     lines = [
-        "Re-measure under the same load before and after a change:",
+        "Re-measure under the same load before and after a change, each time over a minute of "
+        "it (`--interval` reports what happened between two scrapes, not totals since start):",
         "",
         "```bash",
-        f"perfmw report --url {url} --format json --out before.json",
+        f"perfmw report --url {url} --interval 60 --format json --out before.json",
         "# deploy the change, run the same load again",
-        f"perfmw report --url {url} --format json --out after.json",
+        f"perfmw report --url {url} --interval 60 --format json --out after.json",
         "perfmw report --compare before.json after.json",
         "```",
     ]
