@@ -236,11 +236,21 @@ _PROJECTING_STAGES = frozenset(
 )
 
 
+_aggregate_bounds: dict[str, tuple[bool, bool]] = {}  # shape -> (has limit, has projection)
+
+
 def _aggregate_limits(command: Any, query: Query) -> None:
-    pipeline = command.get("pipeline")
-    stages = {next(iter(stage), "") for stage in pipeline if stage} if pipeline else set()
-    query.has_limit = not _BOUNDING_STAGES.isdisjoint(stages)
-    query.has_projection = not _PROJECTING_STAGES.isdisjoint(stages)
+    bounds = _aggregate_bounds.get(query.shape)
+    if bounds is None:
+        pipeline = command.get("pipeline")
+        stages = {next(iter(stage), "") for stage in pipeline if stage} if pipeline else set()
+        bounds = (
+            not _BOUNDING_STAGES.isdisjoint(stages),
+            not _PROJECTING_STAGES.isdisjoint(stages),
+        )
+        if len(_aggregate_bounds) < 10_000:
+            _aggregate_bounds[query.shape] = bounds
+    query.has_limit, query.has_projection = bounds
 
 
 def _batch_bytes(batch: list[Any]) -> int:
