@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from examples.fastapi_app.app import create_app
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from motor.motor_asyncio import AsyncIOMotorClient
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, MongoClient, monitoring
@@ -490,6 +490,58 @@ def test_housekeeping_is_not_counted_and_getmore_folds_into_its_query(
     assert (query.operation, query.collection, query.documents) == ("find", "items", 50)
     assert query.shape == f"find {db_name}.items {{v: ?}}"
     assert query.duration_seconds > 0
+
+
+def test_a_failed_command_is_still_a_query(mongo_uri: str) -> None:
+    mongo.register_listeners()
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    with perfmw.track("failing") as record, pytest.raises(OperationFailure):
+        client.registry.servers.find_one({"owner": {"$nosuchoperator": 1}})
+    client.close()
+    [query] = record.queries
+    assert (query.failed, query.shape) == (
+        True,
+        "find registry.servers {owner: {$nosuchoperator: ?}}",
+    )
+
+
+def test_commands_of_background_tasks_are_not_the_requests(
+    mongo_uri: str, db_name: str, registry: Any
+) -> None:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    async def audit() -> None:
+        await clients["async"][db_name].audit.insert_one({"event": "read"})
+
+    @app.get("/with-audit")
+    async def with_audit(tasks: BackgroundTasks) -> int:
+        tasks.add_task(audit)
+        return 1
+
+    perfmw.instrument(app, settings=perfmw.Settings(server_timing=True), registry=registry)
+    with serve(app) as server:
+        response = httpx.get(server.url + "/with-audit", timeout=30)
+        assert 'desc="0 queries"' in response.headers["server-timing"]
+        inserts = {
+            "db_system_name": "mongodb",
+            "db_operation_name": "insert",
+            "db_collection_name": "audit",
+        }
+        exposition = wait_for(
+            lambda: (
+                text
+                if sample(
+                    text := httpx.get(server.url + "/metrics", timeout=10).text,
+                    "db_client_operation_duration_seconds_count",
+                    **inserts,
+                )
+                else None
+            )
+        )
+    route = {"http_request_method": "GET", "http_route": "/with-audit"}
+    assert sample(exposition, "perfmw_request_db_queries_sum", **route) == 0
+    assert sample(exposition, "db_client_operation_duration_seconds_count", **inserts) == 1
 
 
 def test_each_command_counted_once_with_both_registrations(mongo_uri: str) -> None:
