@@ -307,7 +307,7 @@ def _run(
     registry = CollectorRegistry()
     app = create_app(uri, settings=settings, registry=registry)
     token = settings.access_token
-    with running(app) as service, collected_warnings() as warnings:
+    with collected_warnings() as warnings, running(app) as service:
         if on_ready is not None:
             on_ready(service)
         plan = endpoints(requests_per_endpoint)
@@ -331,6 +331,10 @@ def _run(
     perf = getattr(app, "_perfmw_perf", None)
     if isinstance(perf, perfmw.Perf):
         perf.shutdown()
+    progress.write(
+        "the service is stopped. The same report for your own service: "
+        "perfmw report --url http://127.0.0.1:8000\n"
+    )
     return markdown
 
 
