@@ -486,3 +486,43 @@ def test_a_service_without_findings_endpoint_still_gets_its_metrics(
     assert "Not known: the service serves no findings endpoint" in section(
         markdown, "Bottlenecks Identified"
     )
+
+
+def test_findings_of_several_workers_add_up_per_site() -> None:
+    worker_a = [dict(FINDINGS[0], count=30, total_seconds=0.6, last_seen=10.0)]
+    worker_b = [
+        dict(FINDINGS[0], count=70, total_seconds=1.4, first_seen=5.0, last_seen=20.0),
+        FINDINGS[1],
+    ]
+    merged = report.merge_findings([worker_a, worker_b])
+    assert [(f["kind"], f["count"], f["total_seconds"]) for f in merged] == [
+        ("n_plus_one", 100, pytest.approx(2.0)),
+        ("loop_stall", 8, 1.2),
+    ]
+    assert (merged[0]["first_seen"], merged[0]["last_seen"]) == (5.0, 20.0)
+    doc = report.analyse(report.Snapshot("http://svc:8000", 1.0, {}, merged, 11, True, [11, 12]))
+    assert "The findings merge what 2 workers answered (pids 11, 12)" in (
+        report.render_markdown(doc)
+    )
+
+
+def test_probing_one_worker_several_times_counts_it_once(
+    registry: CollectorRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = FastAPI()
+
+    @app.get("/big")
+    async def big() -> str:
+        return "x" * 100_000  # a large_response finding per request
+
+    perfmw.instrument(app, registry=registry)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(3):
+            assert client.get("/big").status_code == 200
+        assert main(["report", "--url", server.url, "--probes", "4", "--format", "json"]) == 0
+        assert main(["report", "--url", server.url, "--probes", "0"]) == 2
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    assert document["pids"] == [os.getpid()]
+    assert [(f["kind"], f["count"]) for f in document["findings"]] == [("large_response", 3)]
+    assert err == "perfmw report: --probes must be between 1 and 100, got 0\n"

@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--findings-path", default="/perfmw/findings", help="default: /perfmw/findings"
     )
+    sub.add_argument(
+        "--probes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ask the findings endpoint N times and merge what each worker answered (each "
+        "worker process keeps its own findings); default: 1",
+    )
     sub.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
     return parser
 
@@ -67,6 +75,8 @@ def run_report(args: argparse.Namespace) -> str:
         return report.render_compare(before, after)
     if args.interval < 0:
         raise report.ReportError(f"--interval must be >= 0, got {args.interval}")
+    if not 1 <= args.probes <= 100:
+        raise report.ReportError(f"--probes must be between 1 and 100, got {args.probes}")
 
     def scrape() -> report.Snapshot:
         return report.collect(
@@ -75,6 +85,7 @@ def run_report(args: argparse.Namespace) -> str:
             metrics_path=args.metrics_path,
             findings_path=args.findings_path,
             timeout=args.timeout,
+            probes=args.probes,
         )
 
     first = scrape()

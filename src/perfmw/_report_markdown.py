@@ -28,13 +28,19 @@ def _route_name(item: Mapping[str, Any]) -> str:
 def _current_performance(doc: Mapping[str, Any]) -> list[str]:
     routes = doc["routes"]
     window = doc.get("window_seconds")
-    pid = doc.get("pid")
-    worker = (
-        f" The findings are those of the worker that answered (pid {pid}); with several "
-        "workers, the metrics cover them all."
-        if pid is not None
-        else ""
-    )
+    pids = doc.get("pids") or ([doc["pid"]] if doc.get("pid") is not None else [])
+    if len(pids) > 1:
+        worker = (
+            f" The findings merge what {len(pids)} workers answered "
+            f"(pids {', '.join(str(p) for p in pids)}); the metrics cover every worker."
+        )
+    elif pids:
+        worker = (
+            f" The findings are those of the worker that answered (pid {pids[0]}); with several "
+            "workers, the metrics cover them all (`--probes 8` asks up to 8 of them)."
+        )
+    else:
+        worker = ""
     span = f"over {window:.1f} s ({doc['measured']})" if window else doc["measured"]
     lines = [
         f"Measured inside the service at {doc['url']} by perfmw's middleware, "

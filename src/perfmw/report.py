@@ -38,6 +38,7 @@ __all__ = [
     "collect",
     "finding_key",
     "load_report",
+    "merge_findings",
     "parse_samples",
     "quantile",
     "render_compare",
@@ -64,6 +65,7 @@ class Snapshot:
     findings: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
     findings_served: bool = True
+    pids: list[int] = field(default_factory=list)  # every worker whose findings were merged
 
 
 def _get(url: str, token: str | None, timeout: float, missing_ok: bool = False) -> bytes | None:
@@ -110,8 +112,14 @@ def collect(
     metrics_path: str = "/metrics",
     findings_path: str | None = "/perfmw/findings",
     timeout: float = 10.0,
+    probes: int = 1,
 ) -> Snapshot:
-    """Scrape a service's metrics and findings endpoints; ReportError when that fails."""
+    """Scrape a service's metrics and findings endpoints; ReportError when that fails.
+
+    Each worker process keeps its own findings: `probes` > 1 asks the findings endpoint that
+    many times (a new connection each, which a multi-worker server hands to any worker) and
+    merges what each worker answered.
+    """
     base = base_url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise ReportError(f"--url must start with http:// or https://, got {base_url!r}")
@@ -119,20 +127,52 @@ def collect(
     exposition = _get(base + metrics_path, token, timeout)
     assert exposition is not None
     samples = parse_samples(exposition.decode("utf-8", "replace"))
-    findings: list[dict[str, Any]] = []
-    pid = None
-    # A service may serve metrics only (findings_path=None): the report still has those.
-    raw = None if findings_path is None else _get(base + findings_path, token, timeout, True)
-    if raw is not None:
+    by_pid: dict[int | None, list[dict[str, Any]]] = {}
+    served = findings_path is not None
+    for _ in range(max(1, probes) if served else 0):
+        # A service may serve metrics only (findings_path=None): the report still has those.
+        raw = _get(f"{base}{findings_path}", token, timeout, True)
+        if raw is None:
+            served = False
+            break
         try:
             document = json.loads(raw)
-            findings = list(document["findings"])
-            pid = document.get("pid")
-        except (ValueError, KeyError, TypeError):
+            by_pid[document.get("pid")] = list(document["findings"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ReportError(
                 f"{base}{findings_path} did not answer perfmw findings JSON"
             ) from None
-    return Snapshot(base, taken_at, samples, findings, pid, raw is not None)
+    pids = [pid for pid in by_pid if isinstance(pid, int)]
+    return Snapshot(
+        base,
+        taken_at,
+        samples,
+        merge_findings(list(by_pid.values())),
+        pids[0] if pids else None,
+        served,
+        pids,
+    )
+
+
+def merge_findings(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One list of findings from several workers' lists: the same site's counts and times add up."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for findings in per_worker:
+        for finding in findings:
+            key = finding_key(finding)
+            entry = merged.get(key)
+            if entry is None:
+                merged[key] = dict(finding)
+                continue
+            entry["count"] = entry.get("count", 0) + finding.get("count", 0)
+            entry["total_seconds"] = entry.get("total_seconds", 0.0) + finding.get(
+                "total_seconds", 0.0
+            )
+            entry["first_seen"] = min(entry.get("first_seen", 0), finding.get("first_seen", 0))
+            if finding.get("last_seen", 0) >= entry.get("last_seen", 0):
+                entry["last_seen"] = finding.get("last_seen", 0)
+                entry["detail"] = finding.get("detail")
+    return sorted(merged.values(), key=lambda f: -float(f.get("total_seconds") or 0.0))
 
 
 # Analysis: from one snapshot (totals since the process started) or the difference of two
@@ -394,6 +434,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         "perfmw_report": FORMAT_VERSION,
         "url": after.url,
         "pid": after.pid,
+        "pids": after.pids or ([after.pid] if after.pid is not None else []),
         "findings_served": after.findings_served,
         "taken_at": after.taken_at,
         "window_seconds": window,
