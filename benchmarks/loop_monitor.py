@@ -28,7 +28,7 @@ import perfmw
 from benchmarks._asgi import SCOPE, _receive, _send
 from perfmw import loop as loop_monitor
 
-ROUNDS = 11
+ROUNDS = 15
 WARMUP_SECONDS = 0.05  # the watchdog is up and has slept through a few beats
 
 
@@ -75,6 +75,20 @@ WORKLOADS: dict[str, tuple[Callable[[int], Awaitable[None]], int]] = {
 }
 
 
+WATCHDOG_SHARE: list[float] = []  # the watchdog thread's CPU time over the run's, per run
+
+
+def _thread_cpu(native_id: int | None) -> float:
+    """CPU seconds of one thread of this process (Linux), 0 elsewhere."""
+    if native_id is None:
+        return 0.0
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         import uvloop
@@ -87,15 +101,23 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
 def run_once(workload: str, loop_kind: str, monitor: bool, debug: bool) -> tuple[float, float]:
     """(process CPU seconds, wall seconds) per operation of one run on a fresh loop."""
     work, n = WORKLOADS[workload]
+    if debug:
+        n //= 10  # per operation it costs tens of times more
     owner = APP_PERF if workload == "requests" else perfmw.Perf(registry=CollectorRegistry())
 
     async def main() -> tuple[float, float]:
+        watchdog = None
         if monitor:
             loop_monitor.start(owner)
+            running = loop_monitor.monitor_for(asyncio.get_running_loop())
+            watchdog = None if running is None else running._watchdog.native_id
         await asyncio.sleep(WARMUP_SECONDS)
         cpu, wall = time.process_time(), time.perf_counter()
+        watchdog_cpu = _thread_cpu(watchdog)
         await work(n)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if watchdog is not None:
+            WATCHDOG_SHARE.append((_thread_cpu(watchdog) - watchdog_cpu) / cpu)
         if monitor:
             loop_monitor.stop(owner)
         return cpu / n, wall / n
@@ -130,8 +152,10 @@ def measure(
     wall: dict[str, list[float]] = {name: [] for name in variants}
     for variant in variants.values():  # warm up
         run_once(workload, *variant)
-    for _ in range(rounds):
-        for name, variant in variants.items():
+    order = list(variants.items())
+    for round_ in range(rounds):
+        # Alternate the order so that neither variant always runs after the other.
+        for name, variant in order if round_ % 2 == 0 else reversed(order):
             c, w = run_once(workload, *variant)
             cpu[name].append(c * 1e6)
             wall[name].append(w * 1e6)
@@ -152,8 +176,15 @@ def table(workload: str, medians: dict[str, tuple[float, float]], baseline: str)
 
 
 def main() -> None:
-    # A shared machine may deschedule this process: such stalls are real, but not the subject.
+    # A shared machine may deschedule this process: such stalls are real (and sampling them
+    # costs the monitor-on runs a little), but not the subject: they are counted, not logged.
     logging.getLogger("perfmw").setLevel(logging.ERROR)
+    stalls = [0]
+
+    def count(perf: perfmw.Perf, record: perfmw.RequestRecord) -> None:
+        stalls[0] += len(record.stalls)
+
+    perfmw.perf._finish_hooks.append(count)
     verdicts: list[str] = []
     for workload in WORKLOADS:
         groups: list[tuple[dict[str, tuple[str, bool, bool]], str, str]] = [
@@ -168,6 +199,11 @@ def main() -> None:
             verdict = "ok" if ratio <= 1.02 else "OVER BUDGET"
             verdicts.append(f"{workload} [{on}]: {ratio:.3f}x CPU (budget 1.02x) {verdict}")
     print("\n".join(verdicts))
+    print(f"stalls detected during the runs: {stalls[0]} (0 on a quiet machine)")
+    if WATCHDOG_SHARE:
+        share = statistics.median(WATCHDOG_SHARE) * 100
+        print(f"watchdog thread's own CPU: median {share:.3f} % of a run's CPU time")
+    perfmw.perf._finish_hooks.remove(count)
 
 
 if __name__ == "__main__":

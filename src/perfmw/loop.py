@@ -490,6 +490,8 @@ class LoopMonitor:
             if not self.stopped:
                 self.stop()
             for owner in self.perfs:
+                if self in owner._loops:
+                    owner._loops.remove(self)
                 if not owner.closed:
                     # This app's next request on a new loop starts a new monitor.
                     owner.loop_started = False
