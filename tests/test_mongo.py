@@ -359,6 +359,29 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
             assert findings(server.url, "slow_query")  # still slow (threshold 0), now indexed
 
 
+def test_a_silenced_site_gets_no_missing_index_either(
+    mongo_uri: str, db_name: str, registry: Any
+) -> None:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.get("/by-team")
+    async def by_team(team: str) -> int:
+        return len(await clients["async"][db_name].servers.find({"team": team}).to_list())
+
+    settings = perfmw.Settings(
+        explain_slow_queries=True, slow_query_seconds=0.0, silenced_locations=(str(HERE),)
+    )
+    perfmw.instrument(app, settings=settings, registry=registry)
+    with MongoClient(mongo_uri) as sync:
+        sync[db_name].servers.insert_many([{"team": f"t{i % 3}"} for i in range(30)])
+        with serve(app) as server:
+            for team in ("t1", "t2", "t0"):
+                assert httpx.get(server.url + f"/by-team?team={team}", timeout=30).json() == 10
+                assert wait_for(explains_done)
+            assert findings(server.url) == []
+
+
 def test_a_server_that_cannot_explain_is_not_an_internal_error(
     mongo_uri: str, db_name: str, registry: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -368,9 +368,12 @@ def _report(
     shape: str,
     verdict: Verdict,
 ) -> None:
+    from .detectors import silenced
     from .exporters import logs
 
     assert verdict.index is not None
+    if silenced(location, perf.settings.silenced_locations):
+        return  # an accepted site, like any other finding (detectors.detect)
     finding = Finding(
         "missing_index",
         route,
