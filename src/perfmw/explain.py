@@ -241,6 +241,9 @@ def _sync_twin(client: Any) -> Any:
         options = dict(client._init_kwargs)
         options.pop("event_listeners", None)
         options["maxPoolSize"] = 1
+        # Best effort, off the request path: never wait long for a server (closing the twin at
+        # exit, after the database went away, would otherwise block for 30 s).
+        options["serverSelectionTimeoutMS"] = 2000
         twin = _twins[id(client)] = MongoClient(**options)
         weakref.finalize(client, _close_twin, id(client))
     return twin
