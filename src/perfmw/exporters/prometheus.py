@@ -115,7 +115,9 @@ class PrometheusSink(Collector):
 
     def __init__(self) -> None:
         self.multiprocess = _multiprocess_check()
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer run by a collection in the middle of an observation (a
+        # cursor's killCursors reaching the MongoDB listener) must not deadlock its thread.
+        self._lock = threading.RLock()
         self.http_duration = Family(
             "histogram",
             "http_server_request_duration_seconds",
