@@ -116,7 +116,9 @@ def _consecutive_finding(route: str, run: list[Query], min_saving: float) -> lis
     saving = sum(durations) - max(durations)
     if saving < min_saving:
         return []
-    location = next((q.location for q in run if q.location is not None), None)
+    # The site is the second read: the first await that waited for another it did not need.
+    # One line for every request, so one finding per site (the listener locates that read).
+    location = run[1].location or next((q.location for q in run if q.location), None)
     return [
         Finding(
             "consecutive_queries",
