@@ -68,8 +68,8 @@ def test_consecutive_site_is_the_second_read_even_when_the_first_is_located() ->
     # The first read of a run gets a line when it happens to be slow too: the finding must
     # stay on the same site, or one problem becomes two findings.
     run = [
-        query("count db.a {}", 0.000, 0.004, collection="a", location="app.py:7"),
-        query("count db.b {}", 0.005, 0.004, collection="b", location="app.py:8"),
+        query("count db.a {}", 0.000, 0.006, collection="a", location="app.py:7"),
+        query("count db.b {}", 0.007, 0.006, collection="b", location="app.py:8"),
     ]
     [found] = mongo.consecutive_queries("/r", run)
     assert found.location == "app.py:8"
