@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import sys
 import threading
 import time
@@ -160,6 +161,7 @@ class _StallState:
 
     __slots__ = (
         "done",
+        "gil_wait",
         "locations",
         "record",
         "record_known",
@@ -175,6 +177,8 @@ class _StallState:
     def __init__(self, start: float, registered_at: float, runqueue: float) -> None:
         self.start = start  # estimated moment the loop stopped answering
         self.registered_at = registered_at
+        # How long the watchdog, ready to run, waited for the GIL: another thread held it.
+        self.gil_wait = 0.0
         self.runqueue = runqueue
         self.samples = 0
         # Frames are kept (not their ids) so that an id is not reused within the stall.
@@ -299,7 +303,11 @@ class LoopMonitor:
         now = _monotonic()
         late = now - self._due
         self.lag = late if late > 0.0 else 0.0
-        if self._stall is not None or self._gc_culprit is not None:
+        if (
+            self._stall is not None
+            or self._gc_culprit is not None
+            or late + self.interval / 2 >= self.threshold
+        ):
             with _GUARD:
                 self._loop_came_back(now)
         self._mark(now)
@@ -316,17 +324,31 @@ class LoopMonitor:
             if culprit is not None and culprit.at < self._beat_at:
                 culprit = None  # a collection before the last beat: not this stall
             if state is None:
-                if culprit is None:
-                    return
-                # The collection held the GIL until the loop came back: the watchdog never
-                # saw the stall, the GC callback located it.
-                state = _StallState(self._beat_at + self.interval / 2, now, 0.0)
-                state.record, state.record_known = culprit.record, True
+                start = self._beat_at + self.interval / 2
+                if culprit is not None:
+                    # The collection held the GIL until the loop came back: the watchdog never
+                    # saw the stall, the GC callback located it.
+                    state = _StallState(start, now, 0.0)
+                    state.record, state.record_known = culprit.record, True
+                elif self._starved(now - start):
+                    # Other threads held the GIL so long that the watchdog, too, never ran:
+                    # nothing to sample, but the loop thread's clock tells what happened.
+                    state = _StallState(start, now, 0.0)
+                    state.record_known = True
+                else:
+                    return  # late, but not seen stalled: a loop stopped and run again
             if state.done:
                 return
             report = self._finalize(state, now, culprit)
         if report is not None:
             self._report_background(*report)
+
+    def _starved(self, duration: float) -> bool:
+        if duration < self.threshold:
+            return False
+        cpu = time.clock_gettime(self.cpu_clock) - self._beat_cpu
+        others = time.process_time() - self._beat_process - cpu
+        return cpu < 0.25 * duration and others >= 0.5 * duration
 
     # Settling a stall (under self._lock, on the loop thread once the loop runs again)
 
@@ -376,6 +398,7 @@ class LoopMonitor:
         elif (
             others >= 0.5 * duration
             or descheduled >= 0.5
+            or (waited > 0 and state.gil_wait >= 0.5 * waited)
             or (state.samples and root is None and share >= 0.5)
         ):
             cause = "starved"
@@ -448,6 +471,8 @@ class LoopMonitor:
     # The watchdog thread
 
     def _watch(self) -> None:
+        own = _SchedStat(threading.get_native_id())
+        queued = -1.0  # own run-queue time before the latest sleep until a deadline
         try:
             while not self.stopped:
                 loop = self._loop_ref()
@@ -461,6 +486,7 @@ class LoopMonitor:
                     with _GUARD:
                         _flush_gc_pauses()
                 if wait > 0:
+                    queued = own.runqueue()
                     if self._wake.acquire(timeout=wait):
                         return
                     continue
@@ -470,18 +496,23 @@ class LoopMonitor:
                 if not loop.is_running():
                     # Stopped between two run_until_complete() calls: nothing is late.
                     del loop
+                    queued = -1.0
                     if self._wake.acquire(timeout=self.threshold):
                         return
                     continue
                 pending = self._stall
                 if self._seq == seq and (pending is None or not pending.done):
+                    # Woken late, and not because the OS ran this thread late: the GIL was held.
+                    gil_wait = own.gil_wait(_monotonic() - deadline, queued)
                     with _GUARD:
-                        self._follow_stall(loop, seq, deadline)
+                        self._follow_stall(loop, seq, deadline, own, gil_wait)
                 del loop
+                queued = -1.0
                 if self._seq == seq and self._wake.acquire(timeout=SAMPLE_SECONDS):
                     # A stall settled early (its request finished): wait for the next beat.
                     return
         finally:
+            own.close()
             self._exited()
 
     def _exited(self) -> None:
@@ -496,7 +527,14 @@ class LoopMonitor:
                     # This app's next request on a new loop starts a new monitor.
                     owner.loop_started = False
 
-    def _follow_stall(self, loop: asyncio.AbstractEventLoop, seq: int, deadline: float) -> None:
+    def _follow_stall(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        seq: int,
+        deadline: float,
+        own: _SchedStat,
+        gil_wait: float,
+    ) -> None:
         start = self._beat_at + self.interval / 2
         with self._lock:
             if self._seq != seq or self.stopped:
@@ -507,6 +545,7 @@ class LoopMonitor:
                 state = self._stall = _StallState(start, min(deadline, _monotonic()), runqueue)
             elif state.done:
                 return
+            state.gil_wait += gil_wait
         while True:
             frame = sys._current_frames().get(self.thread_id)
             with self._lock:
@@ -524,8 +563,10 @@ class LoopMonitor:
                 if report is not None:
                     self._report_background(*report)
                 return
+            queued, slept = own.runqueue(), _monotonic()
             if self._wake.acquire(timeout=SAMPLE_SECONDS):
                 return
+            state.gil_wait += own.gil_wait(_monotonic() - slept - SAMPLE_SECONDS, queued)
 
     def _sample(
         self, state: _StallState, frame: FrameType, loop: asyncio.AbstractEventLoop
@@ -671,6 +712,38 @@ def _callback_depth(frame: FrameType | None) -> int | None:
         if f is root:
             return depth
     return None
+
+
+class _SchedStat:
+    """The calling thread's own run-queue time, read through one open file (Linux)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, native_id: int) -> None:
+        try:
+            self.fd: int | None = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+        except OSError:
+            self.fd = None
+
+    def runqueue(self) -> float:
+        if self.fd is None:
+            return -1.0
+        try:
+            return int(os.pread(self.fd, 128, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return -1.0
+
+    def gil_wait(self, late: float, queued_before: float) -> float:
+        """Of `late` seconds past a wake-up, those not spent waiting for a CPU (0 if unknown)."""
+        if queued_before < 0 or late <= 0:
+            return 0.0
+        now = self.runqueue()
+        return max(0.0, late - (now - queued_before)) if now >= 0 else 0.0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _runqueue_seconds(native_id: int) -> float:
