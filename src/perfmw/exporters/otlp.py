@@ -29,8 +29,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from .. import _guard
+from ._mongo_spans import instrument_pymongo
 from ._otlp_wire import encode_spans
-from .tracing import instrument_pymongo
 
 logger = logging.getLogger("perfmw")
 

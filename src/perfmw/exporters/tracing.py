@@ -3,8 +3,8 @@
 The middleware calls `Tracing.start()` when a request begins and `leave()` when its call
 returns; `Perf.finish()` calls `end()` with the finished record, which names the span after
 the route, sets perfmw's attributes, turns findings into span events and ends the span.
-MongoDB commands become CLIENT child spans through opentelemetry-instrumentation-pymongo,
-whose tracer this module routes to the provider of the request's app (see `_RoutingTracer`).
+MongoDB commands become CLIENT child spans through opentelemetry-instrumentation-pymongo
+(`_mongo_spans.py`).
 
 No span is made per body chunk: the one span covers the request up to its last chunk.
 """
@@ -12,7 +12,6 @@ No span is made per body chunk: the one span covers the request up to its last c
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
 from .. import _guard
-from ..record import OTHER, UNMATCHED, RequestRecord, _current
+from ..record import OTHER, UNMATCHED, RequestRecord
+from ._mongo_spans import instrument_pymongo
 from ._sampling import FastSampling, UnsampledSpan
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from ..perf import Perf
 
 _TRACING = _guard.guard("tracing")
-_MONGO = _guard.guard("tracing-mongo")
 _NAME = "perfmw"
 
 
@@ -300,121 +299,3 @@ def _event_attributes(finding: Finding) -> Attributes:
             attributes["code.filepath"] = path
             attributes["code.lineno"] = int(line)
     return attributes
-
-
-# MongoDB child spans.
-
-
-class _RoutingTracer:
-    """pymongo's tracer: starts each command's span with the tracer of the request's app.
-
-    opentelemetry-instrumentation-pymongo registers one listener per process with one tracer;
-    several apps (with their own providers) can share the process, so the choice is made per
-    command from the current perfmw record. Outside a traced request the global provider is
-    used. The parent is the current span when it belongs to the request's trace (a span the
-    app opened itself), otherwise the request's span: records reach threads (motor,
-    run_in_threadpool) that OpenTelemetry's context did not.
-    """
-
-    def __init__(self) -> None:
-        self._global = otel_trace.get_tracer("opentelemetry.instrumentation.pymongo")
-        self._tracers: dict[int, tuple[Any, otel_trace.Tracer]] = {}
-        self._lock = threading.Lock()
-
-    def _tracer_for(self, provider: Any) -> otel_trace.Tracer:
-        entry = self._tracers.get(id(provider))
-        if entry is None or entry[0] is not provider:
-            with self._lock:
-                if len(self._tracers) > 64:
-                    self._tracers.clear()
-                entry = (provider, provider.get_tracer("opentelemetry.instrumentation.pymongo"))
-                self._tracers[id(provider)] = entry
-        return entry[1]
-
-    def start_span(
-        self,
-        name: str,
-        context: otel_context.Context | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Attributes = None,
-        links: Any = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-    ) -> otel_trace.Span:
-        tracer = self._global
-        record = _current.get()
-        request_span: RequestSpan | None = record.span if record is not None else None
-        if request_span is not None:
-            with _MONGO:
-                perf = record.owner  # type: ignore[union-attr]
-                tracing = perf.tracing if perf is not None else None
-                if tracing is not None and tracing.tracer is not None:
-                    tracer = self._tracer_for(tracing.provider)
-                parent = request_span.span.get_span_context()
-                if context is None and (
-                    otel_trace.get_current_span().get_span_context().trace_id != parent.trace_id
-                ):
-                    context = otel_trace.set_span_in_context(request_span.span)
-        return tracer.start_span(
-            name,
-            context,
-            kind,
-            attributes,
-            links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-        )
-
-
-class _RoutingTracerProvider:
-    """What `get_tracer()` of pymongo's instrumentation is given: always the routing tracer."""
-
-    def __init__(self) -> None:
-        self._tracer = _RoutingTracer()
-
-    def get_tracer(self, *args: Any, **kwargs: Any) -> _RoutingTracer:
-        return self._tracer
-
-
-def _statement_hook(span: otel_trace.Span, event: Any) -> None:
-    """Put the command's shape (values as `?`) in the statement pymongo's instrumentation set
-    to the bare command name; values are kept only when the app's `capture_statement` is on."""
-    if not span.is_recording():
-        return
-    with _MONGO:
-        from ..shapes import shape_of
-
-        record = _current.get()
-        perf = record.owner if record is not None else None
-        capture = perf is not None and perf.settings.capture_statement
-        span.set_attribute(
-            "db.statement",
-            shape_of(event.command_name, event.command, capture, event.database_name),
-        )
-
-
-_pymongo_lock = threading.Lock()
-_pymongo_instrumented = False
-
-
-def instrument_pymongo() -> None:
-    """Trace MongoDB commands as child spans, once per process, unless the user already did."""
-    global _pymongo_instrumented
-    if _pymongo_instrumented:
-        return
-    with _pymongo_lock, _TRACING:
-        if _pymongo_instrumented:
-            return
-        _pymongo_instrumented = True
-        from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
-
-        instrumentor = PymongoInstrumentor()
-        if instrumentor.is_instrumented_by_opentelemetry:
-            return  # the user's own set-up (their provider, hooks) wins
-        instrumentor.instrument(
-            tracer_provider=_RoutingTracerProvider(),
-            request_hook=_statement_hook,
-            capture_statement=False,
-        )
