@@ -237,6 +237,7 @@ class LoopMonitor:
         self._lock = threading.Lock()
         self._wake = threading.Lock()  # released by stop(): the watchdog's sleep ends at once
         self._wake.acquire()
+        self._timer = _KernelTimer.create(self.threshold + HEARTBEAT_SECONDS / 2)
         self._seq = 0
         self._stall: _StallState | None = None
         self._gc_culprit: _GcCulprit | None = None
@@ -255,6 +256,8 @@ class LoopMonitor:
         if not _TASK_HAS_CONTEXT and not isinstance(loop, asyncio.BaseEventLoop):
             self._install_task_factory(loop)
         _loop_threads[self.thread_id] = self
+        if self._timer is not None:
+            self._timer.arm_beat()
         self._handle = loop.call_at(self._due, self._beat)
         self._watchdog.start()
 
@@ -265,6 +268,9 @@ class LoopMonitor:
                 return
             self.stopped = True
         self._wake.release()
+        if self._timer is not None:
+            with contextlib.suppress(OSError):
+                self._timer.arm(1e-9)  # the watchdog's read() returns now
         if _loop_threads.get(self.thread_id) is self:
             del _loop_threads[self.thread_id]
         loop = self._loop_ref()
@@ -311,6 +317,12 @@ class LoopMonitor:
             with _GUARD:
                 self._loop_came_back(now)
         self._mark(now)
+        timer = self._timer
+        if timer is not None:
+            timer.arm_beat()
+        if _gc_pauses:
+            with _GUARD:
+                _flush_gc_pauses()
         self._due = now + self.interval
         self._seq += 1
         loop = self._loop_ref()
@@ -487,6 +499,12 @@ class LoopMonitor:
                         _flush_gc_pauses()
                 if wait > 0:
                     queued = own.runqueue()
+                    timer = self._timer
+                    if timer is not None:
+                        # Each beat pushes the timer back: it expires only if beats stop.
+                        timer.arm(wait)
+                        timer.wait()
+                        continue
                     if self._wake.acquire(timeout=wait):
                         return
                     continue
@@ -514,6 +532,9 @@ class LoopMonitor:
         finally:
             own.close()
             self._exited()
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.close()
 
     def _exited(self) -> None:
         """The watchdog ends with its loop: forget the monitor so a new loop gets its own."""
@@ -753,6 +774,76 @@ def _runqueue_seconds(native_id: int) -> float:
             return int(f.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+# --- A kernel timer the heartbeat re-arms: the watchdog sleeps in read() without the GIL ---
+
+
+class _KernelTimer:
+    """A Linux timerfd: `read()` blocks (GIL released) until the armed time passes.
+
+    The heartbeat re-arms it at every beat, so while the loop is healthy it never expires and the
+    watchdog thread never wakes: it takes the GIL only when a stall begins. (A timed lock wait
+    instead wakes ten times a second, and each wake-up waits for the GIL behind a busy loop.)
+    """
+
+    __slots__ = ("_beat_address", "_beat_spec", "_settime", "_spec", "fd")
+
+    @classmethod
+    def create(cls, beat_seconds: float) -> _KernelTimer | None:
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls(beat_seconds)
+        except (OSError, AttributeError, ImportError):
+            return None
+
+    def __init__(self, beat_seconds: float) -> None:
+        import ctypes
+
+        class Timespec(ctypes.Structure):
+            _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+        class Itimerspec(ctypes.Structure):
+            _fields_ = (("it_interval", Timespec), ("it_value", Timespec))
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        create = libc.timerfd_create
+        create.argtypes = (ctypes.c_int, ctypes.c_int)
+        create.restype = ctypes.c_int
+        settime = libc.timerfd_settime
+        settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        settime.restype = ctypes.c_int
+        fd = create(time.CLOCK_MONOTONIC, os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self.fd = fd
+        self._settime = settime
+        self._spec = Itimerspec
+        # The heartbeat arms the same delay every time: built once, passed by address.
+        self._beat_spec = self._build(beat_seconds)
+        self._beat_address = ctypes.addressof(self._beat_spec)
+
+    def _build(self, seconds: float) -> Any:
+        spec = self._spec()
+        nanoseconds = max(int(seconds * 1e9), 1)  # 0 would disarm it
+        spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(nanoseconds, 1_000_000_000)
+        return spec
+
+    def arm_beat(self) -> None:
+        self._settime(self.fd, 0, self._beat_address, None)
+
+    def arm(self, seconds: float) -> None:
+        import ctypes
+
+        spec = self._build(seconds)
+        self._settime(self.fd, 0, ctypes.addressof(spec), None)
+
+    def wait(self) -> None:
+        os.read(self.fd, 8)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 # --- Registry of monitors, hooks into Perf ---
