@@ -1,7 +1,7 @@
 """Run every benchmark module (each prints its own table of medians and same-run ratios).
 
-    python -m benchmarks            # all of them
-    python -m benchmarks overhead   # one
+python -m benchmarks            # all of them
+python -m benchmarks overhead   # one
 """
 
 from __future__ import annotations

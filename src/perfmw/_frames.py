@@ -39,6 +39,9 @@ _LIBRARY_PACKAGES = (
     "_pytest",
     "pytest",
     "pluggy",
+    "requests",
+    "urllib3",
+    "jinja2",
 )
 
 
