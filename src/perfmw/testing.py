@@ -10,7 +10,7 @@ import contextlib
 from types import TracebackType
 from typing import Any
 
-# --- assert_max_queries (MongoDB source) ---
+from .blocking import BlockingCallError
 
 
 class assert_max_queries:
@@ -78,11 +78,6 @@ class assert_max_queries:
         tb: TracebackType | None,
     ) -> None:
         self.__exit__(exc_type, exc, tb)
-
-
-# --- forbid_blocking (event loop source) ---
-
-from .blocking import BlockingCallError  # noqa: E402  (re-exported next to its context manager)
 
 
 class forbid_blocking:
