@@ -25,6 +25,19 @@ SCOPE: dict[str, Any] = {
 }
 
 
+def items_app() -> Any:
+    """The FastAPI app every per-request benchmark measures: one route with a path parameter."""
+    from fastapi import FastAPI  # imported late: multiprocess runs set their environment first
+
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    return app
+
+
 async def _receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
 

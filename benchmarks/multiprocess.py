@@ -18,29 +18,19 @@ import sys
 import tempfile
 import time
 
-from benchmarks._asgi import per_request_us
+from benchmarks._asgi import items_app, per_request_us
 
 
 def _child() -> dict[str, float]:
-    from fastapi import FastAPI
     from prometheus_client import CollectorRegistry
 
     import perfmw
     from perfmw.exporters.prometheus import exposition, sink_for
 
-    def make_app() -> FastAPI:
-        app = FastAPI()
-
-        @app.get("/items/{item_id}")
-        async def item(item_id: int) -> dict[str, int]:
-            return {"id": item_id}
-
-        return app
-
     registry = CollectorRegistry()
-    instrumented = make_app()
+    instrumented = items_app()
     perfmw.instrument(instrumented, settings=perfmw.Settings(trace=False), registry=registry)
-    medians = per_request_us({"bare": make_app(), "perfmw": instrumented})
+    medians = per_request_us({"bare": items_app(), "perfmw": instrumented})
     scrapes = []
     for _ in range(30):
         started = time.perf_counter()

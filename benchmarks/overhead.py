@@ -9,21 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 import perfmw
-from benchmarks._asgi import per_request_us, table
-
-
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/items/{item_id}")
-    async def item(item_id: int) -> dict[str, int]:
-        return {"id": item_id}
-
-    return app
+from benchmarks._asgi import items_app, per_request_us, table
 
 
 def variants() -> dict[str, Any]:
@@ -37,20 +26,20 @@ def variants() -> dict[str, Any]:
         def export(self, spans: Any) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    bare = make_app()
+    bare = items_app()
 
-    with_perfmw = make_app()
+    with_perfmw = items_app()
     perfmw.instrument(
         with_perfmw, settings=perfmw.Settings(trace=False), registry=CollectorRegistry()
     )
 
-    instrumentator = make_app()
+    instrumentator = items_app()
     Instrumentator(registry=CollectorRegistry()).instrument(instrumentator)
 
-    exporter = make_app()
+    exporter = items_app()
     exporter.add_middleware(PrometheusMiddleware)
 
-    otel = make_app()
+    otel = items_app()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(Dropping()))
     FastAPIInstrumentor.instrument_app(otel, tracer_provider=provider)

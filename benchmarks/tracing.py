@@ -28,21 +28,11 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 import perfmw
-from benchmarks._asgi import per_request_us, table
+from benchmarks._asgi import items_app, per_request_us, table
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSAMPLED_PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 LOAD_SECONDS = 3
-
-
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/items/{item_id}")
-    async def item(item_id: int) -> dict[str, int]:
-        return {"id": item_id}
-
-    return app
 
 
 class WithHeader:
@@ -92,7 +82,7 @@ def variants() -> dict[str, Any]:
     made = providers()
 
     def perfmw_app(trace: bool, provider: Any = None) -> FastAPI:
-        app = make_app()
+        app = items_app()
         perfmw.instrument(
             app,
             settings=perfmw.Settings(trace=trace),
@@ -101,11 +91,11 @@ def variants() -> dict[str, Any]:
         )
         return app
 
-    otel = make_app()
+    otel = items_app()
     FastAPIInstrumentor.instrument_app(otel, tracer_provider=made["sampled"])
     header = (b"traceparent", UNSAMPLED_PARENT)
     return {
-        "bare FastAPI": make_app(),
+        "bare FastAPI": items_app(),
         "perfmw, tracing off": perfmw_app(False),
         "perfmw, tracing on": perfmw_app(True, made["sampled"]),
         "OpenTelemetry FastAPI": otel,

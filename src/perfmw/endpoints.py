@@ -60,32 +60,35 @@ def _refusal(
 def build_endpoints(perf: Perf) -> dict[str, Endpoint]:
     """The endpoints a Perf serves, keyed by their path."""
     settings = perf.settings
-    token = settings.access_token
 
-    async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = _refusal(scope, token)
-        if refusal is not None:
-            status, text, extra = refusal
-            await _respond(send, status, text, "text/plain; charset=utf-8", extra)
-            return
-        body, content_type = exposition(perf.registry, _header(scope, b"accept"))
-        await _respond(send, 200, body, content_type, [])
+    def metrics(scope: Scope) -> tuple[bytes, str]:
+        return exposition(perf.registry, _header(scope, b"accept"))
 
-    async def findings(scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = _refusal(scope, token)
-        if refusal is not None:
-            status, text, extra = refusal
-            await _respond(send, status, text, "text/plain; charset=utf-8", extra)
-            return
+    def findings(scope: Scope) -> tuple[bytes, str]:
         document = {
             "pid": os.getpid(),
             "findings": [finding.to_dict() for finding in perf.findings.snapshot()],
         }
-        await _respond(send, 200, json.dumps(document).encode(), "application/json", [])
+        return json.dumps(document).encode(), "application/json"
 
     served: dict[str, Endpoint] = {}
     if settings.metrics_path is not None:
-        served[settings.metrics_path] = metrics
+        served[settings.metrics_path] = _protected(metrics, settings.access_token)
     if settings.findings_path is not None:
-        served[settings.findings_path] = findings
+        served[settings.findings_path] = _protected(findings, settings.access_token)
     return served
+
+
+def _protected(render: Callable[[Scope], tuple[bytes, str]], token: str | None) -> Endpoint:
+    """An endpoint answering GET/HEAD with `render(scope)`, behind the bearer token if set."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = _refusal(scope, token)
+        if refusal is not None:
+            status, text, extra = refusal
+            await _respond(send, status, text, "text/plain; charset=utf-8", extra)
+            return
+        body, content_type = render(scope)
+        await _respond(send, 200, body, content_type, [])
+
+    return endpoint

@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _guard, detectors
+from ._contexts import SyncAndAsync
 from .exporters import logs
 from .exporters import tracing as tracing_sink
 from .exporters.prometheus import PrometheusSink, sink_for
@@ -180,7 +181,7 @@ def instrument(
     return perf
 
 
-class track:
+class track(SyncAndAsync[RequestRecord]):
     """Open a record for work outside HTTP (jobs, startup, background tasks).
 
     with perfmw.track("nightly-job") as record: ...
@@ -214,14 +215,3 @@ class track:
             owner.finish(record)
         else:
             record.closed = True
-
-    async def __aenter__(self) -> RequestRecord:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)

@@ -10,10 +10,11 @@ import contextlib
 from types import TracebackType
 from typing import Any
 
+from ._contexts import SyncAndAsync
 from .blocking import BlockingCallError
 
 
-class assert_max_queries:
+class assert_max_queries(SyncAndAsync["assert_max_queries"]):
     """Fail when the block sends more than `n` MongoDB queries; the error lists them.
 
     with perfmw.testing.assert_max_queries(3):
@@ -68,19 +69,8 @@ class assert_max_queries:
             + "\n".join(lines)
         )
 
-    async def __aenter__(self) -> assert_max_queries:
-        return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
-
-
-class forbid_blocking:
+class forbid_blocking(SyncAndAsync["forbid_blocking"]):
     """Raise `BlockingCallError` at known blocking calls made on the event loop's thread.
 
     with perfmw.testing.forbid_blocking():
@@ -126,17 +116,6 @@ class forbid_blocking:
         blocking.leave(violations)
         if exc is None and violations:
             raise violations[0]
-
-    async def __aenter__(self) -> forbid_blocking:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 __all__ = ["BlockingCallError", "assert_max_queries", "forbid_blocking"]
