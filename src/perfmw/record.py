@@ -80,7 +80,6 @@ class RequestRecord:
         "queries",
         "response_bytes",
         "response_headers",
-        "response_started_at",
         "route",
         "shape_counts",
         "span",
@@ -99,7 +98,6 @@ class RequestRecord:
         self.owner = owner  # the Perf whose sinks receive this record
         self.status_code: int | None = None
         self.started_at = time.perf_counter()
-        self.response_started_at: float | None = None
         self.duration_seconds: float | None = None
         self.response_bytes = 0
         # The raw ASGI headers of the response start, read only by detectors that need them.
