@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from . import _guard
 from .endpoints import Message, Receive, Scope, Send, build_endpoints
 from .exporters import tracing as tracing_sink
+from .exporters._families import GaugeChild
 from .record import UNMATCHED, RequestRecord, _current
 from .settings import Settings
 
@@ -68,11 +69,12 @@ class PerfMiddleware:
         tracing = perf.tracing
         if tracing is not None:
             tracing.start(scope, record)  # the request's span, current during the app call
-        perf.sink.active(method).inc()
+        active = perf.sink.active(method)
+        active.value += 1  # the child's inc(), without a call per request
         root_path = scope.get("root_path", "")
         server_timing = perf.settings.server_timing
 
-        finish = functools.partial(self._finish, record, scope, root_path)
+        finish = functools.partial(self._finish, record, scope, root_path, active)
 
         def send_wrapper(message: Message) -> Awaitable[None]:
             # A plain function handing back the server's own awaitable: on the common path
@@ -117,13 +119,15 @@ class PerfMiddleware:
             if tracing is not None and record.span is not None:
                 tracing_sink.leave(record)
 
-    def _finish(self, record: RequestRecord, scope: Scope, root_path: str) -> None:
+    def _finish(
+        self, record: RequestRecord, scope: Scope, root_path: str, active: GaugeChild
+    ) -> None:
         # Once per request (record.closed tells): at the last chunk, or when the app ends.
         record.duration_seconds = time.perf_counter() - record.started_at
         record.closed = True
+        active.value -= 1
         perf = self.perf
         with _MIDDLEWARE:
-            perf.sink.active(record.method).dec()
             status = record.status_code
             app = perf.app if status is not None and status not in (404, 405) else None
             record.route = perf.routes.label_for(scope, root_path, app)
