@@ -347,6 +347,7 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
             assert found["route"] == "/by-owner"
             assert found["location"] == line_of(HERE, 'await servers.find({"owner": owner})')
             assert found["detail"]["collection"] == "servers"
+            assert found["detail"]["operation"] == "find"
             assert found["detail"]["index"] == [["owner", 1]]
             assert found["detail"]["stage"] == "COLLSCAN"
 

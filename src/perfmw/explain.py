@@ -384,6 +384,7 @@ def _report(
         seconds,
         {
             "collection": verdict.collection,
+            "operation": shape.partition(" ")[0],  # shapes start with their command's name
             "database": verdict.database,
             "shape": shape,
             "index": [list(key) for key in verdict.index],
