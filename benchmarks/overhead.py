@@ -33,6 +33,10 @@ def variants() -> dict[str, Any]:
         with_perfmw, settings=perfmw.Settings(trace=False), registry=CollectorRegistry()
     )
 
+    # What the one-line set-up costs: trace=True by default, no TracerProvider configured.
+    defaults = items_app()
+    perfmw.instrument(defaults, registry=CollectorRegistry())
+
     instrumentator = items_app()
     Instrumentator(registry=CollectorRegistry()).instrument(instrumentator)
 
@@ -47,6 +51,7 @@ def variants() -> dict[str, Any]:
     return {
         "bare FastAPI": bare,
         "perfmw": with_perfmw,
+        "perfmw, default settings (no TracerProvider)": defaults,
         "prometheus-fastapi-instrumentator": instrumentator,
         "starlette-exporter": exporter,
         "OpenTelemetry FastAPI (SDK, dropping exporter)": otel,
