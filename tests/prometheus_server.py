@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from support import wait_for
+
 _install_failure: str | None = None
 
 
@@ -124,14 +126,10 @@ class PrometheusServer:
 
     def wait_for(self, what: str, check: Any, timeout: float = 20) -> Any:
         """Poll `check()` until it returns something truthy; fail naming `what`."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{self.logs()}")
+        try:
+            return wait_for(check, timeout, what, interval=0.25)
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{self.logs()}") from None
 
     def logs(self) -> str:
         self.log.flush()

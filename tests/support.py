@@ -56,6 +56,22 @@ def serve(app: Any, loop: str = "asyncio", **config: Any) -> Iterator[Server]:
         server.stop()
 
 
+def wait_for(
+    check: Any, timeout: float = 10.0, what: str | None = None, interval: float = 0.05
+) -> Any:
+    """Poll `check()` until it returns something truthy and return that; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what or check} (last: {last!r})"
+    )
+
+
 def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a Prometheus text exposition, keyed by (name, labels)."""
     found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}

@@ -24,7 +24,7 @@ from pymongo.errors import OperationFailure, WaitQueueTimeoutError
 
 import perfmw
 from perfmw import _guard, explain, mongo
-from support import sample, serve
+from support import sample, serve, wait_for
 
 APP_SOURCE = Path("examples/fastapi_app/app.py")
 HERE = Path(__file__).relative_to(Path.cwd()) if Path(__file__).is_absolute() else Path(__file__)
@@ -305,16 +305,6 @@ def test_sync_client_in_async_endpoint_is_a_blocking_call(example: Any) -> None:
 
 
 # Missing indexes
-
-
-def wait_for(condition: Any, seconds: float = 10.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    return condition()
 
 
 def explains_done() -> bool:

@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import httpx
 import pytest
 
 from prometheus_server import PrometheusServer, free_port, stop_process, tool
+from support import wait_for
 from test_alerts import RULES, dashboard_queries, substitute
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,17 +53,6 @@ class Production:
 def get(url: str, path: str, **headers: str) -> httpx.Response:
     """One request on a new connection, so that the kernel hands it to either worker."""
     return httpx.get(url + path, headers={"Connection": "close", **headers}, timeout=10)
-
-
-def wait_for(what: str, check: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def seed_database(mongo_uri: str) -> None:
@@ -144,7 +133,7 @@ def production(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 pids.add(get(url, "/perfmw/findings", **AUTH).json()["pid"])
             return len(pids) == 2
 
-        wait_for("both uvicorn workers", both_workers, timeout=30)
+        wait_for(both_workers, 30, what="both uvicorn workers")
         rule_file = directory / "alerts.yml"
         rule_file.write_text(shipped_rules_with_short_for())
         prometheus = PrometheusServer(
@@ -366,21 +355,21 @@ def test_gunicorn_child_exit_hook_forgets_a_killed_worker(mongo_uri: str, tmp_pa
                     pids.add(get(url, "/perfmw/findings", **AUTH).json()["pid"])
                 return len(pids) >= 2
 
-            wait_for("both gunicorn workers", answering, timeout=30)
+            wait_for(answering, 30, what="both gunicorn workers")
             for _ in range(10):
                 assert get(url, "/health").status_code == 200
             # Each worker copies its counts to its files within a second.
-            wait_for("10 requests in /metrics", lambda: metric_total(url, "/health") == 10, 10)
+            wait_for(lambda: metric_total(url, "/health") == 10, 10, what="10 requests in /metrics")
             victim = sorted(pids)[0]
             live_file = multiproc_dir / f"gauge_livesum_{victim}.db"
-            wait_for("the victim's live gauges file", live_file.exists, 10)
+            wait_for(live_file.exists, 10, what="the victim's live gauges file")
             os.kill(victim, signal.SIGKILL)
-            wait_for("child_exit to remove it", lambda: not live_file.exists(), 10)
+            wait_for(lambda: not live_file.exists(), 10, what="child_exit to remove it")
             assert (multiproc_dir / f"histogram_{victim}.db").exists()  # its counts stay
             assert metric_total(url, "/health") == 10
             # gunicorn replaced the worker; the service answers on.
             assert get(url, "/health").status_code == 200
-            wait_for("11 requests", lambda: metric_total(url, "/health") == 11, 10)
+            wait_for(lambda: metric_total(url, "/health") == 11, 10, what="11 requests")
         finally:
             stop_process(server)
 
