@@ -27,10 +27,8 @@ def route_template(scope: MutableMapping[str, Any], root_path: str, app: Any = N
             return UNMATCHED
         # Responses sent before routing (a CORS preflight answered by middleware, say) still
         # belong to the route their path names.
-        route = _match(app, scope)
-        if route is None:
-            return UNMATCHED
-        return str(route.path)
+        router = getattr(app, "router", app)
+        return _match(getattr(router, "routes", None) or (), dict(scope), "") or UNMATCHED
     path = getattr(route, "path", None)
     if not isinstance(path, str):
         return UNMATCHED
@@ -40,17 +38,23 @@ def route_template(scope: MutableMapping[str, Any], root_path: str, app: Any = N
     return prefix + path
 
 
-def _match(app: Any, scope: MutableMapping[str, Any]) -> Any:
-    router = getattr(app, "router", app)
-    routes = getattr(router, "routes", None) or ()
-    probe = dict(scope)
+def _match(routes: Any, scope: dict[str, Any], prefix: str) -> str | None:
+    """The template of the route `scope` would reach, looking inside mounts."""
     for route in routes:
         matches = getattr(route, "matches", None)
-        if matches is None or hasattr(route, "routes"):
+        path = getattr(route, "path", None)
+        if matches is None or not isinstance(path, str):
             continue
-        match, _ = matches(probe)
-        if match.name != "NONE":
-            return route
+        match, child = matches(scope)
+        if match.name == "NONE":
+            continue
+        inner = getattr(route, "routes", None)
+        if inner is None:
+            return prefix + path
+        # A Mount: what it would pass on is the scope its routes match against.
+        found = _match(inner, {**scope, **child}, prefix + path)
+        if found is not None:
+            return found
     return None
 
 
