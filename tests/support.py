@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+
+from perfmw._frames import format_location
 
 
 class Server:
@@ -72,6 +75,18 @@ def wait_for(
     )
 
 
+def line_of(path: str | os.PathLike[str], marker: str) -> str:
+    """ "path:line" of the first line of `path` holding `marker`, as a finding names it.
+
+    Lines that call line_of() are skipped, so a test can name the marker it looks for.
+    """
+    with open(path, encoding="utf-8") as source:
+        for number, text in enumerate(source, start=1):
+            if marker in text and "line_of(" not in text:
+                return format_location(os.fspath(path), number)
+    raise AssertionError(f"{marker!r} is not in {path}")
+
+
 def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a Prometheus text exposition, keyed by (name, labels)."""
     found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
@@ -84,6 +99,19 @@ def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
 def sample(exposition: str, name: str, **labels: str) -> float | None:
     """The value of one sample, or None when it is not exposed."""
     return samples(exposition).get((name, frozenset(labels.items())))
+
+
+def request_count(
+    exposition: str, route: str, status: str = "200", method: str = "GET"
+) -> float | None:
+    """Requests counted by http_server_request_duration_seconds for one route and status."""
+    return sample(
+        exposition,
+        "http_server_request_duration_seconds_count",
+        http_request_method=method,
+        http_route=route,
+        http_response_status_code=status,
+    )
 
 
 def label_values(exposition: str, name: str, label: str) -> set[str]:

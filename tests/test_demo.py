@@ -17,16 +17,7 @@ from examples.fastapi_app import demo
 from pymongo import MongoClient
 
 from perfmw import report
-from perfmw._frames import format_location
-
-
-def line_of(text: str) -> str:
-    """The example app's "path:line" of the one source line containing `text`."""
-    with open(example.__file__, encoding="utf-8") as handle:
-        lines = [n for n, line in enumerate(handle, 1) if text in line]
-    assert len(lines) == 1, f"{text!r} is on lines {lines} of the example app"
-    return format_location(example.__file__, lines[0])
-
+from support import line_of
 
 # (route, finding kind, the source line the report must point at)
 ANTI_PATTERNS = [
@@ -109,7 +100,7 @@ def test_the_demo_prints_every_section_and_its_progress(run: Run) -> None:
 def test_every_anti_pattern_is_named_with_its_kind_and_line(
     run: Run, route: str, kind: str, source: str
 ) -> None:
-    location = line_of(source)
+    location = line_of(example.__file__, source)
     assert (route, kind, location) in run.bottlenecks()
     recommendations = run.section("Optimization Recommendations")
     assert f"on `{route}` at `{location}`" in recommendations

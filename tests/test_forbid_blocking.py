@@ -21,19 +21,10 @@ from prometheus_client import CollectorRegistry
 from pymongo import MongoClient
 
 import perfmw
-from perfmw._frames import format_location
 from perfmw.testing import BlockingCallError, forbid_blocking
-from support import serve
+from support import line_of, serve
 
 pytest_plugins = ["pytester"]
-
-
-def line_of(marker: str) -> str:
-    with open(__file__) as source:
-        for number, text in enumerate(source, start=1):
-            if marker in text and "line_of(" not in text:
-                return format_location(__file__, number)
-    raise AssertionError(marker)
 
 
 def make_app() -> FastAPI:
@@ -62,9 +53,10 @@ def test_raises_at_the_sleep_of_an_async_endpoint_not_of_a_def_endpoint(loop: st
         with pytest.raises(BlockingCallError) as raised, forbid_blocking():
             assert httpx.get(server.url + "/async-sleep").status_code == 500
         assert raised.value.kind == "time.sleep"
-        assert raised.value.location == line_of("# on the loop")
+        where = line_of(__file__, "# on the loop")
+        assert raised.value.location == where
         assert str(raised.value) == (
-            f"time.sleep called on the event loop's thread at {line_of('# on the loop')}: it "
+            f"time.sleep called on the event loop's thread at {where}: it "
             "blocks every request in flight; await asyncio.sleep() instead"
         )
         # The traceback ends at the call site, in the endpoint.
@@ -130,7 +122,7 @@ def test_each_known_blocking_call_raises_on_the_loop_and_not_in_a_worker_thread(
         call()  # no loop running in this thread
     with pytest.raises(BlockingCallError) as raised, forbid_blocking():
         asyncio.run(on_the_loop())
-    assert (raised.value.kind, raised.value.location) == (kind, line_of(marker))
+    assert (raised.value.kind, raised.value.location) == (kind, line_of(__file__, marker))
 
 
 def test_synchronous_pymongo_raises_on_the_loop(mongo_uri: str) -> None:
@@ -149,7 +141,10 @@ def test_synchronous_pymongo_raises_on_the_loop(mongo_uri: str) -> None:
             asyncio.run(on_the_loop())
     finally:
         client.close()
-    assert (raised.value.kind, raised.value.location) == ("pymongo-sync", line_of("# sync pymongo"))
+    assert (raised.value.kind, raised.value.location) == (
+        "pymongo-sync",
+        line_of(__file__, "# sync pymongo"),
+    )
     assert "AsyncMongoClient" in str(raised.value)
 
 
@@ -169,7 +164,7 @@ def test_a_lock_made_inside_the_block_cannot_be_waited_for_on_the_loop() -> None
         asyncio.run(without_timeout(new_lock()))
     assert (raised.value.kind, raised.value.location) == (
         "threading.Lock.acquire",
-        line_of("# a lock without timeout"),
+        line_of(__file__, "# a lock without timeout"),
     )
 
 
@@ -202,7 +197,7 @@ def test_a_swallowed_violation_fails_the_block_on_exit() -> None:
 
     with pytest.raises(BlockingCallError) as raised, forbid_blocking():
         asyncio.run(swallowing())
-    assert raised.value.location == line_of("# swallowed here")
+    assert raised.value.location == line_of(__file__, "# swallowed here")
 
 
 INNER_TESTS = """

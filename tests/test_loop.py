@@ -30,19 +30,10 @@ from perfmw import loop as loop_monitor
 from perfmw import perf as perf_module
 from perfmw._frames import format_location
 from perfmw.record import BACKGROUND, RequestRecord
-from support import sample, samples, serve
+from support import line_of, sample, samples, serve
 
 LOOPS = ["asyncio", "uvloop"]
 measured: dict[str, float] = {}  # what the endpoints measured themselves
-
-
-def line_of(marker: str) -> str:
-    """ "tests/test_loop.py:N" of the line holding `marker`, as a finding names it."""
-    with open(__file__) as source:
-        for number, text in enumerate(source, start=1):
-            if marker in text and "line_of(" not in text:
-                return format_location(__file__, number)
-    raise AssertionError(marker)
 
 
 def spin(seconds: float) -> int:
@@ -223,12 +214,12 @@ def test_sleep_in_an_endpoint_is_reported_with_its_length_route_and_line(
             time.sleep(0.05)  # the next beat
             true = measured[f"/sleep/{ms}"]
             assert stalls_of(finished) == [
-                ("/sleep/{ms}", "blocking", line_of("# blocks the loop"))
+                ("/sleep/{ms}", "blocking", line_of(__file__, "# blocks the loop"))
             ]
             (stall,) = record.stalls
             error = abs(stall.duration_seconds - true)
             assert error <= min(0.02, 0.15 * true), (ms, stall.duration_seconds, true)
-            assert stall.stack[-1].startswith(line_of("# blocks the loop") + " in sleepy")
+            assert stall.stack[-1].startswith(line_of(__file__, "# blocks the loop") + " in sleepy")
         metrics = client.get("/metrics").text
     perf.shutdown()
     route = {"http_route": "/sleep/{ms}"}
@@ -239,7 +230,7 @@ def test_sleep_in_an_endpoint_is_reported_with_its_length_route_and_line(
     (finding,) = [f for f in perf.findings.snapshot() if f.kind == "loop_stall"]
     assert (finding.route, finding.location, finding.count) == (
         "/sleep/{ms}",
-        line_of("# blocks the loop"),
+        line_of(__file__, "# blocks the loop"),
         3,
     )
     assert finding.detail["cause"] == "blocking"
@@ -296,7 +287,9 @@ def test_only_the_blocking_request_among_50_in_flight_gets_the_stall(
         time.sleep(0.05)
         metrics = httpx.get(server.url + "/metrics").text
     perf.shutdown()
-    assert stalls_of(finished) == [("/sleep/{ms}", "blocking", line_of("# blocks the loop"))]
+    assert stalls_of(finished) == [
+        ("/sleep/{ms}", "blocking", line_of(__file__, "# blocks the loop"))
+    ]
     assert [r.stalls for r in finished if r.route == "/wait"] == [[]] * 50
     assert (
         sample(
@@ -338,7 +331,7 @@ def test_a_forced_full_collection_is_a_stall_caused_by_gc(
         perf.shutdown()
     assert [(r.route, len(r.stalls)) for r in finished] == [("/gc", 1)]
     (stall,) = record.stalls
-    assert (stall.cause, stall.location) == ("gc", line_of("# a full collection"))
+    assert (stall.cause, stall.location) == ("gc", line_of(__file__, "# a full collection"))
     assert stall.gc_seconds >= 0.9 * measured["/gc"]
     assert abs(stall.duration_seconds - measured["/gc"]) <= 0.02 + 0.15 * measured["/gc"]
     assert stalls_of(finished) == [("/gc", "gc", stall.location)]
@@ -365,7 +358,7 @@ def test_stalls_after_the_response_or_outside_requests_get_their_own_record(
         settle(finished, BACKGROUND, 1 if route == "/after-response" else 2)
         metrics = client.get("/metrics").text
     perf.shutdown()
-    blocker = line_of("# blocks after the response")
+    blocker = line_of(__file__, "# blocks after the response")
     assert stalls_of(finished) == [(route, "blocking", blocker), (BACKGROUND, "blocking", blocker)]
     assert [r.kind for r in finished if r.stalls] == ["background", "background"]
     assert [r.stalls for r in finished if r.kind == "http"] == [[], []]
@@ -439,8 +432,8 @@ def test_a_stall_is_logged_once_per_location(
         perf.shutdown()
     logged = [r.getMessage() for r in caplog.records if "event loop stalled" in r.getMessage()]
     assert len(logged) == 1
-    assert "(blocking) on /log-me/{ms} at " + line_of("# blocks the loop") in logged[0]
-    assert line_of("# blocks the loop") + " in sleepy" in logged[0]  # the stack
+    assert "(blocking) on /log-me/{ms} at " + line_of(__file__, "# blocks the loop") in logged[0]
+    assert line_of(__file__, "# blocks the loop") + " in sleepy" in logged[0]  # the stack
     assert sum(len(r.stalls) for r in finished) == 3
 
 

@@ -24,18 +24,10 @@ from pymongo.errors import OperationFailure, WaitQueueTimeoutError
 
 import perfmw
 from perfmw import _guard, explain, mongo
-from support import sample, serve, wait_for
+from support import line_of, sample, serve, wait_for
 
 APP_SOURCE = Path("examples/fastapi_app/app.py")
 HERE = Path(__file__).relative_to(Path.cwd()) if Path(__file__).is_absolute() else Path(__file__)
-
-
-def line_of(path: Path, text: str, after: str | None = None) -> str:
-    """ "path:line" of the first line containing `text` (after the line containing `after`)."""
-    lines = path.read_text().splitlines()
-    start = 0 if after is None else next(i for i, line in enumerate(lines) if after in line)
-    number = next(i for i, line in enumerate(lines) if i >= start and text in line) + 1
-    return f"{path}:{number}"
 
 
 def findings(url: str, kind: str | None = None) -> list[dict[str, Any]]:

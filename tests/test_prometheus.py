@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from perfmw.exporters import prometheus
 from perfmw.exporters.prometheus import sink_for
 from perfmw.record import RequestRecord
-from support import sample
+from support import request_count, sample
 
 
 def finished(route: str, duration: float = 0.002) -> RequestRecord:
@@ -21,13 +21,7 @@ def finished(route: str, duration: float = 0.002) -> RequestRecord:
 
 
 def requests_counted(registry: CollectorRegistry, route: str) -> float | None:
-    return sample(
-        generate_latest(registry).decode(),
-        "http_server_request_duration_seconds_count",
-        http_request_method="GET",
-        http_route=route,
-        http_response_status_code="200",
-    )
+    return request_count(generate_latest(registry).decode(), route)
 
 
 def test_the_queue_of_observations_stays_bounded_and_a_scrape_sees_them_all(
