@@ -29,7 +29,7 @@ def test_the_queue_of_observations_stays_bounded_and_a_scrape_sees_them_all(
 ) -> None:
     sink = sink_for(registry)
     for _ in range(10 * prometheus._BATCH + 7):
-        sink.observe_request(finished("/a"), None)
+        sink.observe_request(finished("/a"))
         assert len(sink._pending) < prometheus._BATCH
     assert requests_counted(registry, "/a") == 10 * prometheus._BATCH + 7
     assert len(sink._pending) == 0
@@ -47,7 +47,7 @@ def test_observations_from_many_threads_during_scrapes_are_exact(
 
     def observe() -> None:
         for _ in range(5_000):
-            sink.observe_request(finished("/b", 0.03), None)
+            sink.observe_request(finished("/b", 0.03))
 
     scraper = threading.Thread(target=scrape_until_done)
     scraper.start()

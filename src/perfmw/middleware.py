@@ -11,21 +11,22 @@ exceptions reach the server unchanged.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from . import _guard
+from .detectors.http import CACHE_HEADERS_BYTES
 from .endpoints import Message, Receive, Scope, Send, build_endpoints
 from .exporters import tracing as tracing_sink
-from .exporters._families import GaugeChild
 from .record import UNMATCHED, RequestRecord, _current
 from .settings import Settings
 
-_MIDDLEWARE = _guard.guard("middleware")
+if TYPE_CHECKING:
+    from .perf import Perf
+
 _KNOWN_METHODS = {
     m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
@@ -65,45 +66,18 @@ class PerfMiddleware:
 
         method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
         record = RequestRecord(UNMATCHED, method, path, "http", perf)
+        exchange = _Exchange(perf, record, scope, send)
         token = _current.set(record)
         tracing = perf.tracing
         if tracing is not None:
             tracing.start(scope, record)  # the request's span, current during the app call
-        active = perf.sink.active(method)
-        active.value += 1  # the child's inc(), without a call per request
-        root_path = scope.get("root_path", "")
-        server_timing = perf.settings.server_timing
-
-        finish = functools.partial(self._finish, record, scope, root_path, active)
-
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            # A plain function handing back the server's own awaitable: on the common path
-            # (a start and one body) perfmw adds no coroutine of its own per message.
-            kind = message["type"]
-            if kind == "http.response.body":
-                record.response_bytes += len(message.get("body", b""))
-                if message.get("more_body", False):
-                    return _deliver(send, message, record)
-                # The last chunk: the clock stops as it is handed to the server (whose send
-                # queues it for the socket), before any background task runs.
-                finish()
-            elif kind == "http.response.start":
-                record.status_code = message["status"]
-                record.response_headers = message.get("headers")
-                if server_timing:
-                    with _MIDDLEWARE:
-                        message = _with_server_timing(message, record)
-            elif kind == "http.response.pathsend":
-                finish()
-            return send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, exchange.send)
         except BaseException:
             if not record.closed:
                 if not record.disconnected:
                     record.status_code = 500
-                finish()
+                exchange.finish()
             raise
         else:
             if not record.closed:
@@ -113,26 +87,82 @@ class PerfMiddleware:
                     record.status_code = 500
                 else:
                     record.disconnected = True
-                finish()
+                exchange.finish()
         finally:
             _current.reset(token)
             if tracing is not None and record.span is not None:
                 tracing_sink.leave(record)
 
-    def _finish(
-        self, record: RequestRecord, scope: Scope, root_path: str, active: GaugeChild
-    ) -> None:
+
+class _Exchange:
+    """One request on its way through the middleware: the send it wraps and its finish.
+
+    One object with a bound method rather than a closure: no cell per captured variable.
+    """
+
+    __slots__ = ("active", "perf", "record", "root_path", "scope", "server_send")
+
+    def __init__(self, perf: Perf, record: RequestRecord, scope: Scope, send: Send) -> None:
+        self.perf = perf
+        self.record = record
+        self.scope = scope
+        self.root_path = scope.get("root_path", "")
+        self.server_send = send
+        active = perf.sink.active_requests.get(record.method)
+        if active is None:
+            active = perf.sink.active(record.method)
+        active.value += 1  # the child's inc(), without a call per request
+        self.active = active
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain function handing back the server's own awaitable: on the common path (a
+        # start and one body) perfmw adds no coroutine of its own per message.
+        kind = message["type"]
+        record = self.record
+        if kind == "http.response.body":
+            record.response_bytes += len(message.get("body", b""))
+            if message.get("more_body", False):
+                return _deliver(self.server_send, message, record)
+            # The last chunk: the clock stops as it is handed to the server (whose send
+            # queues it for the socket), before any background task runs.
+            self.finish()
+        elif kind == "http.response.start":
+            record.status_code = message["status"]
+            record.response_headers = message.get("headers")
+            if self.perf.settings.server_timing:
+                try:
+                    message = _with_server_timing(message, record)
+                except Exception as exc:
+                    _guard.report_internal_error("middleware", exc)
+        elif kind == "http.response.pathsend":
+            self.finish()
+        return self.server_send(message)
+
+    def finish(self) -> None:
         # Once per request (record.closed tells): at the last chunk, or when the app ends.
+        record = self.record
         record.duration_seconds = time.perf_counter() - record.started_at
         record.closed = True
-        active.value -= 1
+        self.active.value -= 1
         perf = self.perf
-        with _MIDDLEWARE:
-            status = record.status_code
-            app = perf.app if status is not None and status not in (404, 405) else None
-            record.route = perf.routes.label_for(scope, root_path, app)
-            record.endpoint = scope.get("endpoint")
-            perf.finish(record)
+        try:  # perfmw's guard, without a context manager's two calls per request
+            scope = self.scope
+            record.route = perf.routes.label_for(scope, self.root_path, record.status_code)
+            span = record.span
+            if (
+                record.queries
+                or record.stalls
+                or record.blocking_calls
+                or (span is not None and span.recording)  # unsampled: nothing to add
+                or record.response_bytes > CACHE_HEADERS_BYTES
+            ):
+                record.endpoint = scope.get("endpoint")
+                perf.finish(record)  # detectors, findings, the span, hooks, then the sinks
+            else:
+                # Most requests: nothing for a detector, a hook or the tracer to look at.
+                perf.sink.observe_request(record)
+        except Exception as exc:
+            _guard.report_internal_error("finish", exc)
 
 
 async def _deliver(send: Send, message: Message, record: RequestRecord) -> None:

@@ -61,7 +61,7 @@ class Perf:
         self.created = time.monotonic()
         self.sink: PrometheusSink = sink_for(self.registry)
         self.findings = FindingsStore()
-        self.routes = RouteLabels(self.settings.max_routes)
+        self.routes = RouteLabels(self.settings.max_routes, app)
         # None when settings.trace is off: the middleware's only tracing cost is this check.
         self.tracing = tracing_sink.for_perf(self)
         self.loop_started = False
@@ -98,23 +98,12 @@ class Perf:
     # Finishing records: detectors, then sinks.
 
     def finish(self, record: RequestRecord) -> None:
-        """Run the detectors over a finished record and hand it to every sink."""
-        record.closed = True
-        if (
-            record.queries
-            or record.stalls
-            or record.blocking_calls
-            or (record.span is not None and record.span.recording)  # unsampled: nothing to add
-            or record.kind != "http"
-            or record.response_bytes > detectors.http.CACHE_HEADERS_BYTES
-        ):
-            self._finish_with_findings(record)
-            return
-        # Most requests: nothing for a detector, a hook or the tracer to look at.
-        with _FINISH:
-            self.sink.observe_request(record, None)
+        """Run the detectors over a finished record and hand it to every sink.
 
-    def _finish_with_findings(self, record: RequestRecord) -> None:
+        The middleware hands most requests (nothing for a detector, a hook or the tracer to
+        look at) straight to the Prometheus sink instead.
+        """
+        record.closed = True
         with _FINISH:
             if record.stalls:
                 # A loop stall still open when its record finishes is settled first (loop.py).
@@ -129,7 +118,7 @@ class Perf:
             sink = self.sink
             span = record.span
             if record.kind == "http":
-                sink.observe_request(record, None if span is None else span.exemplar)
+                sink.observe_request(record)
             if record.findings or record.stalls or record.blocking_calls:
                 sink.observe_record(record)
             if span is not None:

@@ -65,8 +65,9 @@ _ROUTE_CACHE_LIMIT = 10_000
 class RouteLabels:
     """At most `max_routes` distinct templates; the rest are `<other>`."""
 
-    def __init__(self, max_routes: int) -> None:
+    def __init__(self, max_routes: int, app: Any = None) -> None:
         self.max_routes = max_routes
+        self.app = app  # where responses sent before routing look their route up
         self._labels: dict[str, str] = {}
         # id of the route (with the root_paths when a mount changed it) -> (route, label): the
         # template is worked out once per route, not per request. Routes need not be hashable
@@ -74,10 +75,11 @@ class RouteLabels:
         self._by_route: dict[Any, tuple[Any, str]] = {}
         self._lock = threading.Lock()
 
-    def label_for(self, scope: MutableMapping[str, Any], root_path: str, app: Any = None) -> str:
-        """The label of the route that served `scope` (see `route_template`)."""
+    def label_for(self, scope: MutableMapping[str, Any], root_path: str, status: int | None) -> str:
+        """The label of the route that served `scope` (see `route_template`) with `status`."""
         route = scope.get("route")
         if route is None:
+            app = self.app if status is not None and status not in (404, 405) else None
             return self.label(route_template(scope, root_path, app))
         after = scope.get("root_path", "")
         # No mount on the way (the common case): the route alone is the key.

@@ -100,11 +100,15 @@ class _RouteMetrics:
         histogram = self.body
         histogram.counts[bisect_left(histogram.bounds, size)] += 1
         histogram.sum += size
+        if not queries:  # most requests: both land in the first bucket and add nothing
+            self.queries.counts[0] += 1
+            self.db.counts[0] += 1
+            return
         histogram = self.queries
         histogram.counts[_QUERY_BUCKET_INDEX[queries] if queries <= 100 else -1] += 1
         histogram.sum += queries
         histogram = self.db
-        histogram.counts[bisect_left(histogram.bounds, db_seconds) if queries else 0] += 1
+        histogram.counts[bisect_left(histogram.bounds, db_seconds)] += 1
         histogram.sum += db_seconds
 
 
@@ -228,34 +232,39 @@ class PrometheusSink(Collector):
         )
         self._routes: dict[tuple[str, str, int], _RouteMetrics] = {}
         self._pending: deque[_Observation] = deque()
-        self._active: dict[str, GaugeChild] = {}
+        self.active_requests: dict[str, GaugeChild] = {}  # per method, see active()
         self._sources: list[MetricSource] = []
         self._writer = _MmapWriter() if self.multiprocess else None
 
     # Hot path: one request.
 
     def active(self, method: str) -> GaugeChild:
-        child = self._active.get(method)
+        child = self.active_requests.get(method)
         if child is None:
-            child = self._active[method] = self.http_active.labels(method)  # type: ignore[assignment]
+            child = self.active_requests[method] = self.http_active.labels(method)  # type: ignore[assignment]
         return child  # type: ignore[return-value]
 
-    def observe_request(self, record: RequestRecord, exemplar: dict[str, str] | None) -> None:
+    def observe_request(self, record: RequestRecord) -> None:
+        """Count a finished HTTP request in the request histograms."""
         # Queued, and folded into the histograms a batch at a time (and before every scrape
         # or copy to the multiprocess files): a request pays for one append, the batch runs
-        # with warm caches. Measured: 1.4 µs less per request than observing in place.
+        # with warm caches. Measured: 1.4 µs less per request than observing in place. What
+        # is queued is a tuple, not the record: records kept alive would each cost the
+        # garbage collector six containers to traverse.
         queries = record.queries
-        self._pending.append(
+        span = record.span
+        pending = self._pending
+        pending.append(
             (
                 (record.method, record.route, record.status_code or 0),
                 record.duration_seconds or 0.0,
                 record.response_bytes,
                 len(queries),
                 record.db_seconds if queries else 0.0,
-                exemplar,
+                None if span is None else span.exemplar,
             )
         )
-        if len(self._pending) >= _BATCH:
+        if len(pending) >= _BATCH:
             self._fold()
 
     def _fold(self) -> None:
