@@ -27,6 +27,11 @@ from .settings import Settings
 if TYPE_CHECKING:
     from .perf import Perf
 
+# Bound once: looking a method up on the ContextVar (or the clock on its module) would cost
+# an attribute lookup and a bound-method object per request.
+_enter = _current.set
+_leave = _current.reset
+_clock = time.perf_counter
 _KNOWN_METHODS = {
     m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
@@ -50,6 +55,7 @@ class PerfMiddleware:
         # from measurement (None), or an ordinary request (absent).
         self._special: dict[str, Any] = dict.fromkeys(self.perf.settings.exclude_paths)
         self._special.update(self.endpoints)
+        self._exchange = _TimedExchange if self.perf.settings.server_timing else _Exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         perf = self.perf
@@ -66,8 +72,8 @@ class PerfMiddleware:
 
         method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
         record = RequestRecord(UNMATCHED, method, path, "http", perf)
-        exchange = _Exchange(perf, record, scope, send)
-        token = _current.set(record)
+        exchange = self._exchange(perf, record, scope, send)
+        token = _enter(record)
         tracing = perf.tracing
         if tracing is not None:
             tracing.start(scope, record)  # the request's span, current during the app call
@@ -89,7 +95,7 @@ class PerfMiddleware:
                     record.disconnected = True
                 exchange.finish()
         finally:
-            _current.reset(token)
+            _leave(token)
             if tracing is not None and record.span is not None:
                 tracing_sink.leave(record)
 
@@ -129,11 +135,6 @@ class _Exchange:
         elif kind == "http.response.start":
             record.status_code = message["status"]
             record.response_headers = message.get("headers")
-            if self.perf.settings.server_timing:
-                try:
-                    message = _with_server_timing(message, record)
-                except Exception as exc:
-                    _guard.report_internal_error("middleware", exc)
         elif kind == "http.response.pathsend":
             self.finish()
         return self.server_send(message)
@@ -141,7 +142,7 @@ class _Exchange:
     def finish(self) -> None:
         # Once per request (record.closed tells): at the last chunk, or when the app ends.
         record = self.record
-        record.duration_seconds = time.perf_counter() - record.started_at
+        record.duration_seconds = _clock() - record.started_at
         record.closed = True
         self.active.value -= 1
         perf = self.perf
@@ -163,6 +164,20 @@ class _Exchange:
                 perf.sink.observe_request(record)
         except Exception as exc:
             _guard.report_internal_error("finish", exc)
+
+
+class _TimedExchange(_Exchange):
+    """An exchange whose response start carries the Server-Timing header (`server_timing`)."""
+
+    __slots__ = ()
+
+    def send(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            try:
+                message = _with_server_timing(message, self.record)
+            except Exception as exc:
+                _guard.report_internal_error("middleware", exc)
+        return _Exchange.send(self, message)
 
 
 async def _deliver(send: Send, message: Message, record: RequestRecord) -> None:

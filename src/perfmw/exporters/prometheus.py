@@ -81,36 +81,6 @@ class _RouteMetrics:
         self.queries = queries
         self.db = db
 
-    def observe(
-        self,
-        duration: float,
-        size: int,
-        queries: int,
-        db_seconds: float,
-        exemplar: dict[str, str] | None,
-    ) -> None:
-        # Once per request: the four observations inlined (a call each would cost more than
-        # the work).
-        histogram = self.duration
-        if exemplar is not None:
-            histogram.observe(duration, exemplar)
-        else:
-            histogram.counts[bisect_left(histogram.bounds, duration)] += 1
-            histogram.sum += duration
-        histogram = self.body
-        histogram.counts[bisect_left(histogram.bounds, size)] += 1
-        histogram.sum += size
-        if not queries:  # most requests: both land in the first bucket and add nothing
-            self.queries.counts[0] += 1
-            self.db.counts[0] += 1
-            return
-        histogram = self.queries
-        histogram.counts[_QUERY_BUCKET_INDEX[queries] if queries <= 100 else -1] += 1
-        histogram.sum += queries
-        histogram = self.db
-        histogram.counts[bisect_left(histogram.bounds, db_seconds)] += 1
-        histogram.sum += db_seconds
-
 
 # One request for the histograms: (method, route, status), duration, body bytes, queries,
 # DB seconds, exemplar.
@@ -277,7 +247,27 @@ class PrometheusSink(Collector):
                 metrics = routes.get(key)
                 if metrics is None:
                     metrics = self._route_metrics(key)
-                metrics.observe(duration, size, queries, db_seconds, exemplar)
+                # The four observations inlined: a call each (or one per request) would cost
+                # more than the work.
+                histogram = metrics.duration
+                if exemplar is not None:
+                    histogram.observe(duration, exemplar)
+                else:
+                    histogram.counts[bisect_left(histogram.bounds, duration)] += 1
+                    histogram.sum += duration
+                histogram = metrics.body
+                histogram.counts[bisect_left(histogram.bounds, size)] += 1
+                histogram.sum += size
+                if not queries:  # most requests: both land in the first bucket, add nothing
+                    metrics.queries.counts[0] += 1
+                    metrics.db.counts[0] += 1
+                    continue
+                histogram = metrics.queries
+                histogram.counts[_QUERY_BUCKET_INDEX[queries] if queries <= 100 else -1] += 1
+                histogram.sum += queries
+                histogram = metrics.db
+                histogram.counts[bisect_left(histogram.bounds, db_seconds)] += 1
+                histogram.sum += db_seconds
 
     def _route_metrics(self, key: tuple[str, str, int]) -> _RouteMetrics:
         if self.multiprocess:
