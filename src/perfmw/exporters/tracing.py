@@ -112,6 +112,8 @@ class Tracing:
         """Open (or adopt) the request's server span and make it current for the app call."""
         tracer = self.tracer
         if tracer is None:
+            if self._provider is None and otel_trace._TRACER_PROVIDER is None:
+                return  # no provider set yet (the one-line set-up): one check per request
             tracer = self._resolve()
             if tracer is None:
                 return
