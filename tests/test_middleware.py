@@ -426,7 +426,13 @@ def test_a_failing_sink_never_changes_the_response(
     def broken(*args: Any) -> None:
         raise RuntimeError("sink down")
 
-    monkeypatch.setattr(perf.sink, "observe_request", broken)
+    class BrokenQueue:
+        append = staticmethod(broken)
+
+        def __len__(self) -> int:
+            return 0
+
+    monkeypatch.setattr(perf.sink, "requests", BrokenQueue())
     monkeypatch.setattr("perfmw.middleware.server_timing_value", broken)
     before = _guard.error_counts["finish"], _guard.error_counts["middleware"]
     with serve(app) as server, httpx.Client(base_url=server.url) as client:

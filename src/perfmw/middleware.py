@@ -22,6 +22,7 @@ from .detectors.http import CACHE_HEADERS_BYTES
 from .endpoints import Message, Receive, Scope, Send, build_endpoints
 from .exporters import tracing as tracing_sink
 from .exporters._families import GaugeChild
+from .exporters.prometheus import FOLD_BATCH
 from .record import UNMATCHED, RequestRecord, _current
 from .settings import Settings
 
@@ -159,18 +160,32 @@ class _Exchange:
             scope = self.scope
             record.route = perf.routes.label_for(scope, self.root_path, record.status_code)
             span = record.span
+            queries = record.queries
             if (
-                record.queries
+                queries
                 or record.stalls
                 or record.blocking_calls
                 or (span is not None and span.recording)  # unsampled: nothing to add
                 or record.response_bytes > CACHE_HEADERS_BYTES
             ):
+                # Detectors, findings, the span and hooks. Most requests have nothing for
+                # them to look at and skip this.
                 record.endpoint = scope.get("endpoint")
-                perf.finish(record)  # detectors, findings, the span, hooks, then the sinks
-            else:
-                # Most requests: nothing for a detector, a hook or the tracer to look at.
-                perf.sink.observe_request(record)
+                perf.finish(record)
+            # The request histograms: queued here, folded by the sink in batches.
+            requests = perf.sink.requests
+            requests.append(
+                (
+                    (record.method, record.route, record.status_code),  # type: ignore[arg-type]
+                    record.duration_seconds,
+                    record.response_bytes,
+                    len(queries),
+                    record.db_seconds if queries else 0.0,
+                    None if span is None else span.exemplar,
+                )
+            )
+            if len(requests) >= FOLD_BATCH:
+                perf.sink.fold()
         except Exception as exc:
             _guard.report_internal_error("finish", exc)
 

@@ -115,13 +115,9 @@ class Perf:
                 for finding in found:
                     self.findings.add(finding)
                 logs.log_findings(found)
-            sink = self.sink
-            span = record.span
-            if record.kind == "http":
-                sink.observe_request(record)
             if record.findings or record.stalls or record.blocking_calls:
-                sink.observe_record(record)
-            if span is not None:
+                self.sink.observe_record(record)
+            if record.span is not None:
                 tracing_sink.end(record)
             for hook in _finish_hooks:
                 hook(self, record)

@@ -82,11 +82,11 @@ class _RouteMetrics:
         self.db = db
 
 
-# One request for the histograms: (method, route, status), duration, body bytes, queries,
-# DB seconds, exemplar.
-_Observation = tuple[tuple[str, str, int], float, int, int, float, "dict[str, str] | None"]
-# Requests queued before they are folded into the histograms: bounds the queue's memory.
-_BATCH = 256
+#: One finished HTTP request, as the middleware queues it: (method, route, status), duration,
+#: body bytes, queries, DB seconds, exemplar.
+RequestObservation = tuple[tuple[str, str, int], float, int, int, float, "dict[str, str] | None"]
+#: Requests queued before the middleware folds them into the histograms: bounds the queue.
+FOLD_BATCH = 256
 _QUERY_BUCKET_INDEX = [bisect_left(QUERY_COUNT_BUCKETS, n) for n in range(101)]
 
 
@@ -201,7 +201,11 @@ class PrometheusSink(Collector):
             self.blocking_calls,
         )
         self._routes: dict[tuple[str, str, int], _RouteMetrics] = {}
-        self._pending: deque[_Observation] = deque()
+        # Finished HTTP requests, appended by the middleware (a tuple each: the cheapest thing
+        # a request can do; measured 1.4 µs less per request than observing in place) and
+        # folded into the histograms FOLD_BATCH at a time, with warm caches, and before every
+        # scrape or copy to the multiprocess files.
+        self.requests: deque[RequestObservation] = deque()
         self.active_requests: dict[str, GaugeChild] = {}  # per method, see active()
         self._sources: list[MetricSource] = []
         self._writer = _MmapWriter() if self.multiprocess else None
@@ -214,32 +218,9 @@ class PrometheusSink(Collector):
             child = self.active_requests[method] = self.http_active.labels(method)  # type: ignore[assignment]
         return child  # type: ignore[return-value]
 
-    def observe_request(self, record: RequestRecord) -> None:
-        """Count a finished HTTP request in the request histograms."""
-        # Queued, and folded into the histograms a batch at a time (and before every scrape
-        # or copy to the multiprocess files): a request pays for one append, the batch runs
-        # with warm caches. Measured: 1.4 µs less per request than observing in place. What
-        # is queued is a tuple, not the record: records kept alive would each cost the
-        # garbage collector six containers to traverse.
-        queries = record.queries
-        span = record.span
-        pending = self._pending
-        pending.append(
-            (
-                (record.method, record.route, record.status_code or 0),
-                record.duration_seconds or 0.0,
-                record.response_bytes,
-                len(queries),
-                record.db_seconds if queries else 0.0,
-                None if span is None else span.exemplar,
-            )
-        )
-        if len(pending) >= _BATCH:
-            self._fold()
-
-    def _fold(self) -> None:
+    def fold(self) -> None:
         """Observe the queued requests (safe from any thread: appends may go on meanwhile)."""
-        pending = self._pending
+        pending = self.requests
         routes = self._routes
         with self._lock:
             while pending:
@@ -348,7 +329,7 @@ class PrometheusSink(Collector):
             # Everything is in the mmap files, exposed by exposition()'s MultiProcessCollector;
             # yielding it here too would duplicate it in a registry that also has one.
             return
-        self._fold()
+        self.fold()
         with self._lock:
             metrics = [family.collect() for family in self._families]
         yield from metrics
@@ -366,7 +347,7 @@ class PrometheusSink(Collector):
         writer = self._writer
         if writer is not None:
             with _guard.guard("metrics"):
-                self._fold()
+                self.fold()
                 with self._lock:
                     metrics = [family.collect() for family in self._families]
                 metrics.extend(self._readings())

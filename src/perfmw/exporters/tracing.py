@@ -11,7 +11,9 @@ No span is made per body chunk: the one span covers the request up to its last c
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import weakref
 from collections.abc import MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +79,9 @@ _SERVER = SpanKind.SERVER
 class Tracing:
     """One Perf's tracing: its tracer, resolved from the Perf's provider or the global one.
 
-    With no provider passed to `instrument()`, the global provider is used as soon as one is
-    set (`perfmw.configure_tracing()` or `trace.set_tracer_provider()`), even after startup.
+    With no provider passed to `instrument()`, the global provider is used once one is set
+    (`perfmw.configure_tracing()` or `trace.set_tracer_provider()`): at startup, or within a
+    second after it (see `on_loop`). Until then `perf.tracing` is None and requests pay nothing.
     """
 
     __slots__ = ("_fast", "_provider", "_textmap", "tracer")
@@ -112,11 +115,7 @@ class Tracing:
         """Open (or adopt) the request's server span and make it current for the app call."""
         tracer = self.tracer
         if tracer is None:
-            if self._provider is None and otel_trace._TRACER_PROVIDER is None:
-                return  # no provider set yet (the one-line set-up): one check per request
-            tracer = self._resolve()
-            if tracer is None:
-                return
+            return
         try:  # perfmw's guard, without a context manager's two calls per request
             current_context = otel_context.get_current()
             current = otel_trace.get_current_span(current_context) if current_context else None
@@ -197,7 +196,8 @@ def end(record: RequestRecord) -> None:
 
 
 def for_perf(perf: Perf) -> Tracing | None:
-    """The Perf's tracing, or None when `settings.trace` is off."""
+    """The Perf's tracing once it has a tracer; None when `settings.trace` is off or until a
+    provider exists (`on_loop` keeps looking for one)."""
     provider = perf.tracer_provider
     if provider is not None and not callable(getattr(provider, "get_tracer", None)):
         raise ValueError(
@@ -205,16 +205,42 @@ def for_perf(perf: Perf) -> Tracing | None:
         )
     if not perf.settings.trace:
         return None
-    return Tracing(provider)
+    tracing = Tracing(provider)
+    if tracing.tracer is None:
+        _waiting[perf] = tracing
+        return None
+    return tracing
+
+
+#: Perfs whose tracing waits for a provider: the middleware does no tracing work for them.
+_waiting: weakref.WeakKeyDictionary[Perf, Tracing] = weakref.WeakKeyDictionary()
+#: How often a waiting Perf looks for a provider again, from its event loop.
+RECHECK_SECONDS = 1.0
 
 
 def on_loop(perf: Perf) -> None:
-    """At lifespan startup: take a global provider set since `instrument()`, so that pymongo is
-    instrumented before the app's lifespan creates its clients (existing clients are not)."""
-    tracing = perf.tracing
-    if tracing is not None and tracing.tracer is None:
-        with _TRACING:
-            tracing._resolve()
+    """At lifespan startup (or the first request): take a global provider set since
+    `instrument()`, so that pymongo is instrumented before the app's lifespan creates its
+    clients (existing clients are not). With none yet, look again every second."""
+    if perf not in _waiting:
+        return
+    with _TRACING:
+        _recheck(weakref.ref(perf), asyncio.get_running_loop())
+
+
+def _recheck(perf_ref: weakref.ref[Perf], loop: asyncio.AbstractEventLoop) -> None:
+    perf = perf_ref()
+    if perf is None or perf.closed:
+        return
+    tracing = _waiting.get(perf)
+    if tracing is None:
+        return
+    with _TRACING:
+        if tracing._resolve() is not None:
+            del _waiting[perf]
+            perf.tracing = tracing  # requests are traced from the next one on
+            return
+    loop.call_later(RECHECK_SECONDS, _recheck, perf_ref, loop)
 
 
 def flush(perf: Perf) -> None:
