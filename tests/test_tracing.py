@@ -4,11 +4,13 @@ per request with perfmw's measurements, MongoDB child spans, events, exemplars, 
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from examples.fastapi_app import app as example
 from fastapi import FastAPI, HTTPException
 from motor.motor_asyncio import AsyncIOMotorClient
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -38,7 +40,7 @@ from otlp_receiver import OtlpReceiver, ReceivedSpan
 from perfmw.exporters.otlp import LoopFriendlySpanProcessor
 from perfmw.exporters.tracing import _event_attributes
 from perfmw.findings import Finding
-from support import serve
+from support import serve, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -443,6 +445,33 @@ def test_wire_encoding_decodes_like_the_otlp_exporters_encoding() -> None:
     theirs.ParseFromString(exporter_encoding(spans).SerializePartialToString())
     assert ours == theirs
     assert len(ours.resource_spans[0].scope_spans[0].spans) == 3
+    again = ExportTraceServiceRequest()  # attributes encoded before now come from the cache
+    again.ParseFromString(encode_spans(spans))
+    assert again == theirs
+
+
+def test_the_cache_of_encoded_attributes_stays_bounded() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from perfmw.exporters import _otlp_wire
+
+    provider, exporter = memory_provider()
+    tracer = provider.get_tracer("scope")
+    for n in range(_otlp_wire._PAIRS_LIMIT + 500):
+        tracer.start_span(
+            "GET /servers/{server_id}", attributes={"url.path": f"/servers/{n}"}
+        ).end()
+        assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT
+    spans = exporter.get_finished_spans()
+    decoded = ExportTraceServiceRequest()
+    decoded.ParseFromString(_otlp_wire.encode_spans(spans))
+    paths = [
+        s.attributes[0].value.string_value for s in decoded.resource_spans[0].scope_spans[0].spans
+    ]
+    assert paths == [f"/servers/{n}" for n in range(_otlp_wire._PAIRS_LIMIT + 500)]
+    assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT
 
 
 def test_configure_tracing_honours_otel_environment(
@@ -533,7 +562,7 @@ from prometheus_client import CollectorRegistry
 
 import perfmw
 from examples.fastapi_app.app import create_app
-from support import serve
+from support import serve, wait_for
 
 app = create_app(sys.argv[1], registry=CollectorRegistry())  # no provider exists yet
 provider = perfmw.configure_tracing("registry")  # the global one, set after instrument()
@@ -650,3 +679,40 @@ def test_perf_shutdown_sends_the_spans_still_queued(
     perf.shutdown()
     assert [span.name for span in receiver.spans] == ["GET /"]
     provider.shutdown()
+
+
+class SpanWatcher(SpanProcessor):
+    """Holds a weak reference to every span started, nothing more."""
+
+    def __init__(self) -> None:
+        self.started: list[weakref.ref[Any]] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started.append(weakref.ref(span))
+
+
+def test_a_kept_alive_connection_does_not_keep_the_request_span_alive(
+    registry: CollectorRegistry,
+) -> None:
+    """uvicorn's keep-alive timer captures the context its last send runs in; were the
+    request's span in it, every span would outlive its request until the connection's next
+    one, reach the oldest GC generation and make full collections land in the tail latency."""
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    provider = TracerProvider()
+    watcher = SpanWatcher()
+    provider.add_span_processor(watcher)
+    app = Starlette(routes=[Route("/ok", ok)])
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    gc.disable()  # freed by reference counting, or not at all
+    try:
+        with serve(app) as server, httpx.Client(base_url=server.url) as client:
+            assert client.get("/ok").status_code == 200
+            (span,) = watcher.started
+            # The connection stays open: the server's keep-alive timer is pending.
+            wait_for(lambda: span() is None, timeout=3, what="the request's span to be freed")
+            assert client.get("/ok").status_code == 200  # the same connection still serves
+    finally:
+        gc.enable()

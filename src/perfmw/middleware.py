@@ -142,11 +142,17 @@ class _Exchange:
             # The last chunk: the clock stops as it is handed to the server (whose send
             # queues it for the socket), before any background task runs.
             self.finish()
+            span = record.span
+            if span is not None and span.recording:
+                return _send_last_untraced(self.server_send, message)
         elif kind == "http.response.start":
             record.status_code = message["status"]
             record.response_headers = message.get("headers")
         elif kind == "http.response.pathsend":
             self.finish()
+            span = record.span
+            if span is not None and span.recording:
+                return _send_last_untraced(self.server_send, message)
         return self.server_send(message)
 
     def finish(self) -> None:
@@ -210,6 +216,25 @@ async def _deliver(send: Send, message: Message, record: RequestRecord) -> None:
     except BaseException:
         record.disconnected = True  # the server could not deliver it: the client is gone
         raise
+
+
+async def _send_last_untraced(send: Send, message: Message) -> None:
+    """Hand the server a traced request's last message outside the request's contexts.
+
+    Servers capture the current context in the callbacks they schedule at that moment
+    (uvicorn's keep-alive timer, kept until the connection's next request and the loop's
+    next timer clean-up), and with it whatever the context holds: the record, its span and
+    everything the span refers to. Measured on uvicorn at 32 connections: every request's
+    span lived long enough to reach the oldest GC generation, and full collections of 20 ms
+    landed in p99. The request's code (background tasks) gets its contexts back after.
+    """
+    record_token = _enter(None)
+    trace_token = tracing_sink.step_out()
+    try:
+        await send(message)
+    finally:
+        tracing_sink.step_in(trace_token)
+        _leave(record_token)
 
 
 def _with_server_timing(message: Message, record: RequestRecord) -> Message:

@@ -15,11 +15,18 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanKind, StatusCode
+
 _DOUBLE = struct.Struct("<d").pack
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 _SMALL = [bytes((n,)) for n in range(128)]
 _UINT64 = (1 << 64) - 1
+
+# Span.kind (field 6): OTLP numbers them from INTERNAL = 1, OpenTelemetry's API from 0.
+_KINDS = {kind: b"\x30" + _SMALL[kind.value + 1] for kind in SpanKind}
+# Status.code (field 3), omitted when UNSET (0) as protobuf omits default values.
+_STATUS_CODES = {code: b"\x18" + _SMALL[code.value] if code.value else b"" for code in StatusCode}
 
 # Span.flags: bit 8 says whether the parent's remoteness is known, bit 9 that it is remote.
 _HAS_IS_REMOTE = 0x100
@@ -60,6 +67,22 @@ def _any_value(value: Any) -> bytes:
 
 
 _keys: dict[str, bytes] = {}
+# Encoded KeyValue fields by (tag, key, value type, value): a service sends the same method,
+# route, host and status over and over, and a cached attribute costs one lookup instead of
+# four encodings. Bounded: emptied when full, so values that never repeat (paths with ids)
+# cannot grow it.
+_pairs: dict[tuple[bytes, str, type, Any], bytes] = {}
+_PAIRS_LIMIT = 4096
+
+
+def _key_value(tag: bytes, key: str, value: Any) -> bytes:
+    """A KeyValue field numbered by `tag`."""
+    encoded_key = _keys.get(key)
+    if encoded_key is None:
+        encoded_key = _field(b"\x0a", key.encode("utf-8"))
+        if len(_keys) < 10_000:
+            _keys[key] = encoded_key
+    return _field(tag, encoded_key + _field(b"\x12", _any_value(value)))
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -67,13 +90,26 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
     parts = []
-    for key, value in attributes.items():
-        encoded_key = _keys.get(key)
-        if encoded_key is None:
-            encoded_key = _field(b"\x0a", key.encode("utf-8"))
-            if len(_keys) < 10_000:
-                _keys[key] = encoded_key
-        parts.append(_field(tag, encoded_key + _field(b"\x12", _any_value(value))))
+    pairs = _pairs
+    # The SDK's BoundedAttributes keeps a plain dict: iterating it directly saves a Python
+    # call per attribute.
+    for key, value in getattr(attributes, "_dict", attributes).items():
+        kind = value.__class__
+        if kind is float:  # durations: never the same twice
+            parts.append(_key_value(tag, key, value))
+            continue
+        cache_key = (tag, key, kind, value)
+        try:
+            encoded = pairs.get(cache_key)
+        except TypeError:  # an unhashable value
+            parts.append(_key_value(tag, key, value))
+            continue
+        if encoded is None:
+            encoded = _key_value(tag, key, value)
+            if len(pairs) >= _PAIRS_LIMIT:
+                pairs.clear()
+            pairs[cache_key] = encoded
+        parts.append(encoded)
     return b"".join(parts)
 
 
@@ -94,10 +130,11 @@ def _span(span: Any) -> bytes:
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
     parts.append(_field(b"\x2a", span.name.encode("utf-8")))
-    parts.append(b"\x30" + _SMALL[span.kind.value + 1])  # OTLP kinds start at INTERNAL = 1
+    parts.append(_KINDS[span.kind])
     parts.append(b"\x39" + _FIXED64(span.start_time or 0))
     parts.append(b"\x41" + _FIXED64(span.end_time or 0))
-    parts.append(_attributes(b"\x4a", span.attributes))
+    # The SDK span's own attributes, not the read-only view `span.attributes` makes per call.
+    parts.append(_attributes(b"\x4a", getattr(span, "_attributes", None) or span.attributes))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
     for event in span.events:
@@ -130,12 +167,10 @@ def _span(span: Any) -> bytes:
         parts.append(b"\x70" + _varint(span.dropped_links))
     status = span.status
     if status is not None:
-        body = b""
+        code = _STATUS_CODES[status.status_code]
         if status.description:
-            body += _field(b"\x12", status.description.encode("utf-8"))
-        if status.status_code.value:
-            body += b"\x18" + _SMALL[status.status_code.value]
-        parts.append(_field(b"\x7a", body))
+            code = _field(b"\x12", status.description.encode("utf-8")) + code
+        parts.append(_field(b"\x7a", code))
     flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
     parts.append(b"\x85\x01" + _FIXED32(flags))
     return b"".join(parts)

@@ -31,10 +31,6 @@ _LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
 _INVALID_PARENT = b"0" * 16
 
 
-def _random_trace_id() -> int:
-    return random.getrandbits(128) or 1
-
-
 class _PresetIds(IdGenerator):
     """Our tracer's id generator: the trace id the sampling decision was made on, else the
     provider's generator."""
@@ -100,7 +96,7 @@ class UnsampledSpan(NonRecordingSpan):
 class FastSampling:
     """The decision for one tracer whose provider samples with ParentBased(TraceIdRatioBased)."""
 
-    __slots__ = ("bound", "ids", "new_trace_id", "random_flag", "tracer")
+    __slots__ = ("bound", "ids", "random_bits", "random_flag", "tracer")
 
     def __init__(self, tracer: Any, ids: _PresetIds, bound: int) -> None:
         self.tracer = tracer
@@ -109,7 +105,7 @@ class FastSampling:
         self.random_flag = TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0
         # The SDK's default generator is random.getrandbits(128): called directly, one call less.
         default = type(ids.inner) is RandomIdGenerator
-        self.new_trace_id = _random_trace_id if default else ids.inner.generate_trace_id
+        self.random_bits = random.getrandbits if default else None
 
     @classmethod
     def for_tracer(cls, provider: Any, tracer: Any) -> FastSampling | None:
@@ -145,7 +141,10 @@ class FastSampling:
             elif key == b"baggage":
                 return None
         if traceparent is None:
-            trace_id = self.new_trace_id()
+            random_bits = self.random_bits
+            trace_id = (
+                (random_bits(128) or 1) if random_bits else self.ids.inner.generate_trace_id()
+            )
             if trace_id & _LIMIT < self.bound:
                 self.ids.local.trace_id = trace_id
                 return self.tracer.start_span(name, None, SpanKind.SERVER)

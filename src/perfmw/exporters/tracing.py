@@ -12,9 +12,10 @@ No span is made per body chunk: the one span covers the request up to its last c
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 import weakref
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -70,6 +71,38 @@ class _HeaderGetter(Getter[Sequence[tuple[bytes, bytes]]]):
 
 
 _GETTER = _HeaderGetter()
+
+
+def _runtime_context_var() -> contextvars.ContextVar[otel_context.Context] | None:
+    """The ContextVar of OpenTelemetry's default runtime context, if that is the one in use."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime).__name__ != "ContextVarsRuntimeContext":
+        return None  # another runtime context (OTEL_PYTHON_CONTEXT): through its API
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, contextvars.ContextVar) else None
+
+
+def _detach_through_api(token: object) -> None:
+    otel_context.detach(token)  # type: ignore[arg-type]  # logs, never raises
+
+
+# Reading and setting the current OpenTelemetry context, three times per traced request: on
+# the default runtime context, its ContextVar directly (two Python calls less each time).
+_var = _runtime_context_var()
+_get_current: Callable[[], otel_context.Context]
+_attach: Callable[[otel_context.Context], object]
+_detach: Callable[[Any], None]
+if _var is not None:
+    _get_current, _attach, _detach = _var.get, _var.set, _var.reset
+else:
+    _get_current, _attach, _detach = (
+        otel_context.get_current,
+        otel_context.attach,
+        _detach_through_api,
+    )
+# What propagate.get_global_textmap() returns is this module global: read directly, a call
+# less per request (through the function should a release rename it).
+_TEXTMAP_IS_GLOBAL = hasattr(propagate, "_HTTP_TEXT_FORMAT")
 # The key OpenTelemetry keeps the current span under, learnt once through its public API, so
 # that making a span current is one Context instead of set_span_in_context's chain of calls.
 (_SPAN_KEY,) = otel_trace.set_span_in_context(otel_trace.INVALID_SPAN, otel_context.Context())
@@ -117,7 +150,7 @@ class Tracing:
         if tracer is None:
             return
         try:  # perfmw's guard, without a context manager's two calls per request
-            current_context = otel_context.get_current()
+            current_context = _get_current()
             current = otel_trace.get_current_span(current_context) if current_context else None
             parent: otel_context.Context | None
             if current is not None and current.get_span_context().is_valid:
@@ -133,7 +166,12 @@ class Tracing:
             else:
                 headers = scope.get("headers") or ()
                 fast = self._fast
-                if fast is not None and propagate.get_global_textmap() is self._textmap:
+                textmap = (
+                    propagate._HTTP_TEXT_FORMAT
+                    if _TEXTMAP_IS_GLOBAL
+                    else propagate.get_global_textmap()
+                )
+                if fast is not None and textmap is self._textmap:
                     span = fast.start(record.method, headers)
                 else:
                     span = self._fast_start(record.method, headers)
@@ -143,7 +181,7 @@ class Tracing:
                 else:
                     parent = current_context
             if type(span) is UnsampledSpan:  # the fast path's dropped span: its own record
-                span.token = otel_context.attach(
+                span.token = _attach(
                     otel_context.Context(
                         {**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span}
                     )
@@ -156,7 +194,7 @@ class Tracing:
             with_span = otel_context.Context(
                 {**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span}
             )
-            token = otel_context.attach(with_span)
+            token = _attach(with_span)
             record.span = RequestSpan(span, True, token, recording)
         except Exception as exc:
             _guard.report_internal_error("tracing", exc)
@@ -173,13 +211,36 @@ class Tracing:
         return None
 
 
+_EMPTY = otel_context.Context()
+
+
+def step_out() -> object:
+    """Make no span current (until `step_in`), whoever attached the current one."""
+    return _attach(_EMPTY)
+
+
+def step_in(token: object) -> None:
+    """Undo `step_out()`."""
+    _detach_safely(token)
+
+
 def leave(record: RequestRecord) -> None:
     """The app call returned: the request's span stops being the current one."""
     request_span: RequestSpan = record.span
     token = request_span.token
     if token is not None:
         request_span.token = None
-        otel_context.detach(token)  # type: ignore[arg-type]  # logs, never raises
+        try:
+            _detach(token)
+        except (ValueError, RuntimeError) as exc:  # a token from another context: never raise
+            _guard.report_internal_error("tracing", exc)
+
+
+def _detach_safely(token: object) -> None:
+    try:
+        _detach(token)
+    except (ValueError, RuntimeError) as exc:  # a token from another context: never raise
+        _guard.report_internal_error("tracing", exc)
 
 
 def end(record: RequestRecord) -> None:
