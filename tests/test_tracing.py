@@ -459,18 +459,13 @@ def test_the_cache_of_encoded_attributes_stays_bounded() -> None:
 
     provider, exporter = memory_provider()
     tracer = provider.get_tracer("scope")
-    for n in range(_otlp_wire._PAIRS_LIMIT + 500):
-        tracer.start_span(
-            "GET /servers/{server_id}", attributes={"url.path": f"/servers/{n}"}
-        ).end()
-        assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT
-    spans = exporter.get_finished_spans()
+    paths = [f"/servers/{n}" for n in range(_otlp_wire._PAIRS_LIMIT + 500)]  # none repeats
+    for path in paths:
+        tracer.start_span("GET /servers/{server_id}", attributes={"url.path": path}).end()
     decoded = ExportTraceServiceRequest()
-    decoded.ParseFromString(_otlp_wire.encode_spans(spans))
-    paths = [
-        s.attributes[0].value.string_value for s in decoded.resource_spans[0].scope_spans[0].spans
-    ]
-    assert paths == [f"/servers/{n}" for n in range(_otlp_wire._PAIRS_LIMIT + 500)]
+    decoded.ParseFromString(_otlp_wire.encode_spans(exporter.get_finished_spans()))
+    (scope_spans,) = decoded.resource_spans[0].scope_spans
+    assert [span.attributes[0].value.string_value for span in scope_spans.spans] == paths
     assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT
 
 
