@@ -711,3 +711,45 @@ def test_a_kept_alive_connection_does_not_keep_the_request_span_alive(
             assert client.get("/ok").status_code == 200  # the same connection still serves
     finally:
         gc.enable()
+
+
+LATE_PROVIDER_SCRIPT = """
+import time
+
+import httpx
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import perfmw
+from support import serve
+
+
+async def ok(request):
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/before", ok), Route("/after", ok)])
+perfmw.instrument(app, registry=CollectorRegistry())
+with serve(app) as server:
+    assert httpx.get(server.url + "/before").status_code == 200  # no provider yet: no span
+    provider = perfmw.configure_tracing("late")  # set while the app serves
+    time.sleep(1.5)  # perfmw looks for a provider once a second
+    assert httpx.get(server.url + "/after").status_code == 200
+assert provider.force_flush()
+"""
+
+
+def test_a_global_provider_set_while_serving_is_used_within_a_second(
+    receiver: OtlpReceiver, tmp_path: Any
+) -> None:
+    script = tmp_path / "late_provider.py"
+    script.write_text(LATE_PROVIDER_SCRIPT)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert [span.name for span in servers(receiver.spans)] == ["GET /after"]
