@@ -549,6 +549,19 @@ def test_loop_stall_and_blocking_call_events(mongo_uri: str, registry: Collector
     assert call["code.filepath"] == "examples/fastapi_app/app.py"
 
 
+def run_script(tmp_path: Path, text: str, *args: str) -> None:
+    """Run `text` as a script in a fresh process (a process sets its global provider once),
+    with the project and tests/ importable; fail with its stderr if it fails."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    result = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
 GLOBAL_PROVIDER_SCRIPT = """
 import sys
 
@@ -572,18 +585,7 @@ def test_global_provider_set_after_instrument_is_used(
     receiver: OtlpReceiver, mongo_uri: str, tmp_path: Any
 ) -> None:
     """The usual set-up, in a fresh process (a process sets its global provider once)."""
-    script = tmp_path / "global_provider.py"
-    script.write_text(GLOBAL_PROVIDER_SCRIPT)
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
-    result = subprocess.run(
-        [sys.executable, str(script), mongo_uri, f"00-{TRACE_ID}-{PARENT_ID}-01"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    run_script(tmp_path, GLOBAL_PROVIDER_SCRIPT, mongo_uri, f"00-{TRACE_ID}-{PARENT_ID}-01")
     # FastAPI opens its own server span when a global provider exists: perfmw enriches it.
     (span,) = servers(receiver.spans)
     assert (span.trace_id, span.parent_span_id) == (TRACE_ID, PARENT_ID)
@@ -744,12 +746,5 @@ assert provider.force_flush()
 def test_a_global_provider_set_while_serving_is_used_within_a_second(
     receiver: OtlpReceiver, tmp_path: Any
 ) -> None:
-    script = tmp_path / "late_provider.py"
-    script.write_text(LATE_PROVIDER_SCRIPT)
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+    run_script(tmp_path, LATE_PROVIDER_SCRIPT)
     assert [span.name for span in servers(receiver.spans)] == ["GET /after"]
