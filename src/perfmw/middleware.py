@@ -139,20 +139,19 @@ class _Exchange:
             record.response_bytes += len(message.get("body", b""))
             if message.get("more_body", False):
                 return _deliver(self.server_send, message, record)
-            # The last chunk: the clock stops as it is handed to the server (whose send
-            # queues it for the socket), before any background task runs.
-            self.finish()
-            span = record.span
-            if span is not None and span.recording:
-                return _send_last_untraced(self.server_send, message)
         elif kind == "http.response.start":
             record.status_code = message["status"]
             record.response_headers = message.get("headers")
-        elif kind == "http.response.pathsend":
-            self.finish()
-            span = record.span
-            if span is not None and span.recording:
-                return _send_last_untraced(self.server_send, message)
+            return self.server_send(message)
+        elif kind != "http.response.pathsend":
+            return self.server_send(message)
+        # The last message (the last body chunk, or a pathsend): the clock stops as it is
+        # handed to the server (whose send queues it for the socket), before any background
+        # task runs.
+        self.finish()
+        span = record.span
+        if span is not None and span.recording:
+            return _send_last_untraced(self.server_send, message)
         return self.server_send(message)
 
     def finish(self) -> None:
