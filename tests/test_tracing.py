@@ -20,6 +20,7 @@ import pytest
 from examples.fastapi_app import app as example
 from fastapi import FastAPI, HTTPException
 from motor.motor_asyncio import AsyncIOMotorClient
+from opentelemetry import propagate
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,7 +33,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, MongoClient
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 import perfmw
@@ -182,6 +183,60 @@ def test_unsampled_requests_export_nothing_and_carry_no_exemplar(
     assert exporter.get_finished_spans() == ()
     assert exemplar_trace_ids(exposition, "http_server_request_duration_seconds_bucket") == set()
     assert 'http_route="/servers/{server_id}/uncached"' in exposition
+
+
+def propagation_app(registry: CollectorRegistry, provider: TracerProvider) -> Starlette:
+    """Answers with the headers the request's code would propagate to the services it calls."""
+
+    def outgoing(request: Any) -> JSONResponse:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return JSONResponse(carrier)
+
+    app = Starlette(routes=[Route("/", outgoing)])
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    return app
+
+
+def test_an_unsampled_parent_is_continued_unsampled_with_its_tracestate(
+    registry: CollectorRegistry,
+) -> None:
+    provider, exporter = memory_provider(ParentBased(TraceIdRatioBased(1.0)))
+    with serve(propagation_app(registry, provider)) as server:
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00", "tracestate": "vendor=x"}
+        outgoing = httpx.get(server.url, headers=headers).json()
+    version, trace_id, span_id, flags = outgoing["traceparent"].split("-")
+    # Same trace, a new span id of our own, still not sampled, the caller's tracestate kept.
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
+    assert span_id not in (PARENT_ID, "0" * 16)
+    assert outgoing["tracestate"] == "vendor=x"
+    assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"00-{TRACE_ID.upper()}-{PARENT_ID}-00",  # upper-case hex
+        f"00-{'0' * 32}-{PARENT_ID}-00",  # the invalid trace id
+        f"00-{TRACE_ID}-{'0' * 16}-00",  # the invalid parent id
+        f"00-{TRACE_ID}-{PARENT_ID}-00-extra",  # version 00 has exactly four fields
+        f"ff-{TRACE_ID}-{PARENT_ID}-00",  # the forbidden version
+        f"00-{TRACE_ID[:-1]}g-{PARENT_ID}-00",  # not hex
+    ],
+)
+def test_an_invalid_traceparent_starts_a_new_trace(
+    traceparent: str, registry: CollectorRegistry
+) -> None:
+    provider, exporter = memory_provider(ParentBased(TraceIdRatioBased(1.0)))
+    with serve(propagation_app(registry, provider)) as server:
+        outgoing = httpx.get(server.url, headers={"traceparent": traceparent}).json()
+    (span,) = exporter.get_finished_spans()  # a root, sampled at the ratio (1.0 here)
+    assert span.parent is None
+    trace_id = format(span.context.trace_id, "032x")
+    assert trace_id != TRACE_ID.lower()
+    assert span.context.trace_flags.sampled
+    flags = f"{span.context.trace_flags:02x}"
+    assert outgoing["traceparent"] == f"00-{trace_id}-{span.context.span_id:016x}-{flags}"
 
 
 def test_otel_asgi_middleware_outside_is_enriched_not_doubled(
@@ -721,7 +776,7 @@ import time
 import httpx
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 import perfmw

@@ -70,7 +70,7 @@ class _RoutingTracer:
             with _MONGO:
                 perf = record.owner  # type: ignore[union-attr]
                 tracing = perf.tracing if perf is not None else None
-                if tracing is not None and tracing.tracer is not None:
+                if tracing is not None:
                     tracer = self._tracer_for(tracing.provider)
                 parent = request_span.span.get_span_context()
                 if context is None and (

@@ -22,13 +22,22 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry import trace as otel_trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
 
 from .. import _guard
 from ..record import OTHER, UNMATCHED, RequestRecord
 from ._mongo_spans import instrument_pymongo
-from ._sampling import FastSampling, UnsampledSpan
+from ._sampling import (
+    TRACE_ID_LIMIT,
+    W3C_HEADERS,
+    PresetIds,
+    UnsampledSpan,
+    random_trace_ids,
+    ratio_sampling,
+    unsampled_parent,
+    w3c_only,
+)
 
 if TYPE_CHECKING:
     from ..findings import Finding
@@ -41,14 +50,11 @@ _NAME = "perfmw"
 class RequestSpan:
     """What `record.span` holds: the request's span, whether perfmw started it, its exemplar."""
 
-    __slots__ = ("exemplar", "owned", "recording", "span", "token")
+    __slots__ = ("exemplar", "owned", "recording", "span")
 
-    def __init__(
-        self, span: otel_trace.Span, owned: bool, token: object = None, recording: bool = True
-    ) -> None:
+    def __init__(self, span: otel_trace.Span, owned: bool, recording: bool = True) -> None:
         self.span = span
         self.owned = owned  # False when enriching another instrumentation's server span
-        self.token = token  # the context token to detach when the app call returns
         self.recording = recording  # False: a dropped span, nothing to add or end
         # The Prometheus exemplar linking a histogram bucket to this trace (sampled spans only).
         self.exemplar: dict[str, str] | None = None
@@ -110,105 +116,151 @@ _SERVER = SpanKind.SERVER
 
 
 class Tracing:
-    """One Perf's tracing: its tracer, resolved from the Perf's provider or the global one.
+    """One Perf's tracing: its tracer, and the request's span started (or adopted) by the SDK.
 
     With no provider passed to `instrument()`, the global provider is used once one is set
     (`perfmw.configure_tracing()` or `trace.set_tracer_provider()`): at startup, or within a
     second after it (see `on_loop`). Until then `perf.tracing` is None and requests pay nothing.
     """
 
-    __slots__ = ("_fast", "_provider", "_textmap", "tracer")
+    __slots__ = ("_provider", "tracer")
 
-    def __init__(self, provider: Any) -> None:
-        self._provider = provider
-        self.tracer: otel_trace.Tracer | None = None
-        self._fast: FastSampling | None = None
-        self._textmap: Any = None  # the global propagator, once known to be W3C only
-        self._resolve()
-
-    def _resolve(self) -> otel_trace.Tracer | None:
-        provider = self._provider
-        if provider is None:
-            if otel_trace._TRACER_PROVIDER is None:  # nothing set yet: stay a no-op
-                return None
-            provider = otel_trace.get_tracer_provider()
-        if isinstance(provider, (otel_trace.ProxyTracerProvider, otel_trace.NoOpTracerProvider)):
-            return None
-        tracer: otel_trace.Tracer = provider.get_tracer(_NAME)
-        self._fast = FastSampling.for_tracer(provider, tracer)
+    def __init__(self, provider: Any, tracer: otel_trace.Tracer) -> None:
+        self._provider = provider  # as passed to instrument(): None for the global one
         self.tracer = tracer
-        instrument_pymongo()
-        return tracer
 
     @property
     def provider(self) -> Any:
         return self._provider if self._provider is not None else otel_trace.get_tracer_provider()
 
-    def start(self, scope: MutableMapping[str, Any], record: RequestRecord) -> None:
-        """Open (or adopt) the request's server span and make it current for the app call."""
-        tracer = self.tracer
-        if tracer is None:
-            return
+    def start(self, scope: MutableMapping[str, Any], record: RequestRecord) -> object:
+        """Open (or adopt) the request's server span and make it current for the app call.
+
+        Returns the token the middleware hands to `detach()` when the app call returns (None
+        when no span was made current).
+        """
         try:  # perfmw's guard, without a context manager's two calls per request
             current_context = _get_current()
             current = otel_trace.get_current_span(current_context) if current_context else None
-            parent: otel_context.Context | None
             if current is not None and current.get_span_context().is_valid:
                 # Another instrumentation (OTel's ASGI middleware outside us) already opened
                 # this request's span: enrich it rather than starting a second server span.
                 if current.is_recording() and getattr(current, "kind", None) is _SERVER:
                     record.span = RequestSpan(current, owned=False)
-                    return
+                    return None
                 if not current.is_recording():
-                    return  # an unsampled parent in this process: nothing to record
-                parent = current_context
-                span = tracer.start_span(record.method, parent, _SERVER)
+                    return None  # an unsampled parent in this process: nothing to record
+                parent: otel_context.Context | None = current_context
             else:
-                headers = scope.get("headers") or ()
-                fast = self._fast
-                textmap = (
-                    propagate._HTTP_TEXT_FORMAT
-                    if _TEXTMAP_IS_GLOBAL
-                    else propagate.get_global_textmap()
-                )
-                if fast is not None and textmap is self._textmap:
-                    span = fast.start(record.method, headers)
-                else:
-                    span = self._fast_start(record.method, headers)
-                if span is None:
-                    parent = propagate.extract(headers, getter=_GETTER) if headers else None
-                    span = tracer.start_span(record.method, parent, _SERVER)
-                else:
-                    parent = current_context
-            if type(span) is UnsampledSpan:  # the fast path's dropped span: its own record
-                span.token = _attach(
-                    otel_context.Context(
-                        {**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span}
-                    )
-                )
-                record.span = span
-                return
-            recording = span.is_recording()
-            if recording:
-                span.set_attributes(_start_attributes(scope, record))
-            with_span = otel_context.Context(
-                {**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span}
-            )
-            token = _attach(with_span)
-            record.span = RequestSpan(span, True, token, recording)
+                headers = scope.get("headers")
+                parent = propagate.extract(headers, getter=_GETTER) if headers else None
+            span = self.tracer.start_span(record.method, parent, _SERVER)
+            return self._own(span, parent, scope, record)
         except Exception as exc:
             _guard.report_internal_error("tracing", exc)
-
-    def _fast_start(self, name: str, headers: Sequence[tuple[bytes, bytes]]) -> Any:
-        """The fast sampling decision, when the sampler and the propagator allow it."""
-        fast = self._fast
-        if fast is None:
             return None
-        textmap = propagate.get_global_textmap()
-        if FastSampling.applies(textmap):
-            self._textmap = textmap  # W3C propagation: the fast path applies from now on
-            return fast.start(name, headers)
+
+    @staticmethod
+    def _own(
+        span: otel_trace.Span,
+        parent: otel_context.Context | None,
+        scope: MutableMapping[str, Any],
+        record: RequestRecord,
+    ) -> object:
+        """The SDK's new span becomes the request's: its attributes, `record.span`, current."""
+        recording = span.is_recording()
+        if recording:
+            span.set_attributes(_start_attributes(scope, record))
+        record.span = RequestSpan(span, True, recording)
+        return _attach(
+            otel_context.Context({**parent, _SPAN_KEY: span} if parent else {_SPAN_KEY: span})
+        )
+
+
+class RatioTracing(Tracing):
+    """Tracing for a provider sampling with ParentBased(TraceIdRatioBased), as most do.
+
+    A request with no span current and only W3C propagation headers is decided here from its
+    trace id alone (`_sampling.py`): a new root's random id against the ratio's bound, or a
+    remote parent's flags. Dropped requests get an `UnsampledSpan` and never reach the SDK;
+    sampled ones go through it with the id decided on. Anything else is `Tracing.start`'s.
+    """
+
+    __slots__ = ("_bound", "_ids", "_random_bits", "_random_flag", "_textmap")
+
+    def __init__(self, provider: Any, tracer: otel_trace.Tracer, ids: PresetIds, bound: int):
+        super().__init__(provider, tracer)
+        self._ids = ids
+        self._bound = bound
+        self._random_flag = TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0
+        self._random_bits = random_trace_ids(ids)
+        self._textmap: Any = None  # the global propagator, once known to be W3C only
+
+    def start(self, scope: MutableMapping[str, Any], record: RequestRecord) -> object:
+        # One frame per request, on purpose: each Python call here costs about 0.3 µs.
+        try:
+            textmap = (
+                propagate._HTTP_TEXT_FORMAT
+                if _TEXTMAP_IS_GLOBAL
+                else propagate.get_global_textmap()
+            )
+            if _get_current() or (textmap is not self._textmap and not self._adopt(textmap)):
+                return Tracing.start(self, scope, record)  # a span or baggage already current
+            traceparent = None
+            tracestate: list[str] | None = None
+            for key, value in scope.get("headers") or ():
+                if key in W3C_HEADERS:
+                    if key == b"traceparent":
+                        traceparent = value
+                    elif key == b"baggage":
+                        return Tracing.start(self, scope, record)
+                    else:
+                        tracestate = [*(tracestate or ()), bytes(value).decode("latin-1")]
+            span: UnsampledSpan
+            if traceparent is not None:
+                if unsampled_parent(traceparent) is None:
+                    return Tracing.start(self, scope, record)  # sampled, or for the SDK to read
+                span = UnsampledSpan(traceparent, 0, tracestate, self._ids)
+            else:
+                random_bits = self._random_bits
+                trace_id = (
+                    (random_bits(128) or 1) if random_bits else self._ids.inner.generate_trace_id()
+                )
+                if trace_id & TRACE_ID_LIMIT < self._bound:
+                    self._ids.local.trace_id = trace_id  # the SDK's span gets the id decided on
+                    sampled = self.tracer.start_span(record.method, None, _SERVER)
+                    return self._own(sampled, None, scope, record)
+                span = UnsampledSpan(trace_id, self._random_flag, None, self._ids)
+            record.span = span
+            return _attach(otel_context.Context({_SPAN_KEY: span}))
+        except Exception as exc:
+            _guard.report_internal_error("tracing", exc)
+            return None
+
+    def _adopt(self, textmap: Any) -> bool:
+        """Whether the fast path reads this propagator's headers (W3C only); remembered."""
+        if w3c_only(textmap):
+            self._textmap = textmap
+            return True
+        return False
+
+
+def _tracing_for(provider: Any) -> Tracing | None:
+    """The tracing for `instrument()`'s provider (None: the global one); None while no real
+    provider exists."""
+    resolved = provider
+    if resolved is None:
+        if otel_trace._TRACER_PROVIDER is None:  # nothing set yet: stay a no-op
+            return None
+        resolved = otel_trace.get_tracer_provider()
+    if isinstance(resolved, (otel_trace.ProxyTracerProvider, otel_trace.NoOpTracerProvider)):
         return None
+    tracer: otel_trace.Tracer = resolved.get_tracer(_NAME)
+    instrument_pymongo()
+    ratio = ratio_sampling(resolved, tracer)
+    if ratio is None:
+        return Tracing(provider, tracer)
+    return RatioTracing(provider, tracer, *ratio)
 
 
 _EMPTY = otel_context.Context()
@@ -224,16 +276,10 @@ def step_in(token: object) -> None:
     _detach_safely(token)
 
 
-def leave(record: RequestRecord) -> None:
-    """The app call returned: the request's span stops being the current one."""
-    request_span: RequestSpan = record.span
-    token = request_span.token
-    if token is not None:
-        request_span.token = None
-        try:
-            _detach(token)
-        except (ValueError, RuntimeError) as exc:  # a token from another context: never raise
-            _guard.report_internal_error("tracing", exc)
+#: The app call returned: `detach(token)` with `Tracing.start()`'s token makes the request's
+#: span stop being the current one. One C call on the default runtime context; it raises
+#: ValueError or RuntimeError for a token from another context (the caller reports those).
+detach: Callable[[Any], None] = _detach
 
 
 def _detach_safely(token: object) -> None:
@@ -266,15 +312,15 @@ def for_perf(perf: Perf) -> Tracing | None:
         )
     if not perf.settings.trace:
         return None
-    tracing = Tracing(provider)
-    if tracing.tracer is None:
-        _waiting[perf] = tracing
-        return None
+    tracing = _tracing_for(provider)
+    if tracing is None:
+        _waiting[perf] = provider
     return tracing
 
 
-#: Perfs whose tracing waits for a provider: the middleware does no tracing work for them.
-_waiting: weakref.WeakKeyDictionary[Perf, Tracing] = weakref.WeakKeyDictionary()
+#: Perfs whose tracing waits for a provider (the value: the one `instrument()` was given, None
+#: for the global one): the middleware does no tracing work for them.
+_waiting: weakref.WeakKeyDictionary[Perf, Any] = weakref.WeakKeyDictionary()
 #: How often a waiting Perf looks for a provider again, from its event loop.
 RECHECK_SECONDS = 1.0
 
@@ -293,11 +339,11 @@ def _recheck(perf_ref: weakref.ref[Perf], loop: asyncio.AbstractEventLoop) -> No
     perf = perf_ref()
     if perf is None or perf.closed:
         return
-    tracing = _waiting.get(perf)
-    if tracing is None:
+    if perf not in _waiting:
         return
     with _TRACING:
-        if tracing._resolve() is not None:
+        tracing = _tracing_for(_waiting[perf])
+        if tracing is not None:
             del _waiting[perf]
             perf.tracing = tracing  # requests are traced from the next one on
             return
@@ -307,7 +353,7 @@ def _recheck(perf_ref: weakref.ref[Perf], loop: asyncio.AbstractEventLoop) -> No
 def flush(perf: Perf) -> None:
     """`perf.shutdown()`: send the spans its provider still holds (the provider stays usable)."""
     tracing = perf.tracing
-    if tracing is not None and tracing.tracer is not None:
+    if tracing is not None:
         force_flush = getattr(tracing.provider, "force_flush", None)
         if force_flush is not None:
             force_flush()
