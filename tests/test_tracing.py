@@ -22,7 +22,7 @@ from fastapi import FastAPI, HTTPException
 from motor.motor_asyncio import AsyncIOMotorClient
 from opentelemetry import propagate
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -57,9 +57,11 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
         yield receiver
 
 
-def memory_provider(sampler: Any = None) -> tuple[TracerProvider, InMemorySpanExporter]:
+def memory_provider(
+    sampler: Any = None, limits: SpanLimits | None = None
+) -> tuple[TracerProvider, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=sampler)
+    provider = TracerProvider(sampler=sampler, span_limits=limits)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
 
@@ -237,6 +239,23 @@ def test_an_invalid_traceparent_starts_a_new_trace(
     assert span.context.trace_flags.sampled
     flags = f"{span.context.trace_flags:02x}"
     assert outgoing["traceparent"] == f"00-{trace_id}-{span.context.span_id:016x}-{flags}"
+
+
+def test_the_providers_attribute_limits_hold_for_perfmws_attributes(
+    registry: CollectorRegistry,
+) -> None:
+    limits = SpanLimits(max_span_attributes=10, max_span_attribute_length=4)
+    provider, exporter = memory_provider(limits=limits)
+    app = Starlette(routes=[Route("/items/{item_id}", lambda request: PlainTextResponse("hi"))])
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server:
+        assert httpx.get(server.url + "/items/12345").status_code == 200
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None
+    assert len(span.attributes) == 10  # 5 at the start, 8 at the end: the oldest 3 dropped
+    assert span.dropped_attributes == 3
+    assert span.attributes["http.route"] == "/ite"  # values cut at 4 characters
+    assert span.attributes["perfmw.db.queries"] == 0
 
 
 def test_otel_asgi_middleware_outside_is_enriched_not_doubled(

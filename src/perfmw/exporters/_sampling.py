@@ -2,10 +2,11 @@
 
 The SDK's `start_span` costs about 4 µs for a span it then drops (sampler result objects,
 SpanContext validation, its own metrics), plus 2 µs to extract the headers. For the set-up
-almost everyone samples with, `ParentBased(TraceIdRatioBased(r))` with its default delegates
-and W3C propagation, the decision needs only the trace id: this module takes it, and builds
-the dropped span's context only if something asks for it (a child span, a propagator).
-Sampled requests still go through the SDK, with the trace id the decision was made on.
+almost everyone samples with, `ParentBased(TraceIdRatioBased(r))` (or the SDK's default
+`ParentBased(ALWAYS_ON)`, the ratio 1) with its default delegates and W3C propagation, the
+decision needs only the trace id: this module takes it, and builds the dropped span's context
+only if something asks for it (a child span, a propagator). Sampled requests still go through
+the SDK, with the trace id the decision was made on (and no header extraction for new roots).
 The decision itself is made per request in `tracing.RatioTracing.start`; here are its parts.
 """
 
@@ -21,8 +22,9 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
+# The root sampler: a ratio, or always on (the SDK's default, the ratio 1).
 _PARENT_BASED_RATIO = re.compile(
-    r"ParentBased\{root:TraceIdRatioBased\{([^{}]+)\},"
+    r"ParentBased\{root:(?:TraceIdRatioBased\{([^{}]+)\}|AlwaysOnSampler),"
     r"remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,"
     r"localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler\}"
 )
@@ -107,7 +109,8 @@ class UnsampledSpan(NonRecordingSpan):
 
 
 def ratio_sampling(provider: Any, tracer: Any) -> tuple[PresetIds, int] | None:
-    """For a provider sampling with ParentBased(TraceIdRatioBased) and its default delegates:
+    """For a provider sampling with ParentBased(TraceIdRatioBased) or ParentBased(ALWAYS_ON)
+    (the SDK's default) and their default delegates:
     our tracer's id generator (now a PresetIds) and the bound trace ids are sampled below.
     None for any other sampler: the SDK decides every request."""
     sampler = getattr(provider, "sampler", None)
@@ -118,7 +121,7 @@ def ratio_sampling(provider: Any, tracer: Any) -> tuple[PresetIds, int] | None:
     if match is None:
         return None
     try:
-        bound = TraceIdRatioBased.get_bound_for_rate(float(match.group(1)))
+        bound = TraceIdRatioBased.get_bound_for_rate(float(match.group(1) or 1.0))
     except ValueError:
         return None
     preset = ids if isinstance(ids, PresetIds) else PresetIds(ids)
