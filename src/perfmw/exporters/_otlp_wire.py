@@ -11,6 +11,7 @@ Message and field numbers: opentelemetry/proto/trace/v1/trace.proto and common/v
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -36,6 +37,8 @@ _IS_REMOTE = 0x200
 def _varint(value: int) -> bytes:
     if value < 128:
         return _SMALL[value]
+    if value < 16384:  # a span's length, mostly
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value >= 128:
         out.append((value & 0x7F) | 0x80)
@@ -119,9 +122,37 @@ def _trace_state(state: Any) -> bytes:
     return _field(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode("utf-8"))
 
 
+# A span's fields in one C call: the SDK ReadableSpan's own, not its properties (a Python call
+# each, and `attributes` makes a read-only view per call); the properties should a release
+# keep them differently.
+_FIELDS = [
+    "context",
+    "parent",
+    "name",
+    "kind",
+    "start_time",
+    "end_time",
+    "attributes",
+    "events",
+    "links",
+    "status",
+]
+_OWN_FIELDS = operator.attrgetter(*(f"_{name}" for name in _FIELDS))
+_PUBLIC_FIELDS = operator.attrgetter(*_FIELDS)
+
+
+def _dropped(container: Any, span: Any, name: str) -> int:
+    """How many attributes, events or links the SDK dropped (its bounded containers count)."""
+    dropped = getattr(container, "dropped", None)
+    return int(getattr(span, name, 0) if dropped is None else dropped)
+
+
 def _span(span: Any) -> bytes:
-    context = span.context
-    parent = span.parent
+    try:
+        fields = _OWN_FIELDS(span)
+    except AttributeError:
+        fields = _PUBLIC_FIELDS(span)
+    context, parent, name, kind, start, end, attributes, events, links, status = fields
     parts = [
         b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
         b"\x12\x08" + context.span_id.to_bytes(8, "big"),
@@ -129,15 +160,15 @@ def _span(span: Any) -> bytes:
     ]
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_field(b"\x2a", span.name.encode("utf-8")))
-    parts.append(_KINDS[span.kind])
-    parts.append(b"\x39" + _FIXED64(span.start_time or 0))
-    parts.append(b"\x41" + _FIXED64(span.end_time or 0))
-    # The SDK span's own attributes, not the read-only view `span.attributes` makes per call.
-    parts.append(_attributes(b"\x4a", getattr(span, "_attributes", None) or span.attributes))
-    if span.dropped_attributes:
-        parts.append(b"\x50" + _varint(span.dropped_attributes))
-    for event in span.events:
+    parts.append(_field(b"\x2a", name.encode("utf-8")))
+    parts.append(_KINDS[kind])
+    parts.append(b"\x39" + _FIXED64(start or 0))
+    parts.append(b"\x41" + _FIXED64(end or 0))
+    parts.append(_attributes(b"\x4a", attributes))
+    dropped = _dropped(attributes, span, "dropped_attributes")
+    if dropped:
+        parts.append(b"\x50" + _varint(dropped))
+    for event in events:
         body = (
             b"\x09"
             + _FIXED64(event.timestamp)
@@ -147,9 +178,10 @@ def _span(span: Any) -> bytes:
         if event.dropped_attributes:
             body += b"\x20" + _varint(event.dropped_attributes)
         parts.append(_field(b"\x5a", body))
-    if span.dropped_events:
-        parts.append(b"\x60" + _varint(span.dropped_events))
-    for link in span.links:
+    dropped = _dropped(events, span, "dropped_events")
+    if dropped:
+        parts.append(b"\x60" + _varint(dropped))
+    for link in links:
         linked = link.context
         body = (
             b"\x0a\x10"
@@ -163,9 +195,9 @@ def _span(span: Any) -> bytes:
             body += b"\x28" + _varint(link.dropped_attributes)
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if linked.is_remote else 0)
         parts.append(_field(b"\x6a", body + b"\x35" + _FIXED32(flags)))
-    if span.dropped_links:
-        parts.append(b"\x70" + _varint(span.dropped_links))
-    status = span.status
+    dropped = _dropped(links, span, "dropped_links")
+    if dropped:
+        parts.append(b"\x70" + _varint(dropped))
     if status is not None:
         code = _STATUS_CODES[status.status_code]
         if status.description:
@@ -212,21 +244,38 @@ def _scope(scope: Any) -> bytes:
     return encoded
 
 
-def encode_spans(spans: Iterable[Any]) -> bytes:
-    """A serialized ExportTraceServiceRequest holding `spans` (SDK ReadableSpans)."""
-    grouped: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
-    for span in spans:
-        resource = span.resource
-        scope = span.instrumentation_scope
-        by_scope = grouped.setdefault(id(resource), (resource, {}))[1]
-        by_scope.setdefault(id(scope), (scope, []))[1].append(_span(span))
+def encode_span(span: Any) -> bytes:
+    """One span as a field of its ScopeSpans message: `encode_request` groups such fields."""
+    return _field(b"\x12", _span(span))
+
+
+#: Encoded span fields of one resource and instrumentation scope, as `encode_request` takes them.
+Group = tuple[Any, Any, list[bytes]]
+
+
+def encode_request(groups: Iterable[Group]) -> bytes:
+    """A serialized ExportTraceServiceRequest of (resource, scope, encoded spans) groups."""
+    by_resource: dict[int, tuple[Any, list[bytes]]] = {}
+    for resource, scope, spans in groups:
+        scope_spans = _field(b"\x12", _scope(scope) + b"".join(spans))
+        by_resource.setdefault(id(resource), (resource, []))[1].append(scope_spans)
     out = []
-    for resource, by_scope in grouped.values():
-        body = _resource(resource)
-        for scope, encoded_spans in by_scope.values():
-            scope_spans = _scope(scope) + b"".join(_field(b"\x12", s) for s in encoded_spans)
-            body += _field(b"\x12", scope_spans)
+    for resource, scopes in by_resource.values():
+        body = _resource(resource) + b"".join(scopes)
         if resource.schema_url:
             body += _field(b"\x1a", resource.schema_url.encode("utf-8"))
         out.append(_field(b"\x0a", body))
     return b"".join(out)
+
+
+def encode_spans(spans: Iterable[Any]) -> bytes:
+    """A serialized ExportTraceServiceRequest holding `spans` (SDK ReadableSpans)."""
+    groups: dict[tuple[int, int], Group] = {}
+    for span in spans:
+        resource, scope = span.resource, span.instrumentation_scope
+        key = (id(resource), id(scope))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = (resource, scope, [])
+        group[2].append(encode_span(span))
+    return encode_request(groups.values())
