@@ -1,8 +1,9 @@
 """OpenTelemetry sink: one SERVER span per request carrying perfmw's measurements.
 
-The middleware calls `Tracing.start()` when a request begins and `leave()` when its call
-returns; `Perf.finish()` calls `end()` with the finished record, which names the span after
-the route, sets perfmw's attributes, turns findings into span events and ends the span.
+The middleware calls `Tracing.start()` when a request begins and `detach()` with its token
+when its call returns; `Perf.finish()` calls `end()` with the finished record, which names
+the span after the route, sets perfmw's attributes, turns findings into span events and ends
+the span.
 MongoDB commands become CLIENT child spans through opentelemetry-instrumentation-pymongo
 (`_mongo_spans.py`).
 
