@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 import perfmw
 from otlp_receiver import OtlpReceiver, ReceivedSpan
-from perfmw.exporters.otlp import LoopFriendlySpanProcessor
+from perfmw.exporters.otlp import LoopFriendlySpanProcessor, OtlpHttpSender
 from perfmw.exporters.tracing import _event_attributes
 from perfmw.findings import Finding
 from support import serve, wait_for
@@ -473,6 +473,31 @@ def test_findings_become_span_events() -> None:
     }
 
 
+class KeptBodies(OtlpHttpSender):
+    """A sender that keeps the request bodies it would post."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9/v1/traces")
+        self.bodies: list[bytes] = []
+
+    def send(self, body: bytes) -> bool:
+        self.bodies.append(body)
+        return True
+
+
+def exported(spans: Sequence[ReadableSpan]) -> bytes:
+    """What configure_tracing()'s processor posts for `spans`, ended in this order."""
+    sender = KeptBodies()
+    room = len(spans) + 1  # all in one request
+    processor = LoopFriendlySpanProcessor(sender, max_queue_size=room, max_export_batch_size=room)
+    for span in spans:
+        processor.on_end(span)
+    assert processor.force_flush()
+    processor.shutdown()
+    (body,) = sender.bodies
+    return body
+
+
 def test_wire_encoding_decodes_like_the_otlp_exporters_encoding() -> None:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
         encode_spans as exporter_encoding,
@@ -491,16 +516,17 @@ def test_wire_encoding_decodes_like_the_otlp_exporters_encoding() -> None:
         set_span_in_context,
     )
 
-    from perfmw.exporters._otlp_wire import encode_spans
-
     provider, exporter = memory_provider()
-    tracer = provider.get_tracer("scope", "1.2", schema_url="https://opentelemetry.io/schemas/1")
+    tracers = [  # spans of two instrumentation scopes, interleaved
+        provider.get_tracer("scope", "1.2", schema_url="https://opentelemetry.io/schemas/1"),
+        provider.get_tracer("other"),
+    ]
     remote = SpanContext(
         int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(1), TraceState([("a", "1")])
     )
     linked = SpanContext(int(TRACE_ID, 16), 7, True, TraceFlags(1))
-    for kind in ("SERVER", "CLIENT", "INTERNAL"):
-        span = tracer.start_span(
+    for n, kind in enumerate(("SERVER", "CLIENT", "INTERNAL")):
+        span = tracers[n % 2].start_span(
             "GET /servers/{server_id}",
             context=set_span_in_context(NonRecordingSpan(remote)) if kind == "SERVER" else None,
             kind=getattr(SpanKind, kind),
@@ -515,12 +541,16 @@ def test_wire_encoding_decodes_like_the_otlp_exporters_encoding() -> None:
         span.end()
     spans = exporter.get_finished_spans()
     ours, theirs = ExportTraceServiceRequest(), ExportTraceServiceRequest()
-    ours.ParseFromString(encode_spans(spans))
+    ours.ParseFromString(exported(spans))
     theirs.ParseFromString(exporter_encoding(spans).SerializePartialToString())
     assert ours == theirs
-    assert len(ours.resource_spans[0].scope_spans[0].spans) == 3
+    (resource_spans,) = ours.resource_spans
+    assert [(s.scope.name, len(s.spans)) for s in resource_spans.scope_spans] == [
+        ("scope", 2),
+        ("other", 1),
+    ]
     again = ExportTraceServiceRequest()  # attributes encoded before now come from the cache
-    again.ParseFromString(encode_spans(spans))
+    again.ParseFromString(exported(spans))
     assert again == theirs
 
 
@@ -537,7 +567,7 @@ def test_the_cache_of_encoded_attributes_stays_bounded() -> None:
     for path in paths:
         tracer.start_span("GET /servers/{server_id}", attributes={"url.path": path}).end()
     decoded = ExportTraceServiceRequest()
-    decoded.ParseFromString(_otlp_wire.encode_spans(exporter.get_finished_spans()))
+    decoded.ParseFromString(exported(exporter.get_finished_spans()))
     (scope_spans,) = decoded.resource_spans[0].scope_spans
     assert [span.attributes[0].value.string_value for span in scope_spans.spans] == paths
     assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT

@@ -266,16 +266,3 @@ def encode_request(groups: Iterable[Group]) -> bytes:
             body += _field(b"\x1a", resource.schema_url.encode("utf-8"))
         out.append(_field(b"\x0a", body))
     return b"".join(out)
-
-
-def encode_spans(spans: Iterable[Any]) -> bytes:
-    """A serialized ExportTraceServiceRequest holding `spans` (SDK ReadableSpans)."""
-    groups: dict[tuple[int, int], Group] = {}
-    for span in spans:
-        resource, scope = span.resource, span.instrumentation_scope
-        key = (id(resource), id(scope))
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = (resource, scope, [])
-        group[2].append(encode_span(span))
-    return encode_request(groups.values())

@@ -342,9 +342,7 @@ def on_loop(perf: Perf) -> None:
 
 def _recheck(perf_ref: weakref.ref[Perf], loop: asyncio.AbstractEventLoop) -> None:
     perf = perf_ref()
-    if perf is None or perf.closed:
-        return
-    if perf not in _waiting:
+    if perf is None or perf.closed or perf not in _waiting:
         return
     with _TRACING:
         tracing = _tracing_for(_waiting[perf])
