@@ -278,20 +278,16 @@ def step_out() -> object:
 
 def step_in(token: object) -> None:
     """Undo `step_out()`."""
-    _detach_safely(token)
+    try:
+        _detach(token)
+    except (ValueError, RuntimeError) as exc:  # a token from another context: never raise
+        _guard.report_internal_error("tracing", exc)
 
 
 #: The app call returned: `detach(token)` with `Tracing.start()`'s token makes the request's
 #: span stop being the current one. One C call on the default runtime context; it raises
 #: ValueError or RuntimeError for a token from another context (the caller reports those).
 detach: Callable[[Any], None] = _detach
-
-
-def _detach_safely(token: object) -> None:
-    try:
-        _detach(token)
-    except (ValueError, RuntimeError) as exc:  # a token from another context: never raise
-        _guard.report_internal_error("tracing", exc)
 
 
 def end(record: RequestRecord) -> None:
