@@ -110,9 +110,9 @@ class UnsampledSpan(NonRecordingSpan):
 
 def ratio_sampling(provider: Any, tracer: Any) -> tuple[PresetIds, int] | None:
     """For a provider sampling with ParentBased(TraceIdRatioBased) or ParentBased(ALWAYS_ON)
-    (the SDK's default) and their default delegates:
-    our tracer's id generator (now a PresetIds) and the bound trace ids are sampled below.
-    None for any other sampler: the SDK decides every request."""
+    (the SDK's default), with their default delegates: our tracer's id generator (made a
+    PresetIds) and the bound below which a root's trace id is sampled. None for any other
+    sampler: the SDK decides every request."""
     sampler = getattr(provider, "sampler", None)
     ids = getattr(tracer, "id_generator", None)
     if sampler is None or not isinstance(ids, IdGenerator):
