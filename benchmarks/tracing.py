@@ -223,12 +223,13 @@ MODES = {
     "otel-batch": "perfmw + OTel BatchSpanProcessor",
 }
 LOADERS = {"wrk": wrk_latency, "hey": hey_latency}
-#: The run each budget is read from. wrk measures to the microsecond with a light client, what
-#: concurrency 1 needs. At 32 connections wrk's p99 is mostly its coordinated-omission
-#: correction applied to the start of the run, when uvicorn (uvloop) accepts the 32 new
-#: connections one per loop iteration; hey reports each request's own latency, which a packet
-#: capture matched to 0.1 ms (docs/tracing.md). Both are printed.
-BUDGET_RUNS = {1: "wrk", 32: "hey"}
+#: (tool, connections) of each load run; the budget is read from the first two. wrk measures
+#: to the microsecond with a light client, what concurrency 1 needs. At 32 connections wrk's
+#: p99 is mostly its coordinated-omission correction applied to the start of the run, when
+#: uvicorn (uvloop) takes the 32 new connections in one per loop iteration; hey reports each
+#: request's own latency, which a packet capture matched to 0.1 ms (docs/tracing.md).
+LOAD_RUNS = (("wrk", 1), ("hey", 32), ("wrk", 32))
+BUDGET_RUNS = LOAD_RUNS[:2]
 
 
 def under_load(tools: dict[str, str], rounds: int = 3) -> None:
@@ -241,20 +242,20 @@ def under_load(tools: dict[str, str], rounds: int = 3) -> None:
     )
     servers: dict[str, tuple[subprocess.Popen[Any], str]] = {}
     runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    loads = [(tool, connections) for tool, connections in LOAD_RUNS if tool in tools]
+    warm_up = loads[0][0]
     try:
         wait_listening(receiver_port, receiver)
         for mode in MODES:
             servers[mode] = start_server(mode, receiver_port)
         for server, url in servers.values():
             wait_listening(int(url.split(":")[2].split("/")[0]), server)
-            for tool, path in tools.items():
-                LOADERS[tool](path, url, 1, 1)  # warm-up
+            LOADERS[warm_up](tools[warm_up], url, 1, 1)
         for _ in range(rounds):
-            for tool, path in tools.items():
-                for connections in (1, 32):
-                    for mode, (_, url) in servers.items():
-                        found = LOADERS[tool](path, url, connections, LOAD_SECONDS)
-                        runs.setdefault((tool, connections, mode), []).append(found)
+            for tool, connections in loads:
+                for mode, (_, url) in servers.items():
+                    found = LOADERS[tool](tools[tool], url, connections, LOAD_SECONDS)
+                    runs.setdefault((tool, connections, mode), []).append(found)
     finally:
         for server, _ in servers.values():
             stop(server)
@@ -265,22 +266,21 @@ def under_load(tools: dict[str, str], rounds: int = 3) -> None:
         for key, found in runs.items()
     }
     print(
-        f"\n{rounds} interleaved rounds of {LOAD_SECONDS} s per tool, concurrency and set-up "
+        f"\n{rounds} interleaved rounds of {LOAD_SECONDS} s per run and set-up "
         "(medians); each set-up in its own uvicorn process, spans sent to an OTLP/HTTP receiver "
         "in another\n"
     )
     print("| tool | set-up | connections | requests/s | p50 ms | p99 ms | p99 / tracing off |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for tool in tools:
-        for connections in (1, 32):
-            base = results[(tool, connections, "off")]["p99"]
-            for mode, name in MODES.items():
-                found = results[(tool, connections, mode)]
-                print(
-                    f"| {tool} | {name} | {connections} | {found['rps']:.0f} | "
-                    f"{found['p50']:.3f} | {found['p99']:.3f} | {found['p99'] / base:.2f}x |"
-                )
-    for connections, tool in BUDGET_RUNS.items():
+    for tool, connections in loads:
+        base = results[(tool, connections, "off")]["p99"]
+        for mode, name in MODES.items():
+            found = results[(tool, connections, mode)]
+            print(
+                f"| {tool} | {name} | {connections} | {found['rps']:.0f} | "
+                f"{found['p50']:.3f} | {found['p99']:.3f} | {found['p99'] / base:.2f}x |"
+            )
+    for tool, connections in BUDGET_RUNS:
         if tool not in tools:
             print(f"{tool} not found: no budget line for concurrency {connections}")
             continue
