@@ -175,22 +175,12 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def wrk_latency(wrk: str, url: str, connections: int, seconds: int) -> dict[str, float]:
-    """p50 and p99 in ms, and requests/s, from `wrk --latency`."""
-    output = run_load([wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url], seconds)
-    found: dict[str, float] = {}
-    for label, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
-        found[f"p{label}"] = float(value) * _UNITS[unit]
-    return found | requests_per_second(output)
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    return parse_wrk(run_load(command, seconds))
 
 
 def hey_latency(hey: str, url: str, connections: int, seconds: int) -> dict[str, float]:
-    """p50 and p99 in ms (0.1 ms resolution), and requests/s, from hey's summary."""
-    output = run_load([hey, "-c", str(connections), "-z", f"{seconds}s", url], seconds)
-    found = {
-        f"p{label}": float(value) * 1e3
-        for label, value in re.findall(r"^\s+(50|99)% in ([\d.]+) secs", output, re.M)
-    }
-    return found | requests_per_second(output)
+    return parse_hey(run_load([hey, "-c", str(connections), "-z", f"{seconds}s", url], seconds))
 
 
 def run_load(command: list[str], seconds: int) -> str:
@@ -198,9 +188,25 @@ def run_load(command: list[str], seconds: int) -> str:
     return done.stdout
 
 
-def requests_per_second(output: str) -> dict[str, float]:
+def parse_wrk(output: str) -> dict[str, float]:
+    """p50 and p99 in ms, and requests/s, from `wrk --latency`'s output."""
+    percentiles = re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    found = {f"p{label}": float(value) * _UNITS[unit] for label, value, unit in percentiles}
+    return _complete(found, output, "wrk")
+
+
+def parse_hey(output: str) -> dict[str, float]:
+    """p50 and p99 in ms (hey prints 0.1 ms), and requests/s, from hey's summary."""
+    percentiles = re.findall(r"^\s+(50|99)% in ([\d.]+) secs", output, re.M)
+    found = {f"p{label}": float(value) * 1e3 for label, value in percentiles}
+    return _complete(found, output, "hey")
+
+
+def _complete(found: dict[str, float], output: str, tool: str) -> dict[str, float]:
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    return {"rps": float(rate.group(1)) if rate else 0.0}
+    if rate is None or set(found) != {"p50", "p99"}:
+        raise ValueError(f"no requests/s, p50 and p99 in {tool}'s output:\n{output}")
+    return found | {"rps": float(rate.group(1))}
 
 
 def start_server(mode: str, receiver_port: int) -> tuple[subprocess.Popen[Any], str]:
