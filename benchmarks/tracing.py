@@ -256,7 +256,7 @@ def under_load(tools: dict[str, str], rounds: int = 3) -> None:
             servers[mode] = start_server(mode, receiver_port)
         for server, url in servers.values():
             wait_listening(int(url.split(":")[2].split("/")[0]), server)
-            LOADERS[warm_up](tools[warm_up], url, 1, 1)
+            LOADERS[warm_up](tools[warm_up], url, 1, 1)  # warm-up
         for _ in range(rounds):
             for tool, connections in loads:
                 for mode, (_, url) in servers.items():
