@@ -589,6 +589,49 @@ def test_the_cache_of_encoded_attributes_stays_bounded() -> None:
     assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT
 
 
+def test_the_caches_of_encoded_keys_resources_and_scopes_stay_bounded() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+
+    from perfmw.exporters import _otlp_wire
+
+    services = [f"service-{n}" for n in range(_otlp_wire._RESOURCES_LIMIT + 10)]
+    scopes = [f"scope-{n}" for n in range(_otlp_wire._SCOPES_LIMIT + 10)]
+    keys = [f"key.{n}" for n in range(_otlp_wire._KEYS_LIMIT + 10)]
+    spans = []
+    for service in services:  # a resource each
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(resource=Resource({"service.name": service}))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider.get_tracer("scope").start_span("work").end()
+        spans.extend(exporter.get_finished_spans())
+    provider, exporter = memory_provider()
+    for scope in scopes:
+        provider.get_tracer(scope).start_span("work").end()
+    tracer = provider.get_tracer("keys")
+    for key in keys:
+        tracer.start_span("work", attributes={key: 1}).end()
+    spans.extend(exporter.get_finished_spans())
+
+    decoded = ExportTraceServiceRequest()
+    decoded.ParseFromString(exported(spans))
+    names = [
+        resource.resource.attributes[0].value.string_value
+        for resource in decoded.resource_spans
+        if resource.resource.attributes[0].key == "service.name"
+    ]
+    assert names[: len(services)] == services
+    scope_names = [scope.scope.name for r in decoded.resource_spans for scope in r.scope_spans]
+    assert scope_names[-len(scopes) - 1 :] == [*scopes, "keys"]
+    (keyed,) = (s for r in decoded.resource_spans for s in r.scope_spans if s.scope.name == "keys")
+    assert [span.attributes[0].key for span in keyed.spans] == keys
+    assert len(_otlp_wire._resources) <= _otlp_wire._RESOURCES_LIMIT
+    assert len(_otlp_wire._scopes) <= _otlp_wire._SCOPES_LIMIT
+    assert len(_otlp_wire._keys) == _otlp_wire._KEYS_LIMIT
+
+
 def test_configure_tracing_honours_otel_environment(
     receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

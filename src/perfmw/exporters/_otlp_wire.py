@@ -69,7 +69,14 @@ def _any_value(value: Any) -> bytes:
     return _field(b"\x0a", str(value).encode("utf-8"))
 
 
+# Caches of encodings, each bounded: attribute keys (no more are added once full), and
+# resources and scopes by object (emptied when full).
 _keys: dict[str, bytes] = {}
+_KEYS_LIMIT = 10_000
+_resources: dict[int, tuple[Any, bytes]] = {}
+_RESOURCES_LIMIT = 64
+_scopes: dict[int, tuple[Any, bytes]] = {}
+_SCOPES_LIMIT = 256
 # Encoded KeyValue fields by (tag, key, value type, value): a service sends the same method,
 # route, host and status over and over, and a cached attribute costs one lookup instead of
 # four encodings. Bounded: emptied when full, so values that never repeat (paths with ids)
@@ -83,7 +90,7 @@ def _key_value(tag: bytes, key: str, value: Any) -> bytes:
     encoded_key = _keys.get(key)
     if encoded_key is None:
         encoded_key = _field(b"\x0a", key.encode("utf-8"))
-        if len(_keys) < 10_000:
+        if len(_keys) < _KEYS_LIMIT:
             _keys[key] = encoded_key
     return _field(tag, encoded_key + _field(b"\x12", _any_value(value)))
 
@@ -208,17 +215,13 @@ def _span(span: Any) -> bytes:
     return b"".join(parts)
 
 
-_resources: dict[int, tuple[Any, bytes]] = {}
-_scopes: dict[int, tuple[Any, bytes]] = {}
-
-
 def _resource(resource: Any) -> bytes:
     """Resource message and ResourceSpans.schema_url, cached per resource object."""
     cached = _resources.get(id(resource))
     if cached is not None and cached[0] is resource:
         return cached[1]
     encoded = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
-    if len(_resources) > 64:
+    if len(_resources) >= _RESOURCES_LIMIT:
         _resources.clear()
     _resources[id(resource)] = (resource, encoded)
     return encoded
@@ -238,7 +241,7 @@ def _scope(scope: Any) -> bytes:
     encoded = _field(b"\x0a", body)
     if scope.schema_url:
         encoded += _field(b"\x1a", scope.schema_url.encode("utf-8"))
-    if len(_scopes) > 256:
+    if len(_scopes) >= _SCOPES_LIMIT:
         _scopes.clear()
     _scopes[id(scope)] = (scope, encoded)
     return encoded
