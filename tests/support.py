@@ -158,3 +158,57 @@ def hammer(port: int, paths: list[str], connections: int = 16) -> list[int]:
 
     asyncio.run(run())
     return statuses
+
+
+@contextlib.contextmanager
+def serve_script(
+    source: str, directory: Any, *, health: str = "/metrics", cgroup: str | None = None
+) -> Iterator[str]:
+    """Run `source` (a script that serves `app` with `uvicorn.run(app, fd=int(sys.argv[1]))`) in
+    its own process, as a real deployment does, on a socket bound here; yields its URL.
+
+    With `cgroup`, the process is moved into that cgroup (its `cgroup.procs`) before it serves.
+    """
+    import subprocess
+    import sys
+
+    import httpx
+
+    from prometheus_server import stop_process
+
+    script = directory / "server.py"
+    script.write_text(source)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    log = (directory / "server.log").open("w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(sock.fileno())],
+        pass_fds=[sock.fileno()],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    sock.close()
+    try:
+        if cgroup is not None:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+                procs.write(str(process.pid))
+
+        def answering() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError((directory / "server.log").read_text())
+            try:
+                return httpx.get(url + health, timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answering, 30, what=f"the server of {script}")
+        yield url
+    finally:
+        stop_process(process)
+        log.close()

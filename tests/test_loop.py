@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import inspect
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,18 +32,19 @@ import perfmw
 from perfmw import loop as loop_monitor
 from perfmw import perf as perf_module
 from perfmw._frames import format_location
-from perfmw.record import BACKGROUND, RequestRecord
-from support import line_of, sample, samples, serve
+from perfmw.loop.monitor import HEARTBEAT_SECONDS
+from perfmw.record import BACKGROUND, MACHINE_CAUSES, RequestRecord
+from support import line_of, sample, samples, serve, serve_script
 
 LOOPS = ["asyncio", "uvloop"]
 measured: dict[str, float] = {}  # what the endpoints measured themselves
 
 
 def spin(seconds: float) -> int:
-    """A CPU-bound loop."""
-    end = time.perf_counter() + seconds
+    """A CPU-bound loop: `seconds` of this thread's CPU time, however long the kernel makes it."""
+    end = time.thread_time() + seconds
     n = 0
-    while time.perf_counter() < end:
+    while time.thread_time() < end:
         n += 1
     return n
 
@@ -60,9 +64,9 @@ async def sleepy(request: Request) -> Response:
 
 
 async def cpu(request: Request) -> Response:
-    started = time.perf_counter()
+    started = time.thread_time()
     spin(0.3)
-    measured["/cpu"] = time.perf_counter() - started
+    measured["/cpu"] = time.thread_time() - started
     return PlainTextResponse("computed")
 
 
@@ -78,9 +82,9 @@ async def in_flight(request: Request) -> Response:
 
 
 async def collect(request: Request) -> Response:
-    started = time.perf_counter()
+    started = time.thread_time()
     gc.collect()  # a full collection over the large graph
-    measured["/gc"] = time.perf_counter() - started
+    measured["/gc"] = time.thread_time() - started  # its CPU time
     return PlainTextResponse("collected")
 
 
@@ -98,8 +102,8 @@ async def after_response(request: Request) -> Response:
 
 
 def tiny() -> None:
-    end = time.perf_counter() + 0.00002
-    while time.perf_counter() < end:
+    end = time.thread_time() + 0.00002
+    while time.thread_time() < end:
         pass
 
 
@@ -196,7 +200,22 @@ def settle(records: list[RequestRecord], route: str, n: int = 1) -> list[Request
 
 
 def stalls_of(records: list[RequestRecord]) -> list[tuple[str, str, str | None]]:
-    return [(r.route, s.cause, s.location) for r in records for s in r.stalls]
+    """The code's stalls (a loaded machine may add `starved` ones, on <background>)."""
+    return [
+        (r.route, s.cause, s.location)
+        for r in records
+        for s in r.stalls
+        if s.cause not in MACHINE_CAUSES
+    ]
+
+
+def machine_stalls_are_background(records: list[RequestRecord]) -> None:
+    for record in records:
+        for stall in record.stalls:
+            if stall.cause in MACHINE_CAUSES:
+                assert record.route == BACKGROUND, (record, stall)
+                assert stall.signals is not None
+                assert stall.signals.own < 0.1, stall.signals  # its own part was no stall
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -217,8 +236,13 @@ def test_sleep_in_an_endpoint_is_reported_with_its_length_route_and_line(
                 ("/sleep/{ms}", "blocking", line_of(__file__, "# blocks the loop"))
             ]
             (stall,) = record.stalls
-            error = abs(stall.duration_seconds - true)
-            assert error <= min(0.02, 0.15 * true), (ms, stall.duration_seconds, true)
+            # The stall holds the sleep, its start known within half a beat; beyond the sleep
+            # only the time the kernel or another thread kept the loop thread from running.
+            assert stall.signals is not None
+            assert stall.duration_seconds >= true - HEARTBEAT_SECONDS / 2 - 0.001
+            extra = stall.duration_seconds - true
+            assert extra <= 0.02 + stall.signals.kept_off, (ms, stall, true)
+            assert stall.signals.cpu < 0.02  # asleep: off the CPU
             assert stall.stack[-1].startswith(line_of(__file__, "# blocks the loop") + " in sleepy")
         metrics = client.get("/metrics").text
     perf.shutdown()
@@ -252,7 +276,10 @@ def test_a_cpu_bound_loop_is_cause_cpu_located_in_its_function(
     (stall,) = record.stalls
     assert stall.cause == "cpu"
     assert stall.location in SPIN_LINES
-    assert abs(stall.duration_seconds - measured["/cpu"]) <= 0.02 + 0.15 * measured["/cpu"]
+    # The kernel's count of the loop thread's CPU agrees with the handler's own clock.
+    assert stall.signals is not None
+    assert stall.signals.cpu >= measured["/cpu"] - HEARTBEAT_SECONDS / 2, (stall.signals, measured)
+    assert stall.duration_seconds >= measured["/cpu"] - HEARTBEAT_SECONDS / 2
     assert stalls_of(finished) == [("/cpu", "cpu", stall.location)]
 
 
@@ -291,6 +318,7 @@ def test_only_the_blocking_request_among_50_in_flight_gets_the_stall(
         ("/sleep/{ms}", "blocking", line_of(__file__, "# blocks the loop"))
     ]
     assert [r.stalls for r in finished if r.route == "/wait"] == [[]] * 50
+    machine_stalls_are_background(finished)
     assert (
         sample(
             metrics, "perfmw_event_loop_stalls_total", http_route="/sleep/{ms}", cause="blocking"
@@ -305,11 +333,11 @@ def test_a_forced_full_collection_is_a_stall_caused_by_gc(
     loop: str, finished: list[RequestRecord]
 ) -> None:
     graph: list[Any] = []
-    while True:  # a graph whose full collection takes well over the threshold
+    while True:  # a graph whose full collection computes well over the threshold
         graph.extend([{}, {}, {}, {}] for _ in range(500_000))
-        started = time.perf_counter()
+        started = time.thread_time()
         gc.collect()
-        if time.perf_counter() - started > 0.2:
+        if time.thread_time() - started > 0.2:
             break
     app, perf = make_app()
     try:
@@ -332,8 +360,9 @@ def test_a_forced_full_collection_is_a_stall_caused_by_gc(
     assert [(r.route, len(r.stalls)) for r in finished] == [("/gc", 1)]
     (stall,) = record.stalls
     assert (stall.cause, stall.location) == ("gc", line_of(__file__, "# a full collection"))
-    assert stall.gc_seconds >= 0.9 * measured["/gc"]
-    assert abs(stall.duration_seconds - measured["/gc"]) <= 0.02 + 0.15 * measured["/gc"]
+    # The collection's time on the CPU, as the handler's own clock measured it.
+    assert abs(stall.gc_seconds - measured["/gc"]) <= 0.005 + 0.05 * measured["/gc"]
+    assert stall.duration_seconds >= measured["/gc"] - HEARTBEAT_SECONDS / 2
     assert stalls_of(finished) == [("/gc", "gc", stall.location)]
     assert sample(metrics, "perfmw_event_loop_stalls_total", http_route="/gc", cause="gc") == 1
     collections = sample(metrics, "perfmw_gc_pause_seconds_count", generation="2")
@@ -388,10 +417,12 @@ def test_many_small_callbacks_are_saturation_blamed_on_no_request(
         time.sleep(0.1)
         client.get("/flood")
         settle(finished, BACKGROUND)
+        time.sleep(0.05)
     perf.shutdown()
-    assert [(r.route, [s.cause for s in r.stalls]) for r in finished if r.stalls] == [
-        (BACKGROUND, ["saturation"])
+    assert [(route, cause) for route, cause, _ in stalls_of(finished)] == [
+        (BACKGROUND, "saturation")
     ]
+    machine_stalls_are_background(finished)
 
 
 def test_a_thread_holding_the_gil_starves_the_loop(finished: list[RequestRecord]) -> None:
@@ -410,13 +441,15 @@ def test_a_thread_holding_the_gil_starves_the_loop(finished: list[RequestRecord]
             sys.setswitchinterval(switch_interval)
         time.sleep(0.1)
     perf.shutdown()
-    stalls = [(s.duration_seconds, r.route, s.cause) for r in finished for s in r.stalls]
+    stalls = [(r.route, s.cause, s.signals) for r in finished for s in r.stalls]
     assert stalls, "the starvation was not seen"
-    # Blamed on no request, and the starvation itself (the longest stall) is called so. A short
-    # tail stall as the hog lets go of the GIL is sometimes read as `blocking` on a loaded
-    # machine (the loop thread was off CPU, waiting): a known imprecision at that boundary.
-    assert {route for _, route, _ in stalls} == {"<background>"}, stalls
-    assert max(stalls)[2] == "starved", stalls
+    # The loop thread waited for the GIL, off the CPU and not queued for it: the machine's
+    # doing as far as the code on the loop goes, blamed on no request, and no finding.
+    assert {(route, cause) for route, cause, _ in stalls} == {(BACKGROUND, "starved")}, stalls
+    assert all(
+        signals is not None and signals.gil > 0.5 * signals.duration for *_, signals in stalls
+    )
+    assert [f for f in perf.findings.snapshot() if f.kind == "loop_stall"] == []
 
 
 def test_a_stall_is_logged_once_per_location(
@@ -445,7 +478,8 @@ def test_lag_gauge_is_exported_and_small_when_healthy() -> None:
         metrics = client.get("/metrics").text
     perf.shutdown()
     lag = sample(metrics, "perfmw_event_loop_lag_seconds")
-    assert lag is not None and 0 <= lag < 0.05
+    # The latest beat's lateness (exact values: test_loop_monitor.py); a stall would be >= 0.1.
+    assert lag is not None and 0 <= lag < 0.1
 
 
 def wait_for_watchdogs(n: int) -> None:
@@ -530,6 +564,156 @@ def test_an_app_served_again_on_a_new_loop_is_monitored_again(
     perf.shutdown()
 
 
+# --- Stalls inside library code: located at the application's line that called it ---
+
+
+@contextlib.contextmanager
+def blocking_libraries() -> Iterator[dict[str, Any]]:
+    """A route per library, each blocking the loop inside it for over 0.2 s, with the cause and
+    the `via` it is reported with."""
+    import json as json_module
+    import subprocess as subprocess_module
+    import warnings
+
+    import argon2.low_level
+    import bcrypt
+    from pymongo import MongoClient
+
+    with warnings.catch_warnings():  # passlib imports the deprecated `crypt` module
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from passlib.context import CryptContext
+
+    passwords = CryptContext(schemes=["pbkdf2_sha256"], pbkdf2_sha256__rounds=1_200_000)
+    salt = bcrypt.gensalt(rounds=13)
+    big = [{"id": i, "name": "x" * 20, "tags": ["a", "b"]} for i in range(350_000)]
+    unreachable = MongoClient("mongodb://127.0.0.1:9", serverSelectionTimeoutMS=300, connect=False)
+
+    async def argon2_route(request: Request) -> Response:
+        argon2.low_level.hash_secret(  # argon2 on the loop
+            b"pw", b"somesalt1234", 3, 131072, 4, 32, argon2.low_level.Type.ID
+        )
+        return PlainTextResponse("hashed")
+
+    async def bcrypt_route(request: Request) -> Response:
+        bcrypt.hashpw(b"pw", salt)  # bcrypt on the loop
+        return PlainTextResponse("hashed")
+
+    async def passlib_route(request: Request) -> Response:
+        passwords.hash("pw")  # passlib on the loop
+        return PlainTextResponse("hashed")
+
+    async def json_route(request: Request) -> Response:
+        body = json_module.dumps(big)  # json.dumps of a huge object on the loop
+        return PlainTextResponse(str(len(body)))
+
+    async def subprocess_route(request: Request) -> Response:
+        subprocess_module.run(["sleep", "0.3"], check=True)  # subprocess on the loop
+        return PlainTextResponse("ran")
+
+    async def pymongo_route(request: Request) -> Response:
+        with contextlib.suppress(Exception):
+            unreachable.db.servers.find_one({})  # sync pymongo on the loop
+        return PlainTextResponse("gave up")
+
+    yield {
+        "argon2": (argon2_route, "blocking", "argon2.low_level.hash_secret"),
+        "bcrypt": (bcrypt_route, "cpu", None),  # a Rust function: no Python frame below
+        "passlib": (passlib_route, "cpu", "passlib.context.CryptContext.hash"),
+        "json": (json_route, "cpu", "json.dumps"),
+        "subprocess": (subprocess_route, "blocking", "subprocess.run"),
+        "pymongo": (pymongo_route, "blocking", f"{SYNC_COLLECTION}.find_one"),
+    }
+    unreachable.close()
+
+
+SYNC_COLLECTION = "pymongo.synchronous.collection.Collection"
+MARKERS = {
+    "argon2": "# argon2 on the loop",
+    "bcrypt": "# bcrypt on the loop",
+    "passlib": "# passlib on the loop",
+    "json": "# json.dumps of a huge object on the loop",
+    "subprocess": "# subprocess on the loop",
+    "pymongo": "# sync pymongo on the loop",
+}
+
+
+def test_a_stall_inside_a_library_is_located_at_the_application_line_that_called_it(
+    finished: list[RequestRecord],
+) -> None:
+    with blocking_libraries() as libraries:
+        located, seen = stalls_in_libraries(libraries, finished)
+    expected = {
+        name: (line_of(__file__, MARKERS[name]), cause, via)
+        for name, (_, cause, via) in libraries.items()
+    }
+    assert seen == expected
+    assert located == {f"/lib/{name}": site for name, site in expected.items()}
+
+
+def stalls_in_libraries(libraries: dict[str, Any], finished: list[RequestRecord]) -> Any:
+    """Each library route once: its stall's (location, cause, via), and its finding's."""
+    app = Starlette(
+        routes=[Route(f"/lib/{name}", route) for name, (route, _, _) in libraries.items()],
+        middleware=[Middleware(Capture)],
+    )
+    perf = perfmw.instrument(app, registry=CollectorRegistry())
+    seen: dict[str, tuple[str | None, str, str | None]] = {}
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        client.get("/metrics")
+        for name in libraries:
+            finished.clear()
+            assert client.get(f"/lib/{name}").status_code == 200
+            (record,) = settle(finished, f"/lib/{name}")
+            time.sleep(0.05)
+            stalls = [s for s in record.stalls if s.cause not in MACHINE_CAUSES]
+            assert len(stalls) == 1, (name, record.stalls, [(r.route, r.stalls) for r in finished])
+            (stall,) = stalls
+            seen[name] = (stall.location, stall.cause, stall.via)
+            assert not any(line.startswith(os.sep) for line in stall.stack), stall.stack
+        findings = httpx.get(server.url + "/perfmw/findings").json()["findings"]
+    perf.shutdown()
+    located = {
+        f["route"]: (f["location"], f["detail"]["cause"], f["via"])
+        for f in findings
+        if f["kind"] == "loop_stall"
+    }
+    return located, seen
+
+
+# --- Load without a stall of the code's; a cgroup's quota that throttles the loop ---
+
+ASYNC_APP = """
+import asyncio, sys
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import perfmw
+
+
+async def churn(request):
+    async def tiny_task(i):
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return i
+
+    n = int(request.query_params.get("n", "200"))
+    done = await asyncio.gather(*(tiny_task(i) for i in range(n)))
+    return PlainTextResponse(str(len(done)))
+
+
+async def wait(request):
+    await asyncio.sleep(float(request.query_params.get("s", "0.005")))
+    return PlainTextResponse("waited")
+
+
+app = Starlette(routes=[Route("/churn", churn), Route("/wait", wait)])
+perfmw.instrument(app)
+uvicorn.run(app, fd=int(sys.argv[1]), log_level="warning")
+"""
+
 LOAD_SECONDS = 60.0
 
 
@@ -559,32 +743,102 @@ asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv
 """
 
 
-def test_a_minute_of_heavy_purely_async_load_reports_no_stall() -> None:
-    """Thousands of tiny tasks and many concurrent requests: the loop is busy, never stalled."""
-    app, perf = make_app()
-    stalls: list[tuple[str, float, str, str | None]] = []
+def load(url: str, seconds: float, concurrency: int = 20, tasks: int = 200) -> dict[str, int]:
+    client = subprocess.run(
+        [sys.executable, "-c", LOAD_CLIENT, url, str(seconds), str(concurrency), str(tasks)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=True,
+    )
+    counts: dict[str, int] = json.loads(client.stdout)
+    return counts
 
-    def hook(perf: perfmw.Perf, record: RequestRecord) -> None:
-        stalls.extend(
-            (record.route, s.duration_seconds, s.cause, s.location) for s in record.stalls
-        )
 
-    perf_module._finish_hooks.append(hook)
-    try:
-        with serve(app) as server:
-            client = subprocess.run(
-                [sys.executable, "-c", LOAD_CLIENT, server.url, str(LOAD_SECONDS), "20", "200"],
-                capture_output=True,
-                text=True,
-                timeout=LOAD_SECONDS + 60,
-                check=True,
-            )
-            metrics = httpx.get(server.url + "/metrics").text
-    finally:
-        perf_module._finish_hooks.remove(hook)
-        perf.shutdown()
-    counts = json.loads(client.stdout)
+def stall_counts(metrics: str) -> dict[tuple[str, str], float]:
+    return {
+        (dict(labels)["http_route"], dict(labels)["cause"]): value
+        for (name, labels), value in samples(metrics).items()
+        if name == "perfmw_event_loop_stalls_total"
+    }
+
+
+def test_a_minute_of_heavy_purely_async_load_reports_no_stall_of_the_code(
+    tmp_path: Path,
+) -> None:
+    """Thousands of tiny tasks and many concurrent requests: the loop is busy, never stalled.
+
+    On a loaded machine the kernel may keep the loop thread off the CPU now and then: those
+    stalls are counted as the machine's, on <background>, and never become findings.
+    """
+    with serve_script(ASYNC_APP, tmp_path) as url:
+        counts = load(url, LOAD_SECONDS)
+        metrics = httpx.get(url + "/metrics").text
+        findings = httpx.get(url + "/perfmw/findings").json()["findings"]
     assert counts["tasks"] >= 100_000, counts
-    assert sorted(stalls, key=lambda s: s[2]) == [], "\n".join(map(str, stalls))
-    assert [f for f in perf.findings.snapshot() if f.kind == "loop_stall"] == []
+    assert [f for f in findings if f["kind"] == "loop_stall"] == []
     assert sample(metrics, "perfmw_event_loop_stall_seconds_count") == 0
+    machine = {(BACKGROUND, cause) for cause in MACHINE_CAUSES}
+    assert set(stall_counts(metrics)) <= machine, stall_counts(metrics)
+
+
+@contextlib.contextmanager
+def cpu_quota(quota: float, period: float) -> Iterator[str]:
+    """A child of this process's CPU cgroup allowed `quota` seconds of CPU per `period`."""
+    from perfmw.loop.kernel import CgroupCpu
+
+    paths = CgroupCpu.discover().paths
+    if not paths:
+        pytest.skip("this kernel exposes no CPU cgroup (cpu.stat) to the process")
+    group = os.path.join(os.path.dirname(paths[0]), f"perfmw-test-{os.getpid()}")
+    try:
+        os.mkdir(group)
+        if os.path.exists(os.path.join(group, "cpu.max")):  # cgroup v2
+            with open(os.path.join(group, "cpu.max"), "w") as limit:
+                limit.write(f"{round(quota * 1e6)} {round(period * 1e6)}")
+        else:
+            with open(os.path.join(group, "cpu.cfs_period_us"), "w") as limit:
+                limit.write(str(round(period * 1e6)))
+            with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as limit:
+                limit.write(str(round(quota * 1e6)))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.rmdir(group)
+        pytest.skip(
+            f"cannot make a CPU cgroup here (needs root on cgroup v1, or delegation): {exc}"
+        )
+    try:
+        yield group
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(group)
+                break
+            except OSError:  # its processes are still exiting
+                assert time.monotonic() < deadline, f"{group} could not be removed"
+                time.sleep(0.05)
+
+
+def test_a_loop_kept_off_by_the_cgroup_quota_is_throttled_and_no_finding(
+    tmp_path: Path,
+) -> None:
+    # 50 ms of CPU every 500 ms, which a busy process in the same cgroup uses up at once: the
+    # service's loop then waits for the next period, 450 ms at a time.
+    with cpu_quota(0.05, 0.5) as group, serve_script(ASYNC_APP, tmp_path, cgroup=group) as url:
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            with open(os.path.join(group, "cgroup.procs"), "w") as procs:
+                procs.write(str(hog.pid))
+            counts = load(url, 3.0, concurrency=2, tasks=10)
+        finally:
+            hog.kill()
+            hog.wait()
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        findings = httpx.get(url + "/perfmw/findings", timeout=30).json()["findings"]
+    assert counts["requests"] > 0
+    stalls = stall_counts(metrics)
+    assert stalls.get((BACKGROUND, "throttled"), 0) >= 1, stalls
+    assert set(stalls) <= {(BACKGROUND, cause) for cause in MACHINE_CAUSES}, stalls
+    assert sample(metrics, "perfmw_event_loop_stall_seconds_count") == 0
+    assert [f for f in findings if f["kind"] == "loop_stall"] == []

@@ -1,7 +1,16 @@
-"""Where the application's code is: the first frame that is not a library's or perfmw's.
+"""Call sites: the application's own line behind an event, and the library code it went through.
 
-`location` is "path:line" with the path relative to the working directory when it lies
-under it (as users see it in their editor), absolute otherwise.
+Every finding kind is located here, the same way: at the innermost frame of the application's
+own code. Library frames (anything under site-packages or dist-packages, the standard library,
+perfmw itself) stay in the stack and are named in the evidence as `via argon2.low_level.verify`:
+the library function the application's line called.
+
+Paths are shown as the application's owner sees them: relative to the working directory when
+the file lies under it, else relative to the `sys.path` entry that holds it
+(`argon2/low_level.py`), never as an absolute path of the machine.
+
+An application installed into site-packages (`pip install .` in its image) is still the
+application: `instrument()` claims the top-level package of the module that called it.
 """
 
 from __future__ import annotations
@@ -9,86 +18,189 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
-import traceback
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from types import CodeType, FrameType
+from typing import Any, NamedTuple
 
-# Frameworks and drivers between the application and the event it caused.
-_LIBRARY_PACKAGES = (
-    "perfmw",
-    "pymongo",
-    "motor",
-    "bson",
-    "gridfs",
-    "starlette",
-    "fastapi",
-    "anyio",
-    "sniffio",
-    "uvicorn",
-    "uvloop",
-    "h11",
-    "httptools",
-    "pydantic",
-    "pydantic_core",
-    "wrapt",
-    "cachetools",
-    "opentelemetry",
-    "prometheus_client",
-    "gunicorn",
-    "httpx",
-    "httpcore",
-    "_pytest",
-    "pytest",
-    "pluggy",
-    "requests",
-    "urllib3",
-    "jinja2",
-)
+_LIBRARY_DIRS = ("site-packages", "dist-packages")
+_CACHE_LIMIT = 50_000  # code objects and file names remembered (cleared when full)
 
 
-def _library_roots() -> tuple[str, ...]:
+def _stdlib_roots() -> tuple[str, ...]:
     roots = {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib")}
     roots.add(os.path.dirname(os.__file__))
     return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
 
 
-_STDLIB_ROOTS = _library_roots()
+_STDLIB_ROOTS = _stdlib_roots()
 # perfmw itself, wherever it is installed from (an editable install is not in site-packages)
 _PERFMW_ROOT = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
-_is_app_cache: dict[CodeType, bool] = {}
-_CACHE_LIMIT = 50_000
+_app_roots: tuple[str, ...] = ()  # application packages that live in site-packages
+_origin_cache: dict[CodeType, int] = {}
+_display_cache: dict[str, str] = {}
 
 
-def _is_library_file(filename: str) -> bool:
+class CallSite(NamedTuple):
+    """Where the application caused an event."""
+
+    location: str | None  # "path:line" of the innermost application frame
+    via: str | None  # "module.function" of the library code that line called, if any
+
+
+NOWHERE = CallSite(None, None)
+
+
+_APP, _LIBRARY, _PERFMW = 0, 1, 2
+
+
+def _origin_of_file(filename: str) -> int:
     if filename.startswith("<"):  # <frozen importlib>, <string>
-        return not filename.startswith("<ipython")
+        return _APP if filename.startswith("<ipython") else _LIBRARY
     path = os.path.realpath(filename)
+    if path.startswith(_app_roots):
+        return _APP
+    if path.startswith(_PERFMW_ROOT):
+        return _PERFMW
+    if path.startswith(_STDLIB_ROOTS):
+        return _LIBRARY
     parts = path.replace("\\", "/").split("/")
-    if "site-packages" in parts or "dist-packages" in parts:
-        index = max(i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages"))
-        top = parts[index + 1] if index + 1 < len(parts) else ""
-        top = top.removesuffix(".py")
-        return top in _LIBRARY_PACKAGES or top.startswith(("_", "."))
-    return path.startswith(_PERFMW_ROOT) or path.startswith(_STDLIB_ROOTS)
+    return _LIBRARY if any(part in _LIBRARY_DIRS for part in parts) else _APP
+
+
+def _origin(code: CodeType) -> int:
+    cached = _origin_cache.get(code)
+    if cached is None:
+        cached = _origin_of_file(code.co_filename)
+        if len(_origin_cache) >= _CACHE_LIMIT:
+            _origin_cache.clear()
+        _origin_cache[code] = cached
+    return cached
 
 
 def is_app_code(code: CodeType) -> bool:
     """Whether frames of this code object belong to the application."""
-    cached = _is_app_cache.get(code)
-    if cached is None:
-        cached = not _is_library_file(code.co_filename)
-        if len(_is_app_cache) >= _CACHE_LIMIT:
-            _is_app_cache.clear()
-        _is_app_cache[code] = cached
-    return cached
+    return _origin(code) == _APP
+
+
+def claim_application(frame: FrameType | None) -> None:
+    """Count the top-level package of `frame`'s module as application code.
+
+    `instrument()` calls this with its caller: an application installed into site-packages
+    would otherwise have no frame of its own.
+    """
+    global _app_roots
+    if frame is None:
+        return
+    path = os.path.realpath(frame.f_code.co_filename)
+    parts = path.replace("\\", "/").split("/")
+    found = [i for i, part in enumerate(parts) if part in _LIBRARY_DIRS]
+    if not found or found[-1] + 1 >= len(parts) or path.startswith(_PERFMW_ROOT):
+        return
+    top = parts[found[-1] + 1]
+    root = "/".join([*parts[: found[-1] + 1], top.removesuffix(".py")])
+    root = root + ("" if top.endswith(".py") else "/")
+    if root not in _app_roots:
+        _app_roots = (*_app_roots, root)
+        _origin_cache.clear()
+
+
+def display_path(filename: str) -> str:
+    """`filename` as its owner sees it: relative to the working directory or its sys.path entry."""
+    shown = _display_cache.get(filename)
+    if shown is None:
+        shown = _relative(filename)
+        if len(_display_cache) >= _CACHE_LIMIT:
+            _display_cache.clear()
+        _display_cache[filename] = shown
+    return shown
+
+
+def _relative(filename: str) -> str:
+    if filename.startswith("<") or not os.path.isabs(filename):
+        return filename
+    roots = [os.path.abspath(entry) for entry in sys.path if entry]
+    roots += [root.rstrip(os.sep) for root in _STDLIB_ROOTS]
+    root = max((r for r in roots if filename.startswith(os.path.join(r, ""))), key=len, default="")
+    library = _origin_of_file(filename) != _APP
+    if root and library:  # starlette/routing.py, asyncio/tasks.py
+        return os.path.relpath(filename, root)
+    try:
+        here = os.path.relpath(filename)
+    except ValueError:  # another drive on Windows
+        here = ".."
+    if not here.startswith(".."):
+        return here
+    if root:
+        return os.path.relpath(filename, root)
+    # Outside every root: the file and its folder say enough, the machine's layout does not.
+    return os.path.join(*filename.split(os.sep)[-2:])
 
 
 def format_location(filename: str, lineno: int | None) -> str:
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:  # another drive on Windows
-        relative = filename
-    path = filename if relative.startswith("..") else relative
-    return f"{path}:{lineno}"
+    return f"{display_path(filename)}:{lineno}"
+
+
+#: One frame as read at one moment: its code, line and module name.
+Frame = tuple[CodeType, int, Any]
+
+
+def snapshot(frames: Iterable[FrameType], limit: int = 256) -> list[Frame]:
+    """`frames` (innermost first) as they are now.
+
+    Another thread's frames move on whenever the reading thread lets the GIL go (a file system
+    call to resolve a path does): read them first, make sense of them after.
+    """
+    return list(islice(_read(frames), limit))
+
+
+def up(frame: FrameType | None) -> Iterator[FrameType]:
+    """`frame` and its callers, innermost first."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _read(frames: Iterable[FrameType]) -> Iterator[Frame]:
+    for frame in frames:
+        yield frame.f_code, frame.f_lineno, frame.f_globals.get("__name__")
+
+
+def function_name(code: CodeType, module: Any) -> str:
+    """ "module.function" of a frame's code (`argon2.low_level.verify_secret`)."""
+    name = getattr(code, "co_qualname", code.co_name)
+    return f"{module}.{name}" if isinstance(module, str) else name
+
+
+def site_of(frames: Iterable[Frame]) -> CallSite:
+    """The innermost application frame of `frames` (innermost first), and the library code it
+    called. With no application frame (a stall in a framework's own code), the location is
+    unknown and `via` names the innermost library function. perfmw's frames are never named.
+    """
+    innermost: Frame | None = None  # library frames, the innermost one...
+    below: Frame | None = None  # ...and the latest one seen, called by the next frame up
+    for frame in frames:
+        code, line, _module = frame
+        origin = _origin(code)
+        if origin == _APP:
+            via = None if below is None else function_name(below[0], below[2])
+            return CallSite(format_location(code.co_filename, line), via)
+        if origin == _LIBRARY:
+            below = frame
+            if innermost is None:
+                innermost = frame
+    return CallSite(None, None if innermost is None else function_name(innermost[0], innermost[2]))
+
+
+def call_site(frame: FrameType | None) -> CallSite:
+    """`site_of` the stack at and above `frame`, a frame of the calling thread."""
+    return site_of(_read(up(frame)))
+
+
+def chain_site(frames: list[FrameType]) -> CallSite:
+    """`site_of` a chain listed outermost first (a suspended task's coroutines)."""
+    site = site_of(_read(reversed(frames)))
+    return site if site.location is not None else NOWHERE
 
 
 def app_frame(frame: FrameType | None) -> FrameType | None:
@@ -102,14 +214,19 @@ def app_frame(frame: FrameType | None) -> FrameType | None:
 
 def app_location(frame: FrameType | None = None) -> str | None:
     """ "path:line" of the innermost application frame above the caller (or `frame`)."""
-    found = app_frame(frame if frame is not None else sys._getframe(1))
-    return None if found is None else format_location(found.f_code.co_filename, found.f_lineno)
+    return call_site(frame if frame is not None else sys._getframe(1)).location
 
 
 def format_stack(frame: FrameType | None, limit: int = 30) -> tuple[str, ...]:
-    """The stack from outermost to innermost, one "path:line in function" line per frame."""
+    """The innermost `limit` frames, outermost first, one "path:line in function" line each."""
+    return stack_of(snapshot(up(frame), limit), limit)
+
+
+def stack_of(frames: list[Frame], limit: int = 30) -> tuple[str, ...]:
+    """`format_stack` of a snapshot."""
     lines = [
-        f"{format_location(summary.filename, summary.lineno)} in {summary.name}"
-        for summary in traceback.extract_stack(frame, limit=limit)
+        f"{format_location(code.co_filename, line)} in {code.co_name}"
+        for code, line, _module in frames[:limit]
     ]
+    lines.reverse()
     return tuple(lines)

@@ -74,7 +74,7 @@ _lock = threading.Lock()
 _verdicts: dict[str, Verdict] = {}
 _pending: set[str] = set()
 # Requests that saw a shape while its explain was queued: told when the verdict arrives.
-_waiters: dict[str, list[tuple[weakref.ref[Any], str, str | None, float]]] = {}
+_waiters: dict[str, list[tuple[weakref.ref[Any], str, str | None, str | None, float]]] = {}
 _jobs: queue.Queue[tuple[str, str, str, dict[str, Any], Any]] = queue.Queue(_QUEUE_SIZE)
 _worker: threading.Thread | None = None
 _twins: dict[int, Any] = {}
@@ -192,11 +192,11 @@ def _work() -> None:
                     _verdicts.pop(next(iter(_verdicts)))
                 _verdicts[shape] = verdict
         if verdict is not None and verdict.index is not None:
-            for perf_ref, route, location, seconds in waiters:
+            for perf_ref, route, location, via, seconds in waiters:
                 perf = perf_ref()
                 if perf is not None and not perf.closed:
                     with _GUARD:
-                        _report(perf, None, route, location, seconds, shape, verdict)
+                        _report(perf, None, route, location, via, seconds, shape, verdict)
 
 
 def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[str, Any]:
@@ -367,6 +367,7 @@ def _report(
     record: RequestRecord | None,
     route: str,
     location: str | None,
+    via: str | None,
     seconds: float,
     shape: str,
     verdict: Verdict,
@@ -390,6 +391,7 @@ def _report(
             "index": [list(key) for key in verdict.index],
             "stage": verdict.stage,
         },
+        via=via,
     )
     perf.findings.add(finding)
     if record is not None:
@@ -402,11 +404,11 @@ def on_finish(perf: Any, record: RequestRecord) -> None:
     if not perf.settings.explain_slow_queries or not record.queries:
         return
     now = time.monotonic()
-    groups: dict[tuple[str, str | None], float] = {}
+    groups: dict[tuple[str, str | None, str | None], float] = {}
     for query in record.queries:
-        key = (query.shape, query.location)
+        key = (query.shape, query.location, query.via)
         groups[key] = groups.get(key, 0.0) + query.duration_seconds
-    for (shape, location), seconds in groups.items():
+    for (shape, location, via), seconds in groups.items():
         with _lock:
             verdict = _verdicts.get(shape)
             if verdict is None or verdict.expires <= now:
@@ -414,10 +416,10 @@ def on_finish(perf: Any, record: RequestRecord) -> None:
                 if shape in _pending and location is not None:
                     waiters = _waiters.setdefault(shape, [])
                     if len(waiters) < 100:
-                        waiters.append((weakref.ref(perf), record.route, location, seconds))
+                        waiters.append((weakref.ref(perf), record.route, location, via, seconds))
                 continue
         if verdict.index is not None:
-            _report(perf, record, record.route, location, seconds, shape, verdict)
+            _report(perf, record, record.route, location, via, seconds, shape, verdict)
 
 
 def invalidate(database: str, collection: str) -> None:

@@ -37,6 +37,7 @@ class Finding:
     count: int = 1
     first_seen: float = field(default_factory=time.time)
     last_seen: float = 0.0
+    via: str | None = None  # the library function `location` called ("argon2.low_level.verify")
 
     def __post_init__(self) -> None:
         if not self.last_seen:
@@ -53,6 +54,7 @@ class Finding:
             "count": self.count,
             "total_seconds": self.total_seconds,
             "location": self.location,
+            "via": self.via,
             "detail": dict(self.detail),
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
@@ -84,6 +86,7 @@ class FindingsStore:
                 entry.total_seconds += finding.total_seconds
                 entry.detail = dict(finding.detail)
                 entry.last_seen = finding.last_seen
+                entry.via = finding.via or entry.via
                 self._entries.move_to_end(key)
             return entry
 

@@ -93,16 +93,20 @@ _cursors: dict[tuple[Any, Any], Query] = {}  # (cursor id, server address) -> op
 # Where the application is.
 
 
-def locate(frame: FrameType | None = None) -> str | None:
-    """The application's "path:line" for the command being published on this thread.
+def locate(frame: FrameType | None = None) -> _frames.CallSite:
+    """The application's call site for the command being published on this thread.
 
     Motor runs pymongo in a worker thread whose stack holds no application frame; the frame is
     a coroutine suspended on the loop, found through the future the worker is completing.
     """
-    found = _frames.app_frame(frame if frame is not None else sys._getframe(1))
-    if found is not None:
-        return _frames.format_location(found.f_code.co_filename, found.f_lineno)
-    return _suspended_location()
+    site = _frames.call_site(frame if frame is not None else sys._getframe(1))
+    if site.location is not None:
+        return site
+    return _suspended_location() or site
+
+
+def _place(query: Query, frame: FrameType | None) -> None:
+    query.location, query.via = locate(frame)
 
 
 def _executor_future() -> Any:
@@ -144,7 +148,7 @@ def _awaiting(future: asyncio.Future[Any]) -> set[int]:
     return seen
 
 
-def _suspended_location() -> str | None:
+def _suspended_location() -> _frames.CallSite | None:
     """The line awaiting this command in another task: motor's worker threads, gather's tasks."""
     future: Any = _executor_future()
     attempts = 5
@@ -161,9 +165,9 @@ def _suspended_location() -> str | None:
         for _level in range(4):
             if found is None:
                 break
-            location = _coroutine_location(found.get_coro())
-            if location is not None:
-                return location
+            site = _coroutine_location(found.get_coro())
+            if site is not None:
+                return site
             found = _awaiting_task(loop, found)  # a task awaiting a task awaiting us
         if attempt + 1 < attempts:
             time.sleep(0.0005 * (attempt + 1))
@@ -182,19 +186,16 @@ def _awaiting_task(loop: asyncio.AbstractEventLoop, future: Any) -> Any:
     return None
 
 
-def _coroutine_location(coro: Any) -> str | None:
-    """The innermost application frame of a suspended chain of coroutines."""
-    found = None
-    depth = 0
-    while coro is not None and depth < 64:
+def _coroutine_location(coro: Any) -> _frames.CallSite | None:
+    """The call site in a suspended chain of coroutines (its innermost application frame)."""
+    frames: list[FrameType] = []
+    while coro is not None and len(frames) < 64:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is not None and _frames.is_app_code(frame.f_code):
-            found = frame
+        if frame is not None:
+            frames.append(frame)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-        depth += 1
-    if found is None:
-        return None
-    return _frames.format_location(found.f_code.co_filename, found.f_lineno)
+    site = _frames.chain_site(frames)
+    return site if site.location is not None else None
 
 
 # Sync pymongo on the event loop's thread.
@@ -312,7 +313,7 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         _checkout_started.set(0.0)
     else:
         began = time.perf_counter()
-    query = Query(name, collection, database, shape, 0.0, None, began)
+    query = Query(name, collection, database, shape, 0.0, started_at=began)
     if name == "find":
         query.has_limit = bool(command.get("limit"))
         query.has_projection = bool(command.get("projection"))
@@ -336,13 +337,13 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         if extra is not None:  # explain_slow_queries: missing indexes get their location
             verdict = explain.state(shape)
             if verdict == explain.MISSING:
-                query.location = locate(sys._getframe(1))
+                _place(query, sys._getframe(1))
             elif verdict == explain.REPEATED:
-                query.location = locate(sys._getframe(1))
+                _place(query, sys._getframe(1))
                 _explain(query, command, sys._getframe(1))
         if repeated >= threshold:
             if query.location is None:
-                query.location = locate(sys._getframe(1))
+                _place(query, sys._getframe(1))
         elif (
             previous is not None
             and name in READS
@@ -351,12 +352,16 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
             and previous.finished_at
         ):
             # A read after a finished read elsewhere: the start of a consecutive_queries run.
-            query.location = locate(sys._getframe(1))
-        if _get_running_loop() is not None and _from_sync_driver(sys._getframe(1)):
-            _blocking_call(record, query, key, name, collection)
+            _place(query, sys._getframe(1))
+        loop = _get_running_loop()
+        if loop is not None:
+            if _from_sync_driver(sys._getframe(1)):
+                _blocking_call(record, query, key, name, collection)
+            else:
+                query.on_loop = loop  # its reply is read by the loop: a stall delays it
     if _watchers:
         if query.location is None:
-            query.location = locate(sys._getframe(1))
+            _place(query, sys._getframe(1))
         for watcher in list(_watchers):
             watcher.append(query)
 
@@ -366,9 +371,13 @@ def _blocking_call(
 ) -> None:
     """A sync pymongo command on the loop's thread: the loop waits for the network."""
     if query.location is None:
-        query.location = locate(sys._getframe(2))
+        _place(query, sys._getframe(2))
     call = BlockingCall(
-        "pymongo-sync", query.location, 0.0, {"operation": name, "collection": collection}
+        "pymongo-sync",
+        query.location,
+        0.0,
+        {"operation": name, "collection": collection},
+        query.via,
     )
     record.blocking_calls.append(call)
     record_, query_, operation, collection_, extra = _inflight[key]
@@ -414,7 +423,7 @@ def _finished(
                 if not (query.has_limit and query.has_projection):
                     query.reply_bytes += _batch_bytes(batch)
                     if query.location is None and _unbounded(query):
-                        query.location = locate(sys._getframe(1))
+                        _place(query, sys._getframe(1))
             if not cursor.get("id") and extra is not None:
                 _cursors.pop((extra.cursor, event.connection_id), None)
         return
@@ -429,7 +438,7 @@ def _finished(
             if len(batch) > 1 and not (query.has_limit and query.has_projection):
                 query.reply_bytes = _batch_bytes(batch)
                 if query.location is None and _unbounded(query):
-                    query.location = locate(sys._getframe(1))
+                    _place(query, sys._getframe(1))
         cursor_id = cursor.get("id")
         if cursor_id:
             _cursors[(cursor_id, event.connection_id)] = query
@@ -439,7 +448,7 @@ def _finished(
         _index_changed(event.database_name, collection)
     if owner is not None and seconds > owner.settings.slow_query_seconds:
         if query.location is None:
-            query.location = locate(sys._getframe(1))
+            _place(query, sys._getframe(1))
         if extra is not None and extra.command is not None:
             _explain(query, extra.command, sys._getframe(1))
 

@@ -7,6 +7,7 @@ with perfmw.track("nightly-job"): ...   # work outside HTTP gets a record too
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import weakref
@@ -15,7 +16,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import _guard, detectors
+from . import _frames, _guard, detectors
 from ._contexts import SyncAndAsync
 from .exporters import logs
 from .exporters import tracing as tracing_sink
@@ -106,8 +107,11 @@ class Perf:
         record.closed = True
         with _FINISH:
             if record.stalls:
-                # A loop stall still open when its record finishes is settled first (loop.py).
+                # A loop stall still open when its record finishes is settled first (loop/).
                 for hook in _stall_hooks:
+                    hook(record)
+            if record.queries:
+                for hook in _query_hooks:  # the time each query waited behind a loop stall
                     hook(record)
             found = detectors.detect(record, self.settings)
             if found:
@@ -129,6 +133,7 @@ _loop_hooks: list[Any] = []
 _shutdown_hooks: list[Any] = []
 _finish_hooks: list[Any] = []
 _stall_hooks: list[Any] = []  # called with a finishing record that has stalls, before detectors
+_query_hooks: list[Any] = []  # called with a finishing record that has queries, before detectors
 _loop_hooks.append(tracing_sink.on_loop)  # a provider set since instrument() is taken at startup
 _shutdown_hooks.append(tracing_sink.flush)  # spans still queued are sent
 
@@ -151,6 +156,7 @@ def instrument(
     from .middleware import PerfMiddleware
 
     perf = Perf(settings, registry, tracer_provider, app=app)
+    _frames.claim_application(sys._getframe(1))  # an app installed in site-packages is the app
     build = app.build_middleware_stack
 
     def build_middleware_stack() -> Any:

@@ -14,10 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .findings import Finding
+    from .loop.causes import Signals
 
 BACKGROUND = "<background>"
 UNMATCHED = "<unmatched>"
 OTHER = "<other>"
+
+#: A stall's cause (loop/causes.py decides it): the code's, or the machine's, which is counted
+#: and never a finding.
+CODE_CAUSES = ("blocking", "cpu", "gc", "saturation")
+MACHINE_CAUSES = ("starved", "throttled")
+CAUSES = CODE_CAUSES + MACHINE_CAUSES
 
 
 @dataclass(slots=True, eq=False)
@@ -37,6 +44,11 @@ class Query:
     has_limit: bool = True
     has_projection: bool = True
     failed: bool = False
+    # The event loop that awaited the reply (None: sent from a thread), and how long of the
+    # query that loop was stalled: a reply that arrives during a stall waits for the loop.
+    on_loop: Any = None
+    stall_seconds: float = 0.0
+    via: str | None = None  # the library function the application's line called
 
 
 @dataclass(slots=True, eq=False)
@@ -48,6 +60,9 @@ class Stall:
     stack: tuple[str, ...] = ()
     cause: str = "blocking"
     gc_seconds: float = 0.0  # garbage collection time within the stall
+    via: str | None = None  # the library function the application's line called
+    started_at: float = 0.0  # time.perf_counter() when the loop stopped answering
+    signals: Signals | None = None  # what the kernel measured of the loop thread meanwhile
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +73,7 @@ class BlockingCall:
     location: str | None
     duration_seconds: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
+    via: str | None = None
 
 
 class RequestRecord:

@@ -1,29 +1,39 @@
-"""Loop stalls and blocking calls recorded on a request become findings, one per location."""
+"""Loop stalls and blocking calls recorded on a request become findings, one per location.
+
+A stall the machine caused (`starved`, `throttled`) is counted in the metrics and never becomes
+a finding: there is no line of code to change. A stall with no application frame on the stack
+(a framework serializing the response, say) is located at the route's handler.
+"""
 
 from __future__ import annotations
 
 from ..findings import Finding
-from ..record import RequestRecord
+from ..record import MACHINE_CAUSES, RequestRecord
 from ..settings import Settings
+from .http import endpoint_location
 
 
 def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
     found: dict[tuple[str, str | None], Finding] = {}
     for stall in record.stalls:
-        key = ("loop_stall", stall.location)
+        if stall.cause in MACHINE_CAUSES:
+            continue
+        location = stall.location or endpoint_location(record.endpoint)
+        if location is None and stall.via is None:
+            continue  # nothing to act on: counted in the metrics only
+        key = ("loop_stall", location)
         finding = found.get(key)
         if finding is None:
+            detail = {
+                "cause": stall.cause,
+                "duration_seconds": stall.duration_seconds,
+                "stack": list(stall.stack),
+                "gc_seconds": stall.gc_seconds,
+            }
+            if stall.signals is not None:
+                detail.update(stall.signals.evidence())
             found[key] = Finding(
-                "loop_stall",
-                record.route,
-                stall.location,
-                stall.duration_seconds,
-                {
-                    "cause": stall.cause,
-                    "duration_seconds": stall.duration_seconds,
-                    "stack": list(stall.stack),
-                    "gc_seconds": stall.gc_seconds,
-                },
+                "loop_stall", record.route, location, stall.duration_seconds, detail, via=stall.via
             )
         else:
             finding.count += 1
@@ -38,6 +48,7 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
                 call.location,
                 call.duration_seconds,
                 {"kind": call.kind, **call.detail},
+                via=call.via,
             )
         else:
             finding.count += 1

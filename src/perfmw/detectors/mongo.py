@@ -75,6 +75,7 @@ def n_plus_one(route: str, queries: list[Query], threshold: int) -> list[Finding
                         "shape": shape,
                         "repetitions": len(group),
                     },
+                    via=next((q.via for q in group if q.via), None),
                 )
             )
     return found
@@ -118,12 +119,12 @@ def _consecutive_finding(route: str, run: list[Query], min_saving: float) -> lis
         return []
     # The site is the second read: the first await that waited for another it did not need.
     # One line for every request, so one finding per site (the listener locates that read).
-    location = run[1].location or next((q.location for q in run if q.location), None)
+    located = run[1] if run[1].location else next((q for q in run if q.location), run[1])
     return [
         Finding(
             "consecutive_queries",
             route,
-            location,
+            located.location,
             saving,
             {
                 "collections": [q.collection for q in run],
@@ -142,32 +143,45 @@ def _consecutive_finding(route: str, run: list[Query], min_saving: float) -> lis
                 "concurrent_seconds": max(durations),
                 "saving_seconds": saving,
             },
+            via=located.via,
         )
     ]
 
 
 def slow_queries(route: str, queries: list[Query], threshold: float) -> list[Finding]:
-    """Queries slower than `slow_query_seconds`: one finding per (shape, location)."""
+    """Queries slower than `slow_query_seconds`: one finding per (shape, location).
+
+    A query is judged on its duration minus the time its loop was stalled meanwhile (its reply
+    waited for the loop, not for the server); the finding says how much that was.
+    """
     groups: dict[tuple[str, str | None], list[Query]] = {}
     for query in queries:
-        if query.duration_seconds > threshold:
+        if query.duration_seconds - query.stall_seconds > threshold:
             groups.setdefault((query.shape, query.location), []).append(query)
     return [
         Finding(
             "slow_query",
             route,
             location,
-            sum(q.duration_seconds for q in group),
+            sum(q.duration_seconds - q.stall_seconds for q in group),
             {
                 "collection": group[0].collection,
                 "operation": group[0].operation,
                 "shape": shape,
                 "duration_seconds": max(q.duration_seconds for q in group),
+                **_behind_stalls(group),
             },
             count=len(group),
+            via=group[0].via,
         )
         for (shape, location), group in groups.items()
     ]
+
+
+def _behind_stalls(group: list[Query]) -> dict[str, float]:
+    """How long these queries' replies waited for a stalled loop, when they did."""
+    seconds = sum(q.stall_seconds for q in group)
+    return {"loop_stall_seconds": seconds} if seconds > 0 else {}
 
 
 def unbounded_reads(route: str, queries: list[Query]) -> list[Finding]:
@@ -199,6 +213,7 @@ def unbounded_reads(route: str, queries: list[Query]) -> list[Finding]:
                     "bytes": query.reply_bytes,
                     "missing": missing,
                 },
+                via=query.via,
             )
         )
     return found

@@ -31,23 +31,64 @@ def _due(finding: Finding, now: float) -> bool:
         return True
 
 
+def _ms(seconds: object) -> str:
+    return f"{float(seconds) * 1000:.0f} ms" if isinstance(seconds, (int, float)) else "? ms"
+
+
 def describe(finding: Finding) -> str:
-    """One line a person can act on."""
-    detail = finding.detail
+    """One sentence a person can act on (a stall's stack follows on the next lines)."""
+    d = finding.detail
     where = finding.location or "unknown location"
-    if finding.kind == "n_plus_one":
+    if finding.via:
+        where += f" via {finding.via}"
+    on = f"{d.get('operation', '?')} on {d.get('collection', '?')}"
+    kind = finding.kind
+    if kind == "n_plus_one":
         return (
-            f"N+1 queries on {finding.route}: {detail.get('operation')} on "
-            f"{detail.get('collection')} repeated {detail.get('repetitions')} times at {where}"
+            f"N+1 queries on {finding.route}: {on} repeated {d.get('repetitions')} times at {where}"
         )
-    if finding.kind == "loop_stall":
-        stack = "\n    ".join(detail.get("stack", ())[-10:])
+    if kind == "loop_stall":
+        stack = "\n    ".join(d.get("stack", ())[-10:])
         return (
-            f"event loop stalled {detail.get('duration_seconds', 0) * 1000:.0f} ms "
-            f"({detail.get('cause')}) on {finding.route} at {where}\n    {stack}"
+            f"event loop stalled {_ms(d.get('duration_seconds', 0))} ({d.get('cause')}) on "
+            f"{finding.route} at {where}\n    {stack}"
         )
-    seconds = f"{finding.total_seconds * 1000:.1f} ms"
-    return f"{finding.kind} on {finding.route} at {where} ({seconds}): {detail}"
+    if kind == "slow_query":
+        behind = d.get("loop_stall_seconds")
+        waited = f", {_ms(behind)} of it waiting for a stalled event loop" if behind else ""
+        return (
+            f"slow query on {finding.route}: {on} took {_ms(d.get('duration_seconds'))}"
+            f"{waited} at {where}"
+        )
+    if kind == "consecutive_queries":
+        collections = ", ".join(str(c) for c in d.get("collections", ()))
+        return (
+            f"independent queries awaited one after another on {finding.route} ({collections}) "
+            f"at {where}: running them concurrently would save {_ms(d.get('saving_seconds'))}"
+        )
+    if kind == "missing_index":
+        keys = ", ".join(f"{k}: {v}" for k, v in d.get("index") or ())
+        return (
+            f"missing index on {finding.route}: {on} scans the collection at {where}; "
+            f"an index {{{keys}}} would serve it"
+        )
+    if kind == "unbounded_read":
+        missing = " and ".join(str(m) for m in d.get("missing", ()))
+        return (
+            f"unbounded read on {finding.route}: {on} returned {d.get('documents')} documents "
+            f"with no {missing} at {where}"
+        )
+    if kind == "blocking_call":
+        return (
+            f"blocking call on {finding.route}: {d.get('kind')} ({on}) on the event loop's "
+            f"thread for {_ms(finding.total_seconds)} at {where}"
+        )
+    if kind == "large_response":
+        problems = " and ".join(str(p).replace("_", " ") for p in d.get("problems", ()))
+        return (
+            f"large response on {finding.route}: {d.get('bytes')} bytes ({problems}) from {where}"
+        )
+    return f"{kind} on {finding.route} at {where} ({_ms(finding.total_seconds)})"
 
 
 def log_findings(findings: Iterable[Finding]) -> None:

@@ -30,7 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from .. import _guard
-from ..record import RequestRecord
+from ..record import MACHINE_CAUSES, RequestRecord
 from ._families import (
     CounterChild,
     Family,
@@ -168,7 +168,7 @@ class PrometheusSink(Collector):
         self.stall_seconds = Family(
             "histogram",
             "perfmw_event_loop_stall_seconds",
-            "Whole duration of each event loop stall.",
+            "Whole duration of each event loop stall the code caused (not starved/throttled).",
             (),
             STALL_BUCKETS,
         )
@@ -284,7 +284,8 @@ class PrometheusSink(Collector):
                     ).inc(finding.count)
             for stall in record.stalls:
                 self._counter(self.stalls, route, stall.cause).inc()
-                self.stall_seconds.labels().observe(stall.duration_seconds)  # type: ignore[union-attr]
+                if stall.cause not in MACHINE_CAUSES:  # what alerts page on: the code's stalls
+                    self.stall_seconds.labels().observe(stall.duration_seconds)  # type: ignore[union-attr]
             for call in record.blocking_calls:
                 self._counter(self.blocking_calls, route, call.kind).inc()
 

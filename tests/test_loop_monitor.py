@@ -1,0 +1,290 @@
+"""The loop monitor settling stalls on an injected clock and synthetic kernel readings.
+
+No thread and no real time here: each test drives the monitor's heartbeat and settling by hand,
+so durations, causes and attributions are exact whatever the machine is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import perfmw
+from perfmw import loop as loop_package
+from perfmw import perf as perf_module
+from perfmw.loop import monitor as monitor_module
+from perfmw.loop.kernel import CgroupCpu, ThreadStat
+from perfmw.loop.monitor import HEARTBEAT_SECONDS, RECENT_STALLS, LoopMonitor
+from perfmw.record import BACKGROUND, Query, RequestRecord
+from support import line_of
+
+T0 = 1000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Stat:
+    """A thread's schedstat, set by the test."""
+
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.queued = 0.0
+
+    def raw(self) -> bytes:
+        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} 1\n".encode()
+
+    def now(self) -> tuple[float, float] | None:
+        return ThreadStat.times(self.raw())
+
+    def close(self) -> None:
+        pass
+
+
+class Rig:
+    def __init__(self, cgroup_file: Path, threshold: float = 0.1) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.perf = perfmw.Perf(
+            perfmw.Settings(stall_threshold_seconds=threshold), registry=CollectorRegistry()
+        )
+        self.clock, self.stat = Clock(), Stat()
+        self.cgroup_file = cgroup_file
+        self.throttle(0, 0.0)
+        monitor_module._cgroup = CgroupCpu([str(cgroup_file)])
+        self.monitor = LoopMonitor(self.loop, self.perf, self.clock, self.stat)  # type: ignore[arg-type]
+        self.monitor._throttling = monitor_module.cgroup().read()  # as start() does
+
+    def throttle(self, periods: int, seconds: float) -> None:
+        self.cgroup_file.write_text(
+            f"nr_periods 9\nnr_throttled {periods}\nthrottled_usec {round(seconds * 1e6)}\n"
+        )
+
+    def beat(self) -> None:
+        self.monitor._mark(self.clock())
+
+    def stall(self, record: RequestRecord | None = None, frame: Any = None) -> Any:
+        """A stall that begins after the latest beat, as the watchdog opens it."""
+        monitor = self.monitor
+        with monitor._lock:
+            state = monitor._stall = monitor._open()
+            if record is not None:
+                state.record, state.record_known = record, True
+            if frame is not None:
+                monitor._sample(state, frame, self.loop)
+            monitor._update(state)
+        return state
+
+    def settle(self, state: Any, after: float, cpu: float = 0.0, queued: float = 0.0) -> Any:
+        self.clock.t += after
+        self.stat.cpu += cpu
+        self.stat.queued += queued
+        with self.monitor._lock:
+            report = self.monitor._finalize(state, self.clock(), None)
+            self.monitor._stall = None
+        return report
+
+    def close(self) -> None:
+        if self.monitor._timer is not None:
+            self.monitor._timer.close()
+        self.loop.close()
+        self.perf.shutdown()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    found = Rig(tmp_path / "cpu.stat")
+    yield found
+    found.close()
+    monitor_module._cgroup = None
+
+
+def sampled_here() -> Any:
+    return sys._getframe(1)
+
+
+def test_a_stall_lasts_from_half_a_beat_after_the_last_one_to_its_end(rig: Rig) -> None:
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    rig.beat()
+    state = rig.stall(record, sampled_here())  # the culprit's line
+    rig.clock.t += 0.2
+    rig.monitor._update(state)  # the watchdog, 200 ms in: past the threshold, provisional
+    assert [(s.cause, round(s.duration_seconds, 9)) for s in record.stalls] == [("blocking", 0.19)]
+    assert rig.settle(state, 0.21, cpu=0.39) is None  # stays in its request's record
+    (stall,) = record.stalls
+    assert stall.duration_seconds == pytest.approx(0.41 - HEARTBEAT_SECONDS / 2, abs=1e-9)
+    assert (stall.cause, stall.location) == ("cpu", line_of(__file__, "# the culprit's line"))
+    assert stall.started_at == pytest.approx(T0 + HEARTBEAT_SECONDS / 2)
+    assert stall.signals is not None and stall.signals.cpu == pytest.approx(0.39)
+
+
+def test_a_request_that_began_after_the_last_beat_narrows_the_start(rig: Rig) -> None:
+    rig.beat()
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 + 0.006
+    state = rig.stall(record)
+    rig.settle(state, 0.3)
+    (stall,) = record.stalls
+    start = (T0 + 0.006 + T0 + HEARTBEAT_SECONDS) / 2  # between the request and the next beat
+    assert stall.duration_seconds == pytest.approx(T0 + 0.3 - start, abs=1e-9)
+    assert stall.cause == "blocking"
+
+
+def test_a_stall_shorter_than_the_threshold_is_dropped(rig: Rig) -> None:
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    rig.beat()
+    state = rig.stall(record)
+    assert rig.settle(state, 0.1) is None  # 90 ms after the estimated start
+    assert record.stalls == []
+
+
+def test_a_stall_the_kernel_made_is_starved_and_blamed_on_no_request(rig: Rig) -> None:
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    rig.beat()
+    state = rig.stall(record, sampled_here())
+    closed, stall = rig.settle(state, 0.31, cpu=0.02, queued=0.26)
+    assert (closed, stall.cause) == (None, "starved")
+    assert record.stalls == []
+    assert stall.signals.runqueue == pytest.approx(0.26)
+
+
+def test_a_stall_the_cgroup_quota_made_is_throttled(rig: Rig) -> None:
+    rig.beat()
+    state = rig.stall()
+    rig.throttle(2, 0.25)
+    _closed, stall = rig.settle(state, 0.31, cpu=0.02, queued=0.27)
+    assert stall.cause == "throttled"
+    assert stall.signals.throttled == pytest.approx(0.25)
+    # The next stall is measured from this one's reading: no new throttling, so starved.
+    rig.beat()
+    state = rig.stall()
+    _closed, stall = rig.settle(state, 0.31, cpu=0.02, queued=0.27)
+    assert (stall.cause, stall.signals.throttled) == ("starved", 0.0)
+
+
+def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig) -> None:
+    watchdog = Stat()
+    rig.monitor._watch_stat = watchdog  # type: ignore[assignment]
+    rig.monitor._watch_base = watchdog.now()
+    rig.beat()
+    state = rig.stall()
+    deadline = rig.monitor._deadline()
+    with rig.monitor._lock:
+        rig.monitor._watched(state, deadline)
+    watchdog.cpu += 0.002  # it ran 2 ms; off the CPU and not queued for the rest
+    _closed, stall = rig.settle(state, 0.5, cpu=0.001)
+    watched = T0 + 0.5 - deadline
+    off_cpu = 0.5 - HEARTBEAT_SECONDS / 2 - 0.001
+    assert stall.signals.gil == pytest.approx((watched - 0.002) / watched * off_cpu)
+    assert stall.cause == "starved"
+
+
+def test_the_watchdogs_own_sleeps_between_samples_are_not_gil_waits(rig: Rig) -> None:
+    watchdog = Stat()
+    rig.monitor._watch_stat = watchdog  # type: ignore[assignment]
+    rig.monitor._watch_base = watchdog.now()
+    rig.beat()
+    state = rig.stall()
+    with rig.monitor._lock:
+        rig.monitor._watched(state, T0 + 0.1)
+    state.slept = 0.19  # it slept between its samples for all but 10 ms of its 200 ms
+    _closed, stall = rig.settle(state, 0.3)
+    assert stall.cause == "blocking"
+    assert stall.signals.gil == pytest.approx(0.01 / 0.2 * (0.3 - HEARTBEAT_SECONDS / 2))
+
+
+def test_a_stall_the_watchdog_never_saw_is_settled_from_the_counters(rig: Rig) -> None:
+    found: list[RequestRecord] = []
+
+    def hook(perf: Any, record: RequestRecord) -> None:
+        found.append(record)
+
+    perf_module._finish_hooks.append(hook)
+    try:
+        watchdog = Stat()
+        rig.monitor._watch_stat = watchdog  # type: ignore[assignment]
+        rig.monitor._watch_base = watchdog.now()
+        rig.monitor._due = T0 + HEARTBEAT_SECONDS
+        rig.beat()
+        rig.clock.t += 0.6  # no beat, and the watchdog never ran: it waited for the GIL
+        rig.stat.cpu += 0.001
+        rig.monitor._beat()
+        # The watchdog did look at this beat's lateness (and found the loop stopped): nothing.
+        rig.monitor._checked_seq = rig.monitor._seq
+        rig.clock.t += 0.6
+        rig.monitor._beat()
+    finally:
+        perf_module._finish_hooks.remove(hook)
+    assert [(r.route, r.kind, [s.cause for s in r.stalls]) for r in found] == [
+        (BACKGROUND, "background", ["starved"])
+    ]
+    assert found[0].stalls[0].duration_seconds == pytest.approx(
+        0.6 - HEARTBEAT_SECONDS / 2, abs=1e-9
+    )
+
+
+def test_the_lag_is_how_late_the_beat_ran(rig: Rig) -> None:
+    rig.monitor._due = T0 + HEARTBEAT_SECONDS
+    rig.clock.t = T0 + HEARTBEAT_SECONDS + 0.03
+    rig.monitor._beat()
+    assert rig.monitor.lag == pytest.approx(0.03)
+    rig.clock.t = rig.monitor._due - 0.001  # early
+    rig.monitor._beat()
+    assert rig.monitor.lag == 0.0
+
+
+def test_recent_stalls_are_capped_and_tell_how_long_a_query_waited(rig: Rig) -> None:
+    for _ in range(RECENT_STALLS + 36):
+        rig.beat()
+        rig.settle(rig.stall(), 0.21)
+        rig.clock.t += 1.0
+    assert len(rig.monitor.recent) == RECENT_STALLS
+    (start, end), (next_start, _next_end) = list(rig.monitor.recent)[-2:]
+    assert end - start == pytest.approx(0.2)
+    assert rig.monitor.overlap(start - 1, start + 0.05) == pytest.approx(0.05)
+    assert rig.monitor.overlap(start + 0.1, next_start + 0.1) == pytest.approx(0.1 + 0.1)
+    assert rig.monitor.overlap(end, next_start) == 0.0
+    rig.beat()
+    state = rig.stall()  # still open: counts up to now
+    rig.clock.t += 0.3
+    assert rig.monitor.overlap(state.start, rig.clock()) == pytest.approx(0.3 - 0.01)
+    rig.settle(state, 0.0)
+
+
+def test_a_query_is_slow_only_for_what_its_loop_did_not_add(rig: Rig) -> None:
+    rig.beat()
+    rig.settle(rig.stall(), 0.31)  # the loop stalled from T0 + 0.01 to T0 + 0.31
+    loop_package._monitors[rig.loop] = rig.monitor
+    try:
+        behind, slow = (
+            Query("find", "c", "db", f"find db.c {{{name}: ?}}", seconds, location="app.py:1")
+            for name, seconds in (("a", 0.32), ("b", 0.42))
+        )
+        for query in (behind, slow):
+            query.started_at, query.on_loop = T0, rig.loop
+            query.finished_at = T0 + query.duration_seconds
+        record = RequestRecord("/r", "GET", owner=rig.perf)
+        record.queries.extend([behind, slow])
+        rig.perf.finish(record)
+    finally:
+        del loop_package._monitors[rig.loop]
+    assert behind.stall_seconds == pytest.approx(0.3)
+    found = [(f.kind, f.detail["shape"], f.total_seconds, f.detail) for f in record.findings]
+    assert [(kind, shape) for kind, shape, _, _ in found] == [("slow_query", slow.shape)]
+    (_kind, _shape, seconds, detail) = found[0]
+    assert seconds == pytest.approx(0.12)  # the query's own time
+    assert detail["duration_seconds"] == 0.42
+    assert detail["loop_stall_seconds"] == pytest.approx(0.3)
