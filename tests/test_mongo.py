@@ -166,6 +166,56 @@ def test_gather_of_20_find_one_is_flagged(
     }
 
 
+# A query that only waited behind a loop stall
+
+
+def stalled_reply_app(mongo_uri: str, registry: CollectorRegistry, **settings: Any) -> FastAPI:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.get("/stalled-reply")
+    async def stalled_reply() -> str:
+        servers = clients["async"].registry.servers
+        await servers.find_one({})  # a pooled connection, ready
+        query = asyncio.create_task(servers.find_one({"name": "a"}))
+        record = perfmw.current_request()
+        assert record is not None
+        while len(record.queries) < 2:  # the command is on its way to the server...
+            await asyncio.sleep(0)
+        time.sleep(0.3)  # ...and the loop blocks before it can read the reply
+        await query
+        return "done"
+
+    perfmw.instrument(app, settings=perfmw.Settings(**settings), registry=registry)
+    return app
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_query_that_waited_behind_a_stall_is_not_a_slow_query(
+    mongo_uri: str, registry: Any, loop: str
+) -> None:
+    with serve(stalled_reply_app(mongo_uri, registry), loop=loop) as server:
+        assert httpx.get(f"{server.url}/stalled-reply", timeout=30).json() == "done"
+        found = findings(server.url)
+    assert [f["kind"] for f in found] == ["loop_stall"]  # the stall, and no slow_query
+    assert found[0]["location"] == line_of(HERE, "# ...and the loop blocks before it can read")
+
+
+def test_a_slow_query_says_how_much_of_it_was_the_stalled_loop(
+    mongo_uri: str, registry: Any
+) -> None:
+    app = stalled_reply_app(mongo_uri, registry, slow_query_seconds=0.0)  # every query is slow
+    with serve(app) as server:
+        assert httpx.get(f"{server.url}/stalled-reply", timeout=30).json() == "done"
+        found = findings(server.url, "slow_query")
+    behind = [f for f in found if f["detail"]["shape"] == "find registry.servers {name: ?}"]
+    (slow,) = behind
+    waited = slow["detail"]["loop_stall_seconds"]
+    assert 0.29 <= waited <= slow["detail"]["duration_seconds"]
+    assert slow["total_seconds"] == pytest.approx(slow["detail"]["duration_seconds"] - waited)
+    assert slow["total_seconds"] < 0.05  # what the server took
+
+
 # Exact attribution under concurrency
 
 
