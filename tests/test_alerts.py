@@ -111,6 +111,7 @@ def test_the_issue_s_alerts_are_all_there() -> None:
     assert names == {
         "PerfmwEventLoopStalls",
         "PerfmwEventLoopStallOverOneSecond",
+        "PerfmwEventLoopStarved",
         "PerfmwEventLoopLagHigh",
         "PerfmwNPlusOneQueries",
         "PerfmwRequestLatencyP99High",

@@ -198,6 +198,22 @@ def test_every_section_in_order_with_locations_and_evidence() -> None:
         bottlenecks
     )
     assert "seen 8 stalls, 1.20 s; latest 150 ms; cause blocking" in bottlenecks
+
+
+def test_the_library_function_a_line_called_is_named_beside_it() -> None:
+    found = [
+        {**FINDINGS[1], "via": "argon2.low_level.verify_secret"},
+        {**FINDINGS[1], "location": None, "via": "fastapi.encoders.jsonable_encoder"},
+    ]
+    bottlenecks = section(
+        report.render_markdown(report.analyse(snapshot(findings=found))), "Bottlenecks Identified"
+    )
+    location = FINDINGS[1]["location"]
+    assert f"- **Location:** `{location}` via `argon2.low_level.verify_secret`" in bottlenecks
+    assert (
+        "- **Location:** unknown (no application frame was found) via "
+        "`fastapi.encoders.jsonable_encoder`"
+    ) in bottlenecks
     assert "innermost frame `app/reports.py:7 in render`" in bottlenecks
 
 
@@ -445,11 +461,40 @@ def test_starved_stalls_are_the_machine_not_a_bottleneck() -> None:
     doc = report.analyse(snapshot(findings=[*FINDINGS, starved]))
     assert [b["kind"] for b in doc["bottlenecks"]] == ["n_plus_one", "loop_stall", "missing_index"]
     assert "/health" not in {r["route"] for r in doc["recommendations"]}
-    assert doc["starved"] == {"stalls": 2, "seconds": 0.3, "routes": ["/health"]}
+    assert doc["starved"] == {"stalls": 2, "seconds": 0.3, "routes": ["/health"], "causes": {}}
     markdown = report.render_markdown(doc)
     assert "`/health`" not in section(markdown, "Bottlenecks Identified")
     assert "starved of CPU in 2 stalls (300 ms in total, during `/health`)" in section(
         markdown, "Current Performance"
+    )
+
+
+def test_stalls_the_machine_caused_are_told_from_the_metrics_apart_from_the_codes() -> None:
+    machine = "\n".join(
+        [
+            "# TYPE perfmw_event_loop_stalls_total counter",
+            f'perfmw_event_loop_stalls_total{{http_route="{BLOCKING}",cause="blocking"}} 8.0',
+            'perfmw_event_loop_stalls_total{http_route="<background>",cause="starved"} 3.0',
+            'perfmw_event_loop_stalls_total{http_route="<background>",cause="throttled"} 2.0',
+            'perfmw_event_loop_stalls_total{http_route="<background>",cause="cpu"} 1.0',
+            "",
+        ]
+    )
+    metrics = METRICS.replace(
+        "# TYPE perfmw_event_loop_stalls_total counter\n"
+        f'perfmw_event_loop_stalls_total{{http_route="{BLOCKING}",cause="blocking"}} 8.0\n',
+        machine,
+    )
+    doc = report.analyse(snapshot(metrics))
+    assert doc["starved"] == {
+        "stalls": 5,
+        "seconds": None,
+        "routes": ["<background>"],
+        "causes": {"starved": 3, "throttled": 2},
+    }
+    assert {r["route"]: r["stalls"] for r in doc["routes"]} == {AGENTS: 0, BLOCKING: 8}
+    assert "starved of CPU in 5 stalls (3 starved, 2 throttled, during `<background>`)" in section(
+        report.render_markdown(doc), "Current Performance"
     )
 
 

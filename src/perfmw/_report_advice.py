@@ -36,7 +36,11 @@ def code(value: Any) -> str:
 
 def where(finding: Mapping[str, Any]) -> str:
     location = finding.get("location")
-    return code(location) if location else "unknown (no application frame was found)"
+    via = finding.get("via")
+    through = f" via {code(via)}" if isinstance(via, str) and via else ""
+    if not location:
+        return f"unknown (no application frame was found){through}"
+    return code(location) + through
 
 
 def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,16 +120,15 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             "complexity": "medium (the API's clients page through results)",
         }
     if kind == "loop_stall":
-        cause = detail.get("cause", "blocking")
+        cause = str(detail.get("cause", "blocking"))
+        ran, instead, effort = _STALL_ADVICE.get(cause, _STALL_ADVICE["blocking"])
         return {
             "title": f"Event loop stalled ({cause})",
-            "current": "synchronous work on the event loop inside `async def`: every request in "
-            "flight waits for it",
-            "proposed": "move it off the loop: `await run_in_threadpool(fn)` / "
-            "`asyncio.to_thread(fn)`, an async library, or make the endpoint a plain `def`",
+            "current": ran,
+            "proposed": instead,
             "saved": total,
             "basis": "the whole stall is given back to the other requests",
-            "complexity": "low",
+            "complexity": effort,
         }
     if kind == "blocking_call":
         what = detail.get("kind", "blocking call")
@@ -175,6 +178,38 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# A stall's cause: what ran on the loop, what to do instead, how hard that is.
+_STALL_ADVICE = {
+    "blocking": (
+        "a blocking call on the event loop inside `async def` (sleep, synchronous I/O, a "
+        "lock): every request in flight waits for it",
+        "move it off the loop: `await run_in_threadpool(fn)` / `asyncio.to_thread(fn)`, an "
+        "async library, or make the endpoint a plain `def`",
+        "low",
+    ),
+    "cpu": (
+        "computation on the event loop: every request in flight waits while it runs",
+        "run it in a process pool (`loop.run_in_executor(ProcessPoolExecutor(), fn)`), or cut it "
+        "into steps with `await asyncio.sleep(0)` between them; a thread does not help while "
+        "it holds the GIL",
+        "medium",
+    ),
+    "gc": (
+        "garbage collections of many long-lived objects, run on the event loop",
+        "`gc.freeze()` once start-up has built its long-lived objects, fewer reference cycles "
+        "per request, and a higher `gc.set_threshold` if young collections are frequent",
+        "medium",
+    ),
+    "saturation": (
+        "many callbacks in a row, none long alone: the worker has more work than one loop "
+        "thread runs in time",
+        "fewer concurrent tasks per worker (a semaphore), less work per request, or more "
+        "worker processes",
+        "medium",
+    ),
+}
+
+
 def index_keys(index: Any) -> list[tuple[str, Any]]:
     """Index keys as (field, direction) pairs, from a dict, pairs, or field names."""
     if isinstance(index, Mapping):
@@ -209,7 +244,8 @@ TRADE_OFFS = {
     "unbounded_read": "Pagination changes the API: clients must follow pages; a projection "
     "must keep every field clients use.",
     "loop_stall": "Threadpool offloading: the default pool has 40 threads; long blocking work "
-    "there still limits throughput, it only stops blocking everyone else.",
+    "there still limits throughput, it only stops blocking everyone else. A process pool "
+    "pickles arguments and results; `gc.freeze()` keeps frozen objects for the process's life.",
     "blocking_call": "Switching to the async client touches every call site of the sync one; "
     "a plain `def` endpoint is the smaller change but uses a threadpool slot per request.",
     "large_response": "Compression costs CPU per response; cache headers risk stale data in "

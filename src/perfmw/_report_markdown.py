@@ -75,14 +75,19 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
         )
     starved = doc.get("starved") or {}
     if starved.get("stalls"):
-        routes_text = ", ".join(f"`{r}`" for r in starved["routes"])
+        routes_text = ", ".join(f"`{r}`" for r in starved.get("routes") or ())
+        causes = starved.get("causes") or {}
+        by_cause = ", ".join(f"{n} {cause}" for cause, n in sorted(causes.items()))
+        seconds = starved.get("seconds")
+        total = f"{ms(seconds)} in total, " if seconds is not None else ""
         lines += [
             "",
             f"The process was starved of CPU in {starved['stalls']} stalls "
-            f"({ms(starved['seconds'])} in total, during {routes_text}): the event loop was "
-            "ready to run but the process did not get a CPU (an overloaded machine, CPU "
-            "throttling). That is not the code's doing, so these stalls are not listed as "
-            "bottlenecks; they count in the Stalls column.",
+            f"({total}{by_cause + ', ' if by_cause else ''}during {routes_text}): the event "
+            "loop was ready to run and was not let (a busy machine, another thread holding the "
+            "GIL, or the cgroup's CPU quota running out: `throttled`), and without that time it "
+            "would not have stalled. That is not the code's doing, so these stalls are not "
+            "listed as bottlenecks, nor in the Stalls column.",
         ]
     return lines
 

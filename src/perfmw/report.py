@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ._report_advice import advice, index_keys, ms, pct
 from ._report_markdown import SECTIONS, render_markdown
+from .record import MACHINE_CAUSES
 
 FORMAT_VERSION = 1
 __all__ = [
@@ -283,7 +284,8 @@ def _route_table(samples: Mapping[SampleKey, float], window: float | None) -> li
     has_db_time = any(name == "perfmw_request_db_seconds_count" for name, _ in samples)
     stalls: dict[str, float] = defaultdict(float)
     for labels, value in _series(samples, "perfmw_event_loop_stalls_total"):
-        stalls[labels.get("http_route", "")] += value
+        if labels.get("cause") not in MACHINE_CAUSES:  # the code's stalls, on its routes
+            stalls[labels.get("http_route", "")] += value
     blocking: dict[str, float] = defaultdict(float)
     for labels, value in _series(samples, "perfmw_blocking_calls_total"):
         blocking[labels.get("http_route", "")] += value
@@ -358,9 +360,36 @@ def _cache_table(samples: Mapping[SampleKey, float]) -> list[dict[str, Any]]:
 
 
 def _starved(finding: Mapping[str, Any]) -> bool:
-    """A stall of a process that did not get the CPU: the machine's doing, not the code's."""
+    """A stall the machine caused (from a perfmw that still made findings of them)."""
     detail = finding.get("detail") or {}
-    return finding.get("kind") == "loop_stall" and detail.get("cause") == "starved"
+    return finding.get("kind") == "loop_stall" and detail.get("cause") in MACHINE_CAUSES
+
+
+def _machine_stalls(
+    samples: Mapping[SampleKey, float], findings: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Stalls of a loop kept from running (`starved`, `throttled`): counted, not the code's."""
+    causes: dict[str, int] = defaultdict(int)
+    routes: set[str] = set()
+    for labels, value in _series(samples, "perfmw_event_loop_stalls_total"):
+        cause = labels.get("cause", "")
+        if cause in MACHINE_CAUSES and value > 0:
+            causes[cause] += int(value)
+            routes.add(labels.get("http_route", ""))
+    found = [f for f in findings if _starved(f)]
+    if found:  # the findings tell their time and routes too
+        return {
+            "stalls": sum(int(f.get("count") or 0) for f in found),
+            "seconds": sum(float(f.get("total_seconds") or 0.0) for f in found),
+            "routes": sorted({str(f.get("route")) for f in found}),
+            "causes": dict(causes),
+        }
+    return {
+        "stalls": sum(causes.values()),
+        "seconds": None,
+        "routes": sorted(routes),
+        "causes": dict(causes),
+    }
 
 
 def _time_by_route(routes: list[dict[str, Any]]) -> dict[str, float]:
@@ -386,7 +415,6 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
     routes = _route_table(samples, window)
     route_time = _time_by_route(routes)
     findings.sort(key=lambda f: -float(f.get("total_seconds") or 0.0))
-    starved = [f for f in findings if _starved(f)]
     bottlenecks = []
     for finding in findings:
         if _starved(finding):
@@ -396,7 +424,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         total = float(finding.get("total_seconds") or 0.0)
         bottlenecks.append(
             {
-                **{k: finding.get(k) for k in ("kind", "route", "location", "count")},
+                **{k: finding.get(k) for k in ("kind", "route", "location", "via", "count")},
                 "total_seconds": total,
                 "detail": finding.get("detail") or {},
                 "route_share": total / spent if spent > 0 else None,
@@ -446,11 +474,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         "bottlenecks": bottlenecks,
         "recommendations": recommendations,
         "indexes": list(indexes.values()),
-        "starved": {
-            "stalls": sum(int(f.get("count") or 0) for f in starved),
-            "seconds": sum(float(f.get("total_seconds") or 0.0) for f in starved),
-            "routes": sorted({str(f.get("route")) for f in starved}),
-        },
+        "starved": _machine_stalls(samples, findings),
     }
 
 
