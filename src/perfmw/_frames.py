@@ -18,10 +18,8 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
-from itertools import islice
 from types import CodeType, FrameType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 _LIBRARY_DIRS = ("site-packages", "dist-packages")
 _CACHE_LIMIT = 50_000  # code objects and file names remembered (cleared when full)
@@ -141,65 +139,66 @@ def format_location(filename: str, lineno: int | None) -> str:
     return f"{display_path(filename)}:{lineno}"
 
 
-#: One frame as read at one moment: its code, line and module name.
-Frame = tuple[CodeType, int, Any]
+class Still:
+    """A frame as it was when read: what `call_site` and `format_stack` look at of one.
 
-
-def snapshot(frames: Iterable[FrameType], limit: int = 256) -> list[Frame]:
-    """`frames` (innermost first) as they are now.
-
-    Another thread's frames move on whenever the reading thread lets the GIL go (a file system
-    call to resolve a path does): read them first, make sense of them after.
+    Another thread's frames move on whenever the reading thread lets the GIL go (resolving a
+    path does): read them first with `snapshot`, make sense of them after.
     """
-    return list(islice(_read(frames), limit))
+
+    __slots__ = ("f_back", "f_code", "f_globals", "f_lineno")
+
+    def __init__(self, frame: FrameType, back: Still | None) -> None:
+        self.f_code = frame.f_code
+        self.f_lineno = frame.f_lineno
+        self.f_globals = frame.f_globals
+        self.f_back = back
 
 
-def up(frame: FrameType | None) -> Iterator[FrameType]:
-    """`frame` and its callers, innermost first."""
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
+AnyFrame = FrameType | Still
 
 
-def _read(frames: Iterable[FrameType]) -> Iterator[Frame]:
-    for frame in frames:
-        yield frame.f_code, frame.f_lineno, frame.f_globals.get("__name__")
+def snapshot(frames: list[FrameType], limit: int = 256) -> Still | None:
+    """The innermost `limit` of `frames` (innermost first, each called by the next) as they are
+    now."""
+    still: Still | None = None
+    for frame in reversed(frames[:limit]):
+        still = Still(frame, still)
+    return still
 
 
-def function_name(code: CodeType, module: Any) -> str:
-    """ "module.function" of a frame's code (`argon2.low_level.verify_secret`)."""
+def function_name(frame: AnyFrame) -> str:
+    """ "module.function" of a frame (`argon2.low_level.verify_secret`)."""
+    code = frame.f_code
+    module = frame.f_globals.get("__name__")
     name = getattr(code, "co_qualname", code.co_name)
     return f"{module}.{name}" if isinstance(module, str) else name
 
 
-def site_of(frames: Iterable[Frame]) -> CallSite:
-    """The innermost application frame of `frames` (innermost first), and the library code it
-    called. With no application frame (a stall in a framework's own code), the location is
-    unknown and `via` names the innermost library function. perfmw's frames are never named.
+def call_site(frame: AnyFrame | None) -> CallSite:
+    """The innermost application frame at or above `frame`, and the library code it called.
+
+    With no application frame (a stall in a framework's own code), the location is unknown and
+    `via` names the innermost library function. perfmw's own frames are never named.
     """
-    innermost: Frame | None = None  # library frames, the innermost one...
-    below: Frame | None = None  # ...and the latest one seen, called by the next frame up
-    for frame in frames:
-        code, line, _module = frame
-        origin = _origin(code)
+    innermost: AnyFrame | None = None  # library frames, the innermost one...
+    below: AnyFrame | None = None  # ...and the latest one seen, called by the next frame up
+    while frame is not None:
+        origin = _origin(frame.f_code)
         if origin == _APP:
-            via = None if below is None else function_name(below[0], below[2])
-            return CallSite(format_location(code.co_filename, line), via)
+            via = None if below is None else function_name(below)
+            return CallSite(format_location(frame.f_code.co_filename, frame.f_lineno), via)
         if origin == _LIBRARY:
             below = frame
             if innermost is None:
                 innermost = frame
-    return CallSite(None, None if innermost is None else function_name(innermost[0], innermost[2]))
-
-
-def call_site(frame: FrameType | None) -> CallSite:
-    """`site_of` the stack at and above `frame`, a frame of the calling thread."""
-    return site_of(_read(up(frame)))
+        frame = frame.f_back
+    return CallSite(None, None if innermost is None else function_name(innermost))
 
 
 def chain_site(frames: list[FrameType]) -> CallSite:
-    """`site_of` a chain listed outermost first (a suspended task's coroutines)."""
-    site = site_of(_read(reversed(frames)))
+    """`call_site` of a chain listed outermost first (a suspended task's coroutines)."""
+    site = call_site(snapshot(frames[::-1]))
     return site if site.location is not None else NOWHERE
 
 
@@ -217,16 +216,12 @@ def app_location(frame: FrameType | None = None) -> str | None:
     return call_site(frame if frame is not None else sys._getframe(1)).location
 
 
-def format_stack(frame: FrameType | None, limit: int = 30) -> tuple[str, ...]:
+def format_stack(frame: AnyFrame | None, limit: int = 30) -> tuple[str, ...]:
     """The innermost `limit` frames, outermost first, one "path:line in function" line each."""
-    return stack_of(snapshot(up(frame), limit), limit)
-
-
-def stack_of(frames: list[Frame], limit: int = 30) -> tuple[str, ...]:
-    """`format_stack` of a snapshot."""
-    lines = [
-        f"{format_location(code.co_filename, line)} in {code.co_name}"
-        for code, line, _module in frames[:limit]
-    ]
+    lines: list[str] = []
+    while frame is not None and len(lines) < limit:
+        code = frame.f_code
+        lines.append(f"{format_location(code.co_filename, frame.f_lineno)} in {code.co_name}")
+        frame = frame.f_back
     lines.reverse()
     return tuple(lines)

@@ -313,7 +313,7 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         _checkout_started.set(0.0)
     else:
         began = time.perf_counter()
-    query = Query(name, collection, database, shape, 0.0, started_at=began)
+    query = Query(name, collection, database, shape, 0.0, None, began)
     if name == "find":
         query.has_limit = bool(command.get("limit"))
         query.has_projection = bool(command.get("projection"))

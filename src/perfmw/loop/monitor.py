@@ -27,7 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .. import _guard
-from .._frames import NOWHERE, CallSite, call_site, format_stack, site_of, snapshot, stack_of, up
+from .._frames import NOWHERE, CallSite, call_site, format_stack, snapshot
 from ..record import BACKGROUND, RequestRecord, Stall, _current
 from . import gc_clock, requests
 from .causes import CODE_CAUSES, Signals, classify
@@ -584,8 +584,12 @@ class LoopMonitor:
     def _sample(
         self, state: _StallState, frame: FrameType, loop: asyncio.AbstractEventLoop
     ) -> None:
-        frames = list(up(frame))  # innermost first
-        read = snapshot(frames)  # before anything lets the GIL go and the loop thread move on
+        frames: list[FrameType] = []
+        f: FrameType | None = frame
+        while f is not None:
+            frames.append(f)
+            f = f.f_back
+        still = snapshot(frames)  # before anything lets the GIL go and the loop thread move on
         frames.reverse()  # outermost first
         root = requests.callback_root(frames, self._root_depth)
         state.samples += 1
@@ -595,10 +599,10 @@ class LoopMonitor:
             state.record_known = True
             # Attached now: the request may finish as soon as this thread lets the GIL go.
             self._update(state)
-        site = site_of(read)
+        site = call_site(still)
         state.sites[site] += 1
         if site not in state.stacks and len(state.stacks) < MAX_SITES:
-            state.stacks[site] = stack_of(read)
+            state.stacks[site] = format_stack(still)
 
     def _update(self, state: _StallState) -> None:
         now = self.now()
