@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ import httpx
 import pytest
 
 from prometheus_server import PrometheusServer, free_port, stop_process, tool
-from support import wait_for
+from support import sample, wait_for
 from test_alerts import RULES, dashboard_queries, substitute
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,11 @@ BLOCK_SECONDS = 0.3
 FAST = [path for i in range(10) for path in ("/health", "/servers?limit=5", f"/servers/{i}")]
 FAST_ROUTES = {"/health", "/servers", "/servers/{server_id}"}
 BLOCKING_REQUESTS = 7
+SERVED = {
+    "http_request_method": "GET",
+    "http_route": "/servers/{server_id}",
+    "http_response_status_code": "200",
+}
 N = len(FAST) + BLOCKING_REQUESTS
 
 
@@ -106,7 +112,7 @@ def prometheus_config(target: str, rule_file: Path) -> dict[str, Any]:
 def shipped_rules_with_short_for() -> str:
     """alerts.yml as shipped, every `for:` shortened to 1 s so the test need not wait minutes."""
     text, count = re.subn(r"(?m)^(\s+for: )\S+$", r"\g<1>1s", RULES.read_text())
-    assert count == 8, count
+    assert count == 9, count
     return text
 
 
@@ -282,15 +288,92 @@ def targets_of(prometheus: PrometheusServer) -> dict[str, dict[str, Any]]:
     return {t["labels"]["job"]: t for t in prometheus.api("targets")["activeTargets"]}
 
 
-def test_findings_answer_for_the_worker_that_served_them(production: Production) -> None:
-    answered = set()
-    for _ in range(40):
-        document = get(production.url, "/perfmw/findings", **AUTH).json()
-        answered.add(document["pid"])
-        assert isinstance(document["findings"], list)
-        if answered == production.worker_pids:
-            break
-    assert answered == production.worker_pids
+def worker_files(multiproc_dir: Path) -> dict[int, dict[str, Any]]:
+    """Each worker's own findings file, by its pid (the first app of each worker: `_0_`)."""
+    found = {}
+    for path in multiproc_dir.glob("perfmw_findings_0_*.json"):
+        with contextlib.suppress(ValueError):  # being replaced right now: read it next time
+            document = json.loads(path.read_text())
+            found[document["pid"]] = document
+    return found
+
+
+def blocking_count(findings: list[dict[str, Any]]) -> float:
+    return sum(f["count"] for f in findings if f["kind"] == "loop_stall" and f["route"] == BLOCKING)
+
+
+@contextlib.contextmanager
+def two_workers(mongo_uri: str, multiproc_dir: Path, log_path: Path) -> Iterator[tuple[str, Any]]:
+    """`uvicorn --workers 2` on the directory; yields (url, the master process) once both
+    workers answer."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("a") as log:
+        workers = start_workers(mongo_uri, multiproc_dir, port, log)
+        try:
+            pids: set[int] = set()
+
+            def both() -> bool:
+                if workers.poll() is not None:
+                    raise RuntimeError(log_path.read_text())
+                with contextlib.suppress(httpx.TransportError):
+                    pids.add(get(url, "/perfmw/findings", **AUTH).json()["pid"])
+                return len(pids) == 2
+
+            wait_for(both, 30, what="both uvicorn workers")
+            yield url, workers
+        finally:
+            stop_process(workers)
+
+
+def test_every_worker_answers_with_the_findings_of_all_workers(
+    mongo_uri: str, tmp_path: Path
+) -> None:
+    seed_database(mongo_uri)
+    multiproc_dir = tmp_path / "multiproc"
+    multiproc_dir.mkdir()
+    with two_workers(mongo_uri, multiproc_dir, tmp_path / "uvicorn.log") as (url, _):
+        counts: list[float] = []
+        for sent in range(1, 60):  # until each worker has served one (each has its own file)
+            assert get(url, f"{BLOCKING}?seconds=0.15").status_code == 200
+
+            def written(sent: int = sent) -> bool:
+                files = worker_files(multiproc_dir)
+                counts[:] = [blocking_count(d["findings"]) for d in files.values()]
+                return sum(counts) == sent  # each worker's file within a second
+
+            wait_for(written, 10, what=f"{sent} stalls in the workers' files")
+            if len(counts) == 2 and all(counts):
+                break
+        answers = [get(url, "/perfmw/findings", **AUTH).json() for _ in range(20)]
+        files = worker_files(multiproc_dir)
+    assert {a["pid"] for a in answers} == set(files)  # both workers answered...
+    for answer in answers:  # ...each with the findings of both, summed
+        assert set(answer["pids"]) == set(files)
+        assert blocking_count(answer["findings"]) == sent
+        (stall,) = [f for f in answer["findings"] if f["kind"] == "loop_stall"]
+        assert stall["detail"]["cause"] == "blocking"
+        assert stall["count"] == sent
+
+
+def test_a_restarted_service_counts_exactly_what_it_served(mongo_uri: str, tmp_path: Path) -> None:
+    """SIGTERM right after the last request: the workers' lifespan shutdown copies their last
+    counts and findings, with no code in the application."""
+    seed_database(mongo_uri)
+    multiproc_dir = tmp_path / "multiproc"
+    multiproc_dir.mkdir()
+    log = tmp_path / "uvicorn.log"
+    with two_workers(mongo_uri, multiproc_dir, log) as (url, workers):
+        for i in range(20):
+            assert get(url, f"/servers/{i % 5}").status_code == 200
+        assert get(url, f"{BLOCKING}?seconds=0.15").status_code == 200
+        os.killpg(workers.pid, signal.SIGTERM)  # at once: before the next one-second copy
+        workers.wait(30)
+    with two_workers(mongo_uri, multiproc_dir, log) as (url, _):
+        metrics = get(url, "/metrics", **AUTH).text
+        findings = get(url, "/perfmw/findings", **AUTH).json()["findings"]
+    assert sample(metrics, "http_server_request_duration_seconds_count", **SERVED) == 20
+    assert blocking_count(findings) == 1
 
 
 def test_every_dashboard_query_runs_against_the_scraped_service(production: Production) -> None:

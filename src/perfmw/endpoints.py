@@ -1,17 +1,21 @@
 """The endpoints perfmw serves itself: Prometheus metrics and the JSON findings.
 
 Served by the middleware before routing, so they add no route to the app (or its OpenAPI),
-and protected by `access_token` when one is set.
+and protected by `access_token` when one is set. In multiprocess mode both answer for every
+worker of the directory, read from its files in a thread: not on the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from .exporters import shared_findings
+from .exporters._families import multiprocess_enabled
 from .exporters.prometheus import exposition
 
 if TYPE_CHECKING:
@@ -65,10 +69,12 @@ def build_endpoints(perf: Perf) -> dict[str, Endpoint]:
         return exposition(perf.registry, _header(scope, b"accept"))
 
     def findings(scope: Scope) -> tuple[bytes, str]:
-        document = {
-            "pid": os.getpid(),
-            "findings": [finding.to_dict() for finding in perf.findings.snapshot()],
-        }
+        shared = shared_findings.read(perf)
+        if shared is None:
+            found, pids = [f.to_dict() for f in perf.findings.snapshot()], [os.getpid()]
+        else:
+            found, pids = shared
+        document = {"pid": os.getpid(), "pids": pids, "findings": found}
         return json.dumps(document).encode(), "application/json"
 
     served: dict[str, Endpoint] = {}
@@ -88,7 +94,11 @@ def _protected(render: Callable[[Scope], tuple[bytes, str]], token: str | None) 
             status, text, extra = refusal
             await _respond(send, status, text, "text/plain; charset=utf-8", extra)
             return
-        body, content_type = render(scope)
+        if multiprocess_enabled():
+            loop = asyncio.get_running_loop()
+            body, content_type = await loop.run_in_executor(None, render, scope)
+        else:
+            body, content_type = render(scope)
         await _respond(send, 200, body, content_type, [])
 
     return endpoint

@@ -373,7 +373,6 @@ def _report(
     verdict: Verdict,
 ) -> None:
     from .detectors import silenced
-    from .exporters import logs
 
     assert verdict.index is not None
     if silenced(location, perf.settings.silenced_locations):
@@ -393,10 +392,7 @@ def _report(
         },
         via=via,
     )
-    perf.findings.add(finding)
-    if record is not None:
-        record.findings.append(finding)
-    logs.log_findings([finding])
+    perf.add_findings([finding], record)
 
 
 def on_finish(perf: Any, record: RequestRecord) -> None:

@@ -2,7 +2,8 @@
 
 A detector returns one `Finding` per problem seen in one request (count 1). The store merges
 findings with the same (kind, route, location, shape) into one entry whose `count` and
-`total_seconds` grow, keeping the most recent `detail`.
+`total_seconds` grow, keeping the most recent `detail`. `merge` does the same for the findings
+several processes serialized (the workers of a service, every scrape of a report).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,6 +63,52 @@ class Finding:
         }
 
 
+def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What identifies a serialized finding's site: (kind, route, location, shape)."""
+    detail = finding.get("detail") or {}
+    shape = detail.get("shape") if isinstance(detail, Mapping) else None
+    return (finding.get("kind"), finding.get("route"), finding.get("location"), shape)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def merge(
+    lists: Iterable[Iterable[Mapping[str, Any]]], max_findings: int | None = None
+) -> list[dict[str, Any]]:
+    """Serialized findings of several processes as one store would hold them: the same site's
+    counts and time summed, the latest example kept (the most recently seen), at most
+    `max_findings` sites (the least recently seen go), most costly first."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for findings in lists:
+        for finding in findings:
+            key = finding_key(finding)
+            entry = merged.get(key)
+            if entry is None:
+                merged[key] = dict(finding)
+                continue
+            entry["count"] = _number(entry.get("count")) + _number(finding.get("count"))
+            entry["total_seconds"] = _number(entry.get("total_seconds")) + _number(
+                finding.get("total_seconds")
+            )
+            entry["first_seen"] = min(
+                _number(entry.get("first_seen")), _number(finding.get("first_seen"))
+            )
+            if _number(finding.get("last_seen")) >= _number(entry.get("last_seen")):
+                entry["last_seen"] = finding.get("last_seen", 0)
+                entry["detail"] = finding.get("detail")
+                entry["via"] = finding.get("via") or entry.get("via")
+    found = list(merged.values())
+    for entry in found:
+        if isinstance(entry.get("count"), float) and float(entry["count"]).is_integer():
+            entry["count"] = int(entry["count"])
+    if max_findings is not None and len(found) > max_findings:
+        found.sort(key=lambda f: -_number(f.get("last_seen")))
+        del found[max_findings:]
+    return sorted(found, key=lambda f: -_number(f.get("total_seconds")))
+
+
 class FindingsStore:
     """The most recent findings per (kind, route, location, shape), at most `max_findings`."""
 
@@ -70,11 +118,13 @@ class FindingsStore:
         self.max_findings = max_findings
         self._entries: OrderedDict[tuple[str, str, str | None, str | None], Finding] = OrderedDict()
         self._lock = threading.Lock()
+        self.version = 0  # grows with every change: a copy of the store knows when it is stale
 
     def add(self, finding: Finding) -> Finding:
         """Merge one observation; returns the stored entry."""
         key = finding.key
         with self._lock:
+            self.version += 1
             entry = self._entries.get(key)
             if entry is None:
                 entry = replace(finding, detail=dict(finding.detail))
@@ -103,11 +153,13 @@ class FindingsStore:
             keys = [key for key in self._entries if key[0] == kind and key[3] == shape]
             for key in keys:
                 del self._entries[key]
+            self.version += 1
         return len(keys)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self.version += 1
 
     def __len__(self) -> int:
         return len(self._entries)

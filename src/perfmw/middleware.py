@@ -66,6 +66,8 @@ class PerfMiddleware:
         if not perf.loop_started:
             perf.on_loop()
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = _flushing_at_shutdown(send, perf)
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -197,6 +199,20 @@ class _Exchange:
                 perf.sink.fold()
         except Exception as exc:
             _guard.report_internal_error("finish", exc)
+
+
+def _flushing_at_shutdown(send: Send, perf: Perf) -> Send:
+    """The lifespan's `send`: once the app has shut down, the worker's last counts and findings
+    go to the multiprocess files, with no code in the application (a worker stopped by SIGTERM
+    exits without running atexit handlers)."""
+
+    async def send_flushed(message: Message) -> None:
+        if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            with _guard.guard("shutdown"):
+                perf.flush()
+        await send(message)
+
+    return send_flushed
 
 
 class _TimedExchange(_Exchange):

@@ -18,10 +18,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import _frames, _guard, detectors
 from ._contexts import SyncAndAsync
-from .exporters import logs
+from .exporters import logs, shared_findings
 from .exporters import tracing as tracing_sink
 from .exporters.prometheus import PrometheusSink, sink_for
-from .findings import FindingsStore
+from .findings import Finding, FindingsStore
 from .record import RequestRecord, _current
 from .routes import RouteLabels
 from .settings import Settings
@@ -61,7 +61,7 @@ class Perf:
         self.app = app
         self.created = time.monotonic()
         self.sink: PrometheusSink = sink_for(self.registry)
-        self.findings = FindingsStore()
+        self.findings = FindingsStore(self.settings.max_findings)
         self.routes = RouteLabels(self.settings.max_routes, app)
         # None when settings.trace is off: the middleware's only tracing cost is this check.
         self.tracing = tracing_sink.for_perf(self)
@@ -70,6 +70,8 @@ class Perf:
         self.closed = False
         with _live_lock:
             _live.add(self)
+        if self.sink.multiprocess:
+            shared_findings.join(self)  # its findings answer for every worker
 
     # Lifecycle
 
@@ -94,7 +96,7 @@ class Perf:
         for hook in _shutdown_hooks:
             with _guard.guard("shutdown"):
                 hook(self)
-        self.sink.flush()  # multiprocess mode: this worker's last counts to its file
+        self.flush()
 
     # Finishing records: detectors, then sinks.
 
@@ -115,16 +117,30 @@ class Perf:
                     hook(record)
             found = detectors.detect(record, self.settings)
             if found:
-                record.findings.extend(found)
-                for finding in found:
-                    self.findings.add(finding)
-                logs.log_findings(found)
+                self.add_findings(found, record)
             if record.findings or record.stalls or record.blocking_calls:
                 self.sink.observe_record(record)
             if record.span is not None:
                 tracing_sink.end(record)
             for hook in _finish_hooks:
                 hook(self, record)
+
+    def add_findings(self, found: list[Finding], record: RequestRecord | None) -> None:
+        """New findings (of `record`, if still known): stored, counted, logged."""
+        if record is not None:
+            record.findings.extend(found)
+        for finding in found:
+            self.findings.add(finding)
+        span = None if record is None else record.span
+        self.sink.observe_findings(
+            found, None if span is None else span.exemplar, self.settings.max_findings
+        )
+        logs.log_findings(found)
+
+    def flush(self) -> None:
+        """Multiprocess mode: this worker's last counts and findings to its files."""
+        self.sink.flush()
+        shared_findings.write(self)
 
 
 # Hooks the optional sources and sinks (loop monitor, tracing) register at import time, so this

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ._report_advice import advice, index_keys, ms, pct
 from ._report_markdown import SECTIONS, render_markdown
+from .findings import finding_key, merge
 from .record import MACHINE_CAUSES
 
 FORMAT_VERSION = 1
@@ -157,32 +158,11 @@ def collect(
 
 def merge_findings(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One list of findings from several workers' lists: the same site's counts and times add up."""
-    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for findings in per_worker:
-        for finding in findings:
-            key = finding_key(finding)
-            entry = merged.get(key)
-            if entry is None:
-                merged[key] = dict(finding)
-                continue
-            entry["count"] = entry.get("count", 0) + finding.get("count", 0)
-            entry["total_seconds"] = entry.get("total_seconds", 0.0) + finding.get(
-                "total_seconds", 0.0
-            )
-            entry["first_seen"] = min(entry.get("first_seen", 0), finding.get("first_seen", 0))
-            if finding.get("last_seen", 0) >= entry.get("last_seen", 0):
-                entry["last_seen"] = finding.get("last_seen", 0)
-                entry["detail"] = finding.get("detail")
-    return sorted(merged.values(), key=lambda f: -float(f.get("total_seconds") or 0.0))
+    return merge(per_worker)
 
 
 # Analysis: from one snapshot (totals since the process started) or the difference of two
 # (what happened between them), to the report's document.
-
-
-def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
-    detail = finding.get("detail") or {}
-    return (finding.get("kind"), finding.get("route"), finding.get("location"), detail.get("shape"))
 
 
 def _delta_findings(

@@ -43,6 +43,9 @@ class Settings:
     trace: bool = True
     capture_statement: bool = False
     max_routes: int = 500
+    # Findings kept per application (the least recently seen go first), and distinct locations
+    # of perfmw_findings_total per process (then `<other>`).
+    max_findings: int = 1000
     exclude_paths: tuple[str, ...] = ("/metrics", "/perfmw/findings")
     # Call sites ("path:line", or a path suffix such as "app/legacy.py") whose findings are
     # accepted and not reported: the way to silence a known site.
@@ -139,6 +142,7 @@ _CHECKS = {
     "trace": _check_bool,
     "capture_statement": _check_bool,
     "max_routes": _check_count,
+    "max_findings": _check_count,
     "exclude_paths": _check_paths,
     "silenced_locations": _check_strings,
 }
@@ -191,6 +195,7 @@ _PARSERS = {
     "trace": _parse_bool,
     "capture_statement": _parse_bool,
     "max_routes": _parse_int,
+    "max_findings": _parse_int,
     "exclude_paths": _parse_list,
     "silenced_locations": _parse_list,
 }

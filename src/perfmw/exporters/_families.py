@@ -73,13 +73,16 @@ class HistogramChild:
 
 
 class CounterChild:
-    __slots__ = ("value",)
+    __slots__ = ("exemplar", "value")
 
     def __init__(self) -> None:
         self.value = 0.0
+        self.exemplar: Exemplar | None = None
 
-    def inc(self, amount: float = 1.0) -> None:
+    def inc(self, amount: float = 1.0, exemplar: dict[str, str] | None = None) -> None:
         self.value += amount
+        if exemplar is not None:
+            self.exemplar = Exemplar(exemplar, amount, time.time())
 
 
 class GaugeChild:
@@ -158,15 +161,17 @@ class Family:
                         buckets.append((_format_bound(bound), cumulative, example))
                 histogram.add_metric(list(values), buckets, child.sum)
             return histogram
-        metric: Metric
         if self.kind == "counter":
-            metric = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        else:
-            metric = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            counter = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for values, child in items:
+                assert isinstance(child, CounterChild)
+                counter.add_metric(list(values), child.value, exemplar=child.exemplar)
+            return counter
+        gauge = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in items:
-            assert isinstance(child, (CounterChild, GaugeChild))
-            metric.add_metric(list(values), child.value)
-        return metric
+            assert isinstance(child, GaugeChild)
+            gauge.add_metric(list(values), child.value)
+        return gauge
 
 
 def gauge_from(

@@ -30,7 +30,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from .. import _guard
-from ..record import MACHINE_CAUSES, RequestRecord
+from ..findings import Finding
+from ..record import MACHINE_CAUSES, OTHER, RequestRecord
+from . import shared_findings
 from ._families import (
     CounterChild,
     Family,
@@ -62,6 +64,8 @@ GAUGE_MODES: dict[str, MultiprocessMode] = {
 }
 #: Multiprocess mode: how often each worker copies its scrape-time readings to its files.
 FLUSH_SECONDS = 1.0
+FINDING_LABELS = ("kind", "http_route", "location")
+UNKNOWN_LOCATION = "<unknown>"  # a finding with no application frame
 
 
 class _RouteMetrics:
@@ -185,6 +189,20 @@ class PrometheusSink(Collector):
             "Known blocking calls made on the event loop's thread.",
             ("http_route", "kind"),
         )
+        # Every finding, so that Prometheus sums them over replicas and alerts name the line.
+        self.findings = Family(
+            "counter",
+            "perfmw_findings",
+            "Findings (each request's N+1, each stall...) by kind, route and application line.",
+            FINDING_LABELS,
+        )
+        self.finding_seconds = Family(
+            "counter",
+            "perfmw_finding_seconds",
+            "Time the findings cost, by kind, route and application line.",
+            FINDING_LABELS,
+        )
+        self._locations: set[str] = set()  # distinct `location` values so far (bounded)
         self._families = (
             self.http_duration,
             self.http_active,
@@ -199,6 +217,8 @@ class PrometheusSink(Collector):
             self.stall_seconds,
             self.gc_pause,
             self.blocking_calls,
+            self.findings,
+            self.finding_seconds,
         )
         self._routes: dict[tuple[str, str, int], _RouteMetrics] = {}
         # Finished HTTP requests, appended by the middleware (a tuple each: the cheapest thing
@@ -288,6 +308,23 @@ class PrometheusSink(Collector):
                     self.stall_seconds.labels().observe(stall.duration_seconds)  # type: ignore[union-attr]
             for call in record.blocking_calls:
                 self._counter(self.blocking_calls, route, call.kind).inc()
+
+    def observe_findings(
+        self, found: Iterable[Finding], exemplar: dict[str, str] | None, max_locations: int
+    ) -> None:
+        """Count new findings; past `max_locations` distinct lines, the rest are `<other>`."""
+        with self._lock:
+            locations = self._locations
+            for finding in found:
+                location = finding.location or UNKNOWN_LOCATION
+                if location not in locations:
+                    if len(locations) >= max_locations:
+                        location = OTHER
+                    else:
+                        locations.add(location)
+                labels = (finding.kind, finding.route, location)
+                self._counter(self.findings, *labels).inc(finding.count, exemplar)
+                self._counter(self.finding_seconds, *labels).inc(finding.total_seconds)
 
     @staticmethod
     def _counter(family: Family, *values: str) -> CounterChild:
@@ -539,6 +576,7 @@ class _Flusher:
             time.sleep(FLUSH_SECONDS)
             for sink in live_sinks():
                 sink.flush()
+            shared_findings.write_all()
 
 
 def _mark_dead(pid: int) -> None:
@@ -546,6 +584,7 @@ def _mark_dead(pid: int) -> None:
     if os.getpid() == pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         for sink in live_sinks():
             sink.flush()
+        shared_findings.write_all()
         with _guard.guard("metrics"):
             mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
