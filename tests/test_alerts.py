@@ -47,6 +47,8 @@ EXPORTED = {
     "perfmw_cache_size": "gauge",
     "perfmw_cache_max_size": "gauge",
     "perfmw_internal_errors": "counter",
+    "perfmw_findings": "counter",
+    "perfmw_finding_seconds": "counter",
 }
 SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
 SAMPLE_NAMES = {name + suffix for name, kind in EXPORTED.items() for suffix in SUFFIXES[kind]}
@@ -54,7 +56,13 @@ SAMPLE_NAMES = {name + suffix for name, kind in EXPORTED.items() for suffix in S
 #: A metric name right before a selector's `{` or a range's `[`, or alone (not a function call).
 SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:[{\[]|$)")
 #: Grafana's variables, replaced by values that keep the expression's meaning.
-VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$job": ".+", "$route": ".+"}
+VARIABLES = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$job": ".+",
+    "$route": ".+",
+}
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -199,6 +207,8 @@ def test_dashboard_covers_the_issue_s_panels() -> None:
         "perfmw_event_loop_lag_seconds",
         "perfmw_cache_requests_total",  # hit rate
         "db_client_connection_wait_time_seconds_bucket",  # pool wait
+        "perfmw_findings_total",  # findings by location
+        "perfmw_finding_seconds_total",
     ):
         assert needed in used, needed
 

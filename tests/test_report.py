@@ -173,10 +173,14 @@ def test_current_performance_per_route() -> None:
     markdown = report.render_markdown(doc)
     table = section(markdown, "Current Performance")
     assert (
-        "| `GET /servers-with-agents` | 100 | n/a | 25 ms | 95 ms | 21.00 | 80% | 0 | 0 |" in table
+        "| `GET /servers-with-agents` | 100 | n/a | 25 ms | 95 ms | 21.00 | 80% | 0 | 0 | 75 ms |"
+        in table
     )
-    assert "| `GET /reports/blocking` | 10 | n/a | 100 ms | 100 ms | 0.00 | 0% | 2 | 8 |" in table
-    assert "the worker that answered (pid 4242)" in table
+    assert (
+        "| `GET /reports/blocking` | 10 | n/a | 100 ms | 100 ms | 0.00 | 0% | 2 | 8 | 100 ms |"
+        in table
+    )
+    assert "the process that answered (pid 4242)" in table
     assert "--interval 30" in table
 
 

@@ -1,6 +1,7 @@
 """The perfmw command line: `perfmw report`.
 
     perfmw report --url http://127.0.0.1:8000 [--token T] [--out FILE] [--format md|json]
+    perfmw report --prometheus http://prometheus:9090 --job api [--since 1h]
     perfmw report --compare before.json after.json
     python -m perfmw report ...
 
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = sub.add_mutually_exclusive_group(required=True)
     source.add_argument("--url", help="base URL of the service, e.g. http://127.0.0.1:8000")
+    source.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="base URL of a Prometheus (or Thanos, Mimir) that scrapes the service: the report "
+        "of every replica it scrapes, from its query API",
+    )
     source.add_argument(
         "--compare",
         nargs=2,
@@ -65,6 +72,19 @@ def _parser() -> argparse.ArgumentParser:
         "worker process keeps its own findings); default: 1",
     )
     sub.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
+    pick = sub.add_mutually_exclusive_group()
+    pick.add_argument("--job", help="with --prometheus: the service's scrape job")
+    pick.add_argument(
+        "--selector",
+        help="with --prometheus: label matchers that pick the service, e.g. "
+        '\'{job="api",namespace="prod"}\'',
+    )
+    sub.add_argument(
+        "--since",
+        default="1h",
+        metavar="DURATION",
+        help="with --prometheus: the window to report on (30m, 1h, 7d...); default: 1h",
+    )
     return parser
 
 
@@ -73,6 +93,25 @@ def run_report(args: argparse.Namespace) -> str:
     if args.compare:
         before, after = (report.load_report(path) for path in args.compare)
         return report.render_compare(before, after)
+    if args.prometheus:
+        from ._report_prometheus import collect_prometheus
+
+        snapshot, window = collect_prometheus(
+            args.prometheus,
+            job=args.job,
+            selector=args.selector,
+            since=args.since,
+            timeout=args.timeout,
+        )
+        measured = f"over the last {args.since}, every replica Prometheus scrapes"
+        document = report.analyse(snapshot, window=window, measured=measured)
+        return (
+            report.render_json(document)
+            if args.format == "json"
+            else report.render_markdown(document)
+        )
+    if args.job or args.selector:
+        raise report.ReportError("--job and --selector go with --prometheus")
     if args.interval < 0:
         raise report.ReportError(f"--interval must be >= 0, got {args.interval}")
     if not 1 <= args.probes <= 100:

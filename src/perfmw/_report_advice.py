@@ -53,13 +53,25 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     shape = detail.get("shape")
     shape_text = f" with shape {code(shape)}" if shape else ""
     if kind == "n_plus_one":
+        batched = (
+            "one query for all the items (`$in` on the field that varies, or an aggregate with "
+            "`$lookup`), joined in memory"
+        )
+        if "repetitions" not in detail:  # counted by Prometheus: no example request at hand
+            return {
+                "title": f"N+1 queries: `{operation}` on `{collection}`",
+                "current": f"one `{operation}` on `{collection}` per item{shape_text}",
+                "proposed": batched,
+                "saved": total * 0.9,
+                "basis": "the per-item round trips become one; estimate",
+                "complexity": "low",
+            }
         reps = repetitions(detail)
         return {
             "title": f"N+1 queries: `{operation}` on `{collection}` repeated {reps} times",
             "current": f"one `{operation}` on `{collection}` per item{shape_text}, "
             f"{reps} per request",
-            "proposed": "one query for all the items (`$in` on the field that varies, or an "
-            "aggregate with `$lookup`), joined in memory",
+            "proposed": batched,
             "saved": total * (reps - 1) / reps,
             "basis": f"{reps} round trips become one",
             "complexity": "low",

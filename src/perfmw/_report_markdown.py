@@ -36,16 +36,21 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
         )
     elif pids:
         worker = (
-            f" The findings are those of the worker that answered (pid {pids[0]}); with several "
-            "workers, the metrics cover them all (`--probes 8` asks up to 8 of them)."
+            f" The findings are those of the process that answered (pid {pids[0]}); several "
+            "workers share theirs only with `PROMETHEUS_MULTIPROC_DIR` set (else `--probes 8` "
+            "asks up to 8 of them), while the metrics cover them all."
         )
     else:
         worker = ""
     span = f"over {window:.1f} s ({doc['measured']})" if window else doc["measured"]
+    source = doc.get("prometheus")
+    where = f"the service at {doc['url']}"
+    if source:
+        where = f"every replica of {_matchers(source)} that Prometheus at {source['url']} scrapes"
     lines = [
-        f"Measured inside the service at {doc['url']} by perfmw's middleware, "
+        f"Measured inside {where} by perfmw's middleware, "
         f"{span}: each request timed from its arrival to its last body chunk, MongoDB "
-        "commands counted by pymongo's command listeners. p50/p99 are interpolated from the "
+        "commands counted by pymongo's command listeners. p50/p95/p99 are interpolated from the "
         "`http_server_request_duration_seconds` histogram buckets (as PromQL's "
         f"`histogram_quantile` does), so they are accurate to a bucket.{worker}",
         "",
@@ -61,8 +66,8 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
         lines.append("")
     lines += [
         "| Route | Requests | Rate (req/s) | p50 | p99 | Queries/request | DB share | 5xx "
-        "| Stalls |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Stalls | p95 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in routes:
         rate = row["rate_per_second"]
@@ -71,7 +76,8 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
             f"| {_route_name(row)} | {row['requests']} | "
             f"{'n/a' if rate is None else f'{rate:.1f}'} | {ms(row['p50_seconds'])} | "
             f"{ms(row['p99_seconds'])} | {'n/a' if queries is None else f'{queries:.2f}'} | "
-            f"{pct(row['db_share'])} | {row['errors']} | {row['stalls']} |"
+            f"{pct(row['db_share'])} | {row['errors']} | {row['stalls']} | "
+            f"{ms(row.get('p95_seconds'))} |"
         )
     starved = doc.get("starved") or {}
     if starved.get("stalls"):
@@ -252,19 +258,40 @@ def _cache_advice(cache: Mapping[str, Any]) -> str:
     )
 
 
+def _matchers(source: Mapping[str, Any]) -> str:
+    return f"`{source['selector']}`" if source.get("selector") else "every job"
+
+
 def _verification(doc: Mapping[str, Any]) -> list[str]:
     url = doc["url"]
-    lines = [
-        "Re-measure under the same load before and after a change, each time over a minute of "
-        "it (`--interval` reports what happened between two scrapes, not totals since start):",
-        "",
-        "```bash",
-        f"perfmw report --url {url} --interval 60 --format json --out before.json",
-        "# deploy the change, run the same load again",
-        f"perfmw report --url {url} --interval 60 --format json --out after.json",
-        "perfmw report --compare before.json after.json",
-        "```",
-    ]
+    source = doc.get("prometheus")
+    if source:
+        pick = f" --selector '{source['selector']}'" if source.get("selector") else ""
+        measure = f"perfmw report --prometheus {source['url']}{pick} --since {source['since']}"
+        lines = [
+            "Re-measure over the same window of load before and after a change, every replica "
+            "at once:",
+            "",
+            "```bash",
+            f"{measure} --format json --out before.json",
+            "# deploy the change, let the same load run for the window again",
+            f"{measure} --format json --out after.json",
+            "perfmw report --compare before.json after.json",
+            "```",
+        ]
+    else:
+        lines = [
+            "Re-measure under the same load before and after a change, each time over a minute "
+            "of it (`--interval` reports what happened between two scrapes, not totals since "
+            "start):",
+            "",
+            "```bash",
+            f"perfmw report --url {url} --interval 60 --format json --out before.json",
+            "# deploy the change, run the same load again",
+            f"perfmw report --url {url} --interval 60 --format json --out after.json",
+            "perfmw report --compare before.json after.json",
+            "```",
+        ]
     routes = sorted({str(b["route"]) for b in doc["bottlenecks"]})
     if routes:
         lines += ["", "And watch the affected routes in Prometheus:", "", "```promql"]
@@ -311,7 +338,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         _verification,
         _trade_offs,
     )
-    out = [f"# Performance report: {doc['url']}", "", f"Generated by perfmw at {when}.", ""]
+    source = doc.get("prometheus")
+    title = f"{doc['url']} {source['selector']}".strip() if source else doc["url"]
+    out = [f"# Performance report: {title}", "", f"Generated by perfmw at {when}.", ""]
     for title, build in zip(SECTIONS, builders, strict=True):
         out += [f"## {title}", "", *build(doc), ""]
     return "\n".join(out)

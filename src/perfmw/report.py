@@ -68,6 +68,8 @@ class Snapshot:
     pid: int | None = None
     findings_served: bool = True
     pids: list[int] = field(default_factory=list)  # every worker whose findings were merged
+    # Read from a Prometheus server: its URL, the matchers and window (`perfmw report` flags).
+    prometheus: dict[str, str] | None = None
 
 
 def _get(url: str, token: str | None, timeout: float, missing_ok: bool = False) -> bytes | None:
@@ -131,6 +133,7 @@ def collect(
     samples = parse_samples(exposition.decode("utf-8", "replace"))
     by_pid: dict[int | None, list[dict[str, Any]]] = {}
     served = findings_path is not None
+    merged: list[int] = []  # the workers an answer already merged (multiprocess mode)
     for _ in range(max(1, probes) if served else 0):
         # A service may serve metrics only (findings_path=None): the report still has those.
         raw = _get(f"{base}{findings_path}", token, timeout, True)
@@ -139,12 +142,21 @@ def collect(
             break
         try:
             document = json.loads(raw)
-            by_pid[document.get("pid")] = list(document["findings"])
+            findings = list(document["findings"])
+            answered = document.get("pids")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ReportError(
                 f"{base}{findings_path} did not answer perfmw findings JSON"
             ) from None
-    pids = [pid for pid in by_pid if isinstance(pid, int)]
+        if isinstance(answered, list) and len(answered) > 1:
+            # Every worker's findings in one answer (multiprocess mode): nothing to add.
+            by_pid, merged = (
+                {document.get("pid"): findings},
+                [p for p in answered if type(p) is int],
+            )
+            break
+        by_pid[document.get("pid")] = findings
+    pids = merged or [pid for pid in by_pid if isinstance(pid, int)]
     return Snapshot(
         base,
         taken_at,
@@ -291,6 +303,7 @@ def _route_table(samples: Mapping[SampleKey, float], window: float | None) -> li
                 "mean_seconds": row["sum"] / requests,
                 "total_seconds": row["sum"],
                 "p50_seconds": quantile(0.5, cumulative),
+                "p95_seconds": quantile(0.95, cumulative),
                 "p99_seconds": quantile(0.99, cumulative),
                 "queries_per_request": queries,
                 "db_share": db_share,
@@ -379,12 +392,26 @@ def _time_by_route(routes: list[dict[str, Any]]) -> dict[str, float]:
     return found
 
 
-def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
-    """The report's data: per-route performance, caches, findings and the advice built on them."""
-    if before is not None:
+def analyse(
+    after: Snapshot,
+    before: Snapshot | None = None,
+    *,
+    window: float | None = None,
+    measured: str | None = None,
+) -> dict[str, Any]:
+    """The report's data: per-route performance, caches, findings and the advice built on them.
+
+    From one scrape (totals since the process started), the difference of two, or a snapshot
+    already counted over a `window` of seconds (`measured` says which, as Prometheus's is).
+    """
+    if window is not None:
+        samples = after.samples
+        findings = [dict(f) for f in after.findings]
+        measured = measured or f"over the last {window:g} s"
+    elif before is not None:
         samples = _delta_samples(after.samples, before.samples)
         findings = _delta_findings(after.findings, before.findings)
-        window: float | None = max(after.taken_at - before.taken_at, 1e-9)
+        window = max(after.taken_at - before.taken_at, 1e-9)
         measured = "between two scrapes"
     else:
         samples = after.samples
@@ -444,6 +471,7 @@ def analyse(after: Snapshot, before: Snapshot | None = None) -> dict[str, Any]:
         "pid": after.pid,
         "pids": after.pids or ([after.pid] if after.pid is not None else []),
         "findings_served": after.findings_served,
+        "prometheus": after.prometheus,
         "taken_at": after.taken_at,
         "window_seconds": window,
         "measured": measured,
