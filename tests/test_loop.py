@@ -684,33 +684,17 @@ def stalls_in_libraries(libraries: dict[str, Any], finished: list[RequestRecord]
 # --- Load without a stall of the code's; a cgroup's quota that throttles the loop ---
 
 ASYNC_APP = """
-import asyncio, sys
+import sys
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import perfmw
-
-
-async def churn(request):
-    async def tiny_task(i):
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        return i
-
-    n = int(request.query_params.get("n", "200"))
-    done = await asyncio.gather(*(tiny_task(i) for i in range(n)))
-    return PlainTextResponse(str(len(done)))
-
-
-async def wait(request):
-    await asyncio.sleep(float(request.query_params.get("s", "0.005")))
-    return PlainTextResponse("waited")
-
+from test_loop import churn, wait  # the endpoints of the in-process tests
 
 app = Starlette(routes=[Route("/churn", churn), Route("/wait", wait)])
+app.state.in_flight = 0
 perfmw.instrument(app)
 uvicorn.run(app, fd=int(sys.argv[1]), log_level="warning")
 """

@@ -175,10 +175,16 @@ def test_a_stall_the_cgroup_quota_made_is_throttled(rig: Rig) -> None:
     assert (stall.cause, stall.signals.throttled) == ("starved", 0.0)
 
 
-def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig) -> None:
+def watchdog_of(rig: Rig) -> Stat:
+    """The watchdog's own counters, synthetic too."""
     watchdog = Stat()
     rig.monitor._watch_stat = watchdog  # type: ignore[assignment]
     rig.monitor._watch_base = watchdog.now()
+    return watchdog
+
+
+def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig) -> None:
+    watchdog = watchdog_of(rig)
     rig.beat()
     state = rig.stall()
     deadline = rig.monitor._deadline()
@@ -193,9 +199,7 @@ def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig
 
 
 def test_the_watchdogs_own_sleeps_between_samples_are_not_gil_waits(rig: Rig) -> None:
-    watchdog = Stat()
-    rig.monitor._watch_stat = watchdog  # type: ignore[assignment]
-    rig.monitor._watch_base = watchdog.now()
+    watchdog_of(rig)
     rig.beat()
     state = rig.stall()
     with rig.monitor._lock:
@@ -214,9 +218,7 @@ def test_a_stall_the_watchdog_never_saw_is_settled_from_the_counters(rig: Rig) -
 
     perf_module._finish_hooks.append(hook)
     try:
-        watchdog = Stat()
-        rig.monitor._watch_stat = watchdog  # type: ignore[assignment]
-        rig.monitor._watch_base = watchdog.now()
+        watchdog_of(rig)
         rig.monitor._due = T0 + HEARTBEAT_SECONDS
         rig.beat()
         rig.clock.t += 0.6  # no beat, and the watchdog never ran: it waited for the GIL
