@@ -345,7 +345,13 @@ def test_every_worker_answers_with_the_findings_of_all_workers(
             wait_for(written, 10, what=f"{sent} stalls in the workers' files")
             if len(counts) == 2 and all(counts):
                 break
-        answers = [get(url, "/perfmw/findings", **AUTH).json() for _ in range(20)]
+        answers: list[dict[str, Any]] = []
+
+        def both_answered() -> bool:  # each request a new connection, taken by either worker
+            answers.append(get(url, "/perfmw/findings", **AUTH).json())
+            return {a["pid"] for a in answers} == set(worker_files(multiproc_dir))
+
+        wait_for(both_answered, 60, what="an answer from each worker", interval=0.01)
         files = worker_files(multiproc_dir)
     assert {a["pid"] for a in answers} == set(files)  # both workers answered...
     for answer in answers:  # ...each with the findings of both, summed
