@@ -162,12 +162,18 @@ def hammer(port: int, paths: list[str], connections: int = 16) -> list[int]:
 
 @contextlib.contextmanager
 def serve_script(
-    source: str, directory: Any, *, health: str = "/metrics", cgroup: str | None = None
+    source: str,
+    directory: Any,
+    *,
+    health: str = "/metrics",
+    cgroup: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run `source` (a script that serves `app` with `uvicorn.run(app, fd=int(sys.argv[1]))`) in
     its own process, as a real deployment does, on a socket bound here; yields its URL.
 
-    With `cgroup`, the process is moved into that cgroup (its `cgroup.procs`) before it serves.
+    With `cgroup`, the process is moved into that cgroup (its `cgroup.procs`) before it serves;
+    `env` adds to the environment it inherits.
     """
     import subprocess
     import sys
@@ -184,14 +190,18 @@ def serve_script(
     sock.listen(128)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     log = (directory / "server.log").open("w")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path]),
+        **(env or {}),
+    }
     process = subprocess.Popen(
         [sys.executable, str(script), str(sock.fileno())],
         pass_fds=[sock.fileno()],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=env,
+        env=environment,
     )
     sock.close()
     try:

@@ -4,7 +4,9 @@
         ...perfmw's work, never the application's own call...
 
 A guarded error is logged once per site (component, exception type, raising line) on the
-`perfmw` logger and counted in `perfmw_internal_errors_total{component}`.
+`perfmw` logger and counted in `perfmw_internal_errors_total{component}`. A fault of the
+machine that perfmw expects (a full disk) is logged as one sentence saying what it costs, without
+the traceback.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ recent_errors: list[tuple[str, BaseException]] = []
 _RECENT_LIMIT = 100
 
 
-def report_internal_error(component: str, exc: BaseException) -> None:
-    """Count an internal error and log it the first time its site is seen."""
+def report_internal_error(component: str, exc: BaseException, message: str | None = None) -> None:
+    """Count an internal error and log it the first time its site is seen: `message` if
+    given, else the traceback."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
     site = (component, type(exc).__name__, where)
@@ -39,7 +42,9 @@ def report_internal_error(component: str, exc: BaseException) -> None:
         first = site not in _seen_sites
         if first and len(_seen_sites) < 10_000:
             _seen_sites.add(site)
-    if first:
+    if first and message is not None:
+        logger.error("perfmw: %s (logged once; the application is unaffected)", message)
+    elif first:
         logger.error(
             "perfmw internal error in %s (logged once per site; the application is unaffected)",
             component,

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from . import _guard
 from .exporters import shared_findings
 from .exporters._families import multiprocess_enabled
+from .exporters.multiprocess_files import ScrapeError
 from .exporters.prometheus import exposition
 
 if TYPE_CHECKING:
@@ -26,6 +29,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
+logger = logging.getLogger("perfmw")
+
+
+_TEXT = "text/plain; charset=utf-8"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -92,13 +99,22 @@ def _protected(render: Callable[[Scope], tuple[bytes, str]], token: str | None) 
         refusal = _refusal(scope, token)
         if refusal is not None:
             status, text, extra = refusal
-            await _respond(send, status, text, "text/plain; charset=utf-8", extra)
+            await _respond(send, status, text, _TEXT, extra)
             return
-        if multiprocess_enabled():
-            loop = asyncio.get_running_loop()
-            body, content_type = await loop.run_in_executor(None, render, scope)
-        else:
-            body, content_type = render(scope)
+        try:
+            if multiprocess_enabled():
+                loop = asyncio.get_running_loop()
+                body, content_type = await loop.run_in_executor(None, render, scope)
+            else:
+                body, content_type = render(scope)
+        except ScrapeError as exc:  # said at each scrape: nothing is exported until it is fixed
+            logger.error("perfmw: %s", exc)
+            await _respond(send, 500, f"perfmw: {exc}\n".encode(), _TEXT, [])
+            return
+        except Exception as exc:
+            _guard.report_internal_error("endpoint", exc)
+            await _respond(send, 500, b"perfmw internal error (logged)\n", _TEXT, [])
+            return
         await _respond(send, 200, body, content_type, [])
 
     return endpoint

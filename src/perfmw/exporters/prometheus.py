@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from .. import _guard
 from ..findings import Finding
 from ..record import MACHINE_CAUSES, OTHER, RequestRecord
-from . import shared_findings
+from . import multiprocess_files, shared_findings
 from ._families import (
     CounterChild,
     Family,
@@ -375,7 +375,7 @@ class PrometheusSink(Collector):
 
     def _readings(self) -> Iterator[Metric]:
         """This process's scrape-time readings: internal errors and the added sources."""
-        yield _internal_errors_counter()
+        yield _internal_errors_counter(self.multiprocess)
         for source in list(self._sources):
             with _guard.guard("metrics"):
                 yield from list(source())
@@ -392,13 +392,18 @@ class PrometheusSink(Collector):
                 writer.write(metrics)
 
 
-def _internal_errors_counter() -> Metric:
+def _internal_errors_counter(multiprocess: bool = False) -> Metric:
+    """The errors so far; in multiprocess mode `component="multiprocess"` from the start, so
+    that its series has its space in the files before the disk can fill up."""
     counter = CounterMetricFamily(
         "perfmw_internal_errors",
         "perfmw's own errors, swallowed so that the application goes on.",
         labels=("component",),
     )
-    for component, n in sorted(_guard.error_counts.items()):
+    counts = dict(_guard.error_counts)
+    if multiprocess:
+        counts.setdefault(multiprocess_files.COMPONENT, 0)
+    for component, n in sorted(counts.items()):
         counter.add_metric([component], n)
     return counter
 
@@ -428,7 +433,8 @@ def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, 
     """The registry's exposition, OpenMetrics when the scraper asks for it.
 
     In multiprocess mode: every worker's metrics summed from the mmap files (including the
-    application's own prometheus-client metrics), whichever worker answers.
+    application's own prometheus-client metrics), whichever worker answers; ScrapeError when
+    the directory is gone.
     """
     encoder, content_type = choose_encoder(accept or "")
     if multiprocess_enabled():
@@ -457,6 +463,7 @@ def _multiprocess_check() -> bool:
             f"PROMETHEUS_MULTIPROC_DIR={directory!r} is not a directory: create it (empty) "
             "before the workers start"
         )
+    multiprocess_files.install()
     _flusher.ensure_running()
     return True
 
@@ -465,7 +472,7 @@ _mp_registries: dict[str, CollectorRegistry] = {}
 
 
 def _multiprocess_registry() -> CollectorRegistry:
-    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    directory = multiprocess_files.readable_directory()
     registry = _mp_registries.get(directory)
     if registry is None:
         registry = CollectorRegistry()

@@ -14,6 +14,7 @@ something else) is skipped and logged once, never a failure of the endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _guard
 from ..findings import merge
+from .multiprocess_files import COMPONENT, readable_directory
 
 if TYPE_CHECKING:
     from ..perf import Perf
@@ -80,10 +82,19 @@ def write(perf: Perf, force: bool = False) -> None:
         body = _encode(pid, findings)
     path = _path(folder, app, pid)
     aside = f"{path}.{threading.get_ident()}.tmp"
-    with _guard.guard("multiprocess"):
+    try:
         with open(aside, "wb") as handle:
             handle.write(body)
         os.replace(aside, path)
+    except OSError as exc:  # a full disk, the directory removed
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        _guard.report_internal_error(
+            COMPONENT,
+            exc,
+            f"cannot write {path}: {exc.strerror or exc}; the workers' findings endpoints miss "
+            "this worker's latest findings",
+        )
 
 
 def write_all() -> None:
@@ -100,7 +111,7 @@ def _encode(pid: int, findings: list[dict[str, Any]]) -> bytes:
 
 def read(perf: Perf) -> tuple[list[dict[str, Any]], list[int]] | None:
     """Every worker's findings of `perf`'s application, merged, and the workers' pids; None
-    outside multiprocess mode."""
+    outside multiprocess mode; ScrapeError when the directory is gone."""
     folder, app = directory(), _apps.get(perf)
     if folder is None or app is None:
         return None
@@ -108,13 +119,9 @@ def read(perf: Perf) -> tuple[list[dict[str, Any]], list[int]] | None:
     prefix = f"{PREFIX}{app}_"
     per_worker: list[list[dict[str, Any]]] = []
     pids: list[int] = []
-    try:
-        names = sorted(
-            n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json")
-        )
-    except OSError as exc:
-        _skip(folder, f"cannot list it: {exc}")
-        names = []
+    names = sorted(
+        n for n in os.listdir(readable_directory()) if n.startswith(prefix) and n.endswith(".json")
+    )
     for name in names:
         found = _load(os.path.join(folder, name))
         if found is not None:
