@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from otlp_receiver import OtlpReceiver
 from perfmw import _guard
 
 
@@ -28,6 +29,17 @@ def no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver on 127.0.0.1, where `configure_tracing()` sends."""
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+        monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+        yield receiver
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,8 @@ class OtlpReceiver:
         self.requests = 0
         self.bytes = 0
         self.decode = decode  # False: accept and count bodies only (a remote collector's cost)
+        self.status = 200  # what it answers a well-formed export (500: a failing collector)
+        self.gate: threading.Event | None = None  # when set: each answer waits for it to open
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
@@ -128,7 +130,9 @@ class OtlpReceiver:
                     receiver.spans.extend(spans)
                     receiver.requests += 1
                     receiver.bytes += len(body)
-                self._answer(200, ExportTraceServiceResponse().SerializeToString())
+                if receiver.gate is not None:
+                    receiver.gate.wait(60)
+                self._answer(receiver.status, ExportTraceServiceResponse().SerializeToString())
 
             def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)

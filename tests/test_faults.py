@@ -9,17 +9,24 @@ import contextlib
 import errno
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
+import perfmw
+from otlp_receiver import OtlpReceiver
 from perfmw import _guard
 from perfmw.exporters import multiprocess_files
 from perfmw.exporters.multiprocess_files import ReservedFile
-from support import hammer, sample, samples, serve_script
+from support import hammer, sample, samples, serve, serve_script, wait_for
 
 #: The app defines one new series per request, as an app with an unbounded label does, so
 #: that its file must keep growing after the disk is full. Its first metric opens its file before
@@ -203,3 +210,45 @@ def test_a_file_left_empty_by_a_failed_open_is_removed(tmp_path: Path) -> None:
         file.write_value("a", 1.0, 0.0)
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
         file.close()
+
+
+def traced_app(registry: CollectorRegistry) -> tuple[Starlette, perfmw.Perf]:
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    provider = perfmw.configure_tracing("faults", set_global=False)
+    return app, perfmw.instrument(app, registry=registry, tracer_provider=provider)
+
+
+def test_a_collector_that_hangs_holds_no_request_and_bounds_its_queue(
+    receiver: OtlpReceiver, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+    receiver.gate = threading.Event()
+    app, perf = traced_app(registry)
+    provider = perf.tracer_provider
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/").status_code == 200
+        export = threading.Thread(target=provider.force_flush)
+        export.start()
+        wait_for(lambda: receiver.requests == 1, 10, what="the export to reach the collector")
+        # The collector holds that export: requests go on, their spans wait in a bounded queue.
+        assert [client.get("/").status_code for _ in range(20)] == [200] * 20
+        receiver.gate.set()
+        export.join(10)
+    assert provider.force_flush() is True
+    assert [len(receiver.spans), receiver.requests] == [1 + 8, 2]  # 12 spans dropped
+    provider.shutdown()
+
+
+def test_a_collector_answering_500_costs_the_spans_not_the_requests(
+    receiver: OtlpReceiver, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.status = 500
+    app, perf = traced_app(registry)
+    provider = perf.tracer_provider
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        assert [client.get("/").status_code for _ in range(5)] == [200] * 5
+    assert provider.force_flush() is False
+    assert receiver.requests == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "perfmw"]
+    assert warnings == [f"OTLP endpoint {receiver.endpoint}/v1/traces answered 500; spans dropped"]
+    provider.shutdown()
