@@ -7,6 +7,7 @@ so durations, causes and attributions are exact whatever the machine is doing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,14 @@ from perfmw import loop as loop_package
 from perfmw import perf as perf_module
 from perfmw.loop import monitor as monitor_module
 from perfmw.loop.kernel import CgroupCpu, ThreadStat
-from perfmw.loop.monitor import HEARTBEAT_SECONDS, RECENT_STALLS, LoopMonitor
+from perfmw.loop.monitor import (
+    HEARTBEAT_SECONDS,
+    MAX_SAMPLES,
+    RECENT_STALLS,
+    SAMPLE_SECONDS,
+    SATURATION_SAMPLES,
+    LoopMonitor,
+)
 from perfmw.record import BACKGROUND, Query, RequestRecord
 from support import line_of
 
@@ -290,3 +298,96 @@ def test_a_query_is_slow_only_for_what_its_loop_did_not_add(rig: Rig) -> None:
     assert seconds == pytest.approx(0.12)  # the query's own time
     assert detail["duration_seconds"] == 0.42
     assert detail["loop_stall_seconds"] == pytest.approx(0.3)
+
+
+def follow(rig: Rig, state: Any, seconds: float, frame: Any) -> int:
+    """The watchdog looking at the stalled loop every SAMPLE_SECONDS for `seconds`, sampling
+    `frame()` when a sample is due; the samples it took."""
+    taken = 0
+    for _ in range(round(seconds / SAMPLE_SECONDS)):
+        rig.clock.t += SAMPLE_SECONDS
+        if state.sample_due(rig.clock()):
+            with rig.monitor._lock:
+                rig.monitor._sample(state, frame(), rig.loop)
+            taken += 1
+    return taken
+
+
+def test_samples_back_off_as_a_stall_grows_up_to_a_bound(rig: Rig) -> None:
+    rig.beat()
+    state = rig.stall()
+    # Every 10 ms while the stall is young, then every eighth of its age: a sample stands for
+    # an ever longer stretch, and the loop gives the watchdog the GIL ever less often.
+    ages = []
+    for _ in range(round(1.0 / SAMPLE_SECONDS)):
+        rig.clock.t += SAMPLE_SECONDS
+        if state.sample_due(rig.clock()):
+            with rig.monitor._lock:
+                rig.monitor._sample(state, sampled_here(), rig.loop)
+            ages.append(round(rig.clock() - state.start, 3))
+    assert ages[:10] == [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(ages)]
+    for age, gap in zip(ages, gaps, strict=False):
+        due = max(SAMPLE_SECONDS, age / 8)
+        assert due <= gap < due + SAMPLE_SECONDS  # the first look after it is due
+    assert len(ages) == 27  # in the first second
+    assert follow(rig, state, 59.0, sampled_here) == MAX_SAMPLES - 27  # in the next minute
+    assert follow(rig, state, 60.0, sampled_here) == 0
+    _closed, stall = rig.settle(state, 0.0, cpu=120.0)
+    assert stall.signals.samples == MAX_SAMPLES
+
+
+async def callback_a() -> Any:
+    return sys._getframe(0)
+
+
+async def callback_b() -> Any:
+    return sys._getframe(0)
+
+
+async def callback_c() -> Any:
+    return sys._getframe(0)
+
+
+async def callback_d() -> Any:
+    return sys._getframe(0)
+
+
+def frame_of(callback: Any) -> Any:
+    """The frame of a loop callback (a coroutine) as the watchdog would find it running."""
+    coroutine = callback()
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the coroutine did not finish")
+
+
+def test_a_loop_saturated_with_short_callbacks_is_sampled_no_more(rig: Rig) -> None:
+    rig.beat()
+    state = rig.stall()
+    callbacks = iter([callback_a, callback_b, callback_c, callback_d])
+    taken = follow(rig, state, 0.04, lambda: frame_of(next(callbacks)))
+    assert taken == SATURATION_SAMPLES == 4
+    assert follow(rig, state, 2.0, sampled_here) == 0  # no callback dominates: none is stuck
+    _closed, stall = rig.settle(state, 0.0, cpu=2.0)
+    assert stall.cause == "saturation"
+    assert stall.signals.samples == 4
+
+
+def test_a_stall_is_located_where_most_of_its_time_went_not_most_samples(rig: Rig) -> None:
+    rig.beat()
+    state = rig.stall()
+    first = follow(rig, state, 0.5, lambda: early())
+    later = follow(rig, state, 1.5, lambda: late())
+    assert first > later  # the young stall was sampled more often...
+    _closed, stall = rig.settle(state, 0.0, cpu=2.0)
+    assert stall.location == line_of(__file__, "# the stall's last 1.5 s")  # ...but was short
+
+
+def early() -> Any:
+    return sys._getframe(0)  # the stall's first 0.5 s
+
+
+def late() -> Any:
+    return sys._getframe(0)  # the stall's last 1.5 s

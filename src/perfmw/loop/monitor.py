@@ -4,10 +4,12 @@
   scheduler counters (one `pread` of its schedstat, parsed only if a stall follows) and pushes
   back the watchdog's timer.
 - The watchdog sleeps on that timer: while the loop is healthy it never wakes. When a beat is
-  overdue by the stall threshold, the loop is stalled: the watchdog samples the loop thread's
-  stack every 10 ms until the loop comes back, so a long stall is located where most of its
-  time went, and notes how long it waited for the GIL itself. The request whose code was
-  running gets the stall in its record; no other request in flight does.
+  overdue by the stall threshold, the loop is stalled: the watchdog looks every 10 ms until the
+  loop comes back (noting how long it waited for the GIL itself), and samples the loop thread's
+  stack on a schedule that backs off as the stall grows (`_StallState.sample_due`), so a long
+  stall is located where most of its time went at a bounded cost to the loop it takes the GIL
+  from. The request whose code was running gets the stall in its record; no other request in
+  flight does.
 - When the loop comes back, the stall's whole duration is settled, and its cause is decided
   from the loop thread's counters over the stall (`causes.classify`). A stall of the machine
   (`starved`, `throttled`) or of no single callback (`saturation`) is reported apart from any
@@ -22,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,15 @@ if TYPE_CHECKING:
     from ..perf import Perf
 
 HEARTBEAT_SECONDS = 0.02
-SAMPLE_SECONDS = 0.01
+SAMPLE_SECONDS = 0.01  # how often the watchdog looks at a stalled loop
+#: Stack samples of one stall: the next is due after this share of the stall's age (at least
+#: SAMPLE_SECONDS), and there are at most MAX_SAMPLES. A sample holds the GIL for about 0.1 ms
+#: of a deep stack: 17 samples for a stall of a second, 0.2 % of its time, 50 for half a minute.
+SAMPLE_BACKOFF = 0.125
+MAX_SAMPLES = 50
+#: After this many samples in no single callback, the loop is saturated with many short ones
+#: rather than stuck in one: no culprit to find, so no more samples.
+SATURATION_SAMPLES = 4
 #: Stalls shorter than this are not detected, whatever the threshold: below it the heartbeat's
 #: own jitter would be reported.
 MIN_THRESHOLD_SECONDS = 0.05
@@ -84,6 +94,8 @@ class _StallState:
         "beat_gc",
         "beat_stat",
         "done",
+        "last_sample",
+        "next_sample",
         "record",
         "record_known",
         "roots",
@@ -120,14 +132,31 @@ class _StallState:
         self.slept = 0.0
         self.sleep_started: float | None = None
         self.samples = 0
-        # Frames are kept (not their ids) so that an id is not reused within the stall.
+        self.last_sample = self.next_sample = 0.0
+        # Samples per loop callback; frames are kept (not their ids) so that an id is not
+        # reused within the stall.
         self.roots: Counter[FrameType | None] = Counter()
-        self.sites: Counter[CallSite] = Counter()
+        # Seconds of the stall per call site: each sample stands for the time since the last.
+        self.sites: defaultdict[CallSite, float] = defaultdict(float)
         self.stacks: dict[CallSite, tuple[str, ...]] = {}
         self.record: RequestRecord | None = None
         self.record_known = False
         self.stall: Stall | None = None  # appended to `record` once the threshold is passed
         self.done = False
+
+    def sample_due(self, now: float) -> bool:
+        """Whether the watchdog takes a stack sample now (see SAMPLE_BACKOFF)."""
+        if self.samples >= MAX_SAMPLES or now < self.next_sample:
+            return False
+        return self.samples < SATURATION_SAMPLES or self.dominant_share() >= 0.5
+
+    def sampled(self, now: float) -> float:
+        """Count a sample taken at `now`; the seconds of the stall it stands for."""
+        stands_for = SAMPLE_SECONDS if not self.samples else now - self.last_sample
+        self.samples += 1
+        self.last_sample = now
+        self.next_sample = now + max(SAMPLE_SECONDS, (now - self.start) * SAMPLE_BACKOFF)
+        return stands_for
 
     def dominant_share(self) -> float:
         if not self.samples:
@@ -139,7 +168,7 @@ class _StallState:
         located = [(n, site) for site, n in self.sites.items() if site.location is not None]
         if located:
             return max(located, key=lambda item: item[0])[1]
-        return self.sites.most_common(1)[0][0] if self.sites else NOWHERE
+        return max(self.sites, key=self.sites.__getitem__) if self.sites else NOWHERE
 
 
 # Provisional stalls appended to a record while they last: settled when the record finishes.
@@ -553,9 +582,10 @@ class LoopMonitor:
                     owner.loop_started = False
 
     def _follow_stall(self, loop: asyncio.AbstractEventLoop, seq: int, state: _StallState) -> None:
-        """Sample the loop thread's stack until the stall is over."""
+        """Look at the stalled loop until it is back, sampling its stack when one is due."""
         while True:
-            frame = sys._current_frames().get(self.thread_id)
+            due = state.sample_due(self.now())
+            frame = sys._current_frames().get(self.thread_id) if due else None
             with self._lock:
                 if state.done or self._seq != seq or self.stopped:
                     break
@@ -592,7 +622,7 @@ class LoopMonitor:
         still = snapshot(frames)  # before anything lets the GIL go and the loop thread move on
         frames.reverse()  # outermost first
         root = requests.callback_root(frames, self._root_depth)
-        state.samples += 1
+        stands_for = state.sampled(self.now())
         state.roots[root] += 1
         if not state.record_known and root is not None:
             state.record = requests.record_for(frames, loop)
@@ -600,7 +630,7 @@ class LoopMonitor:
             # Attached now: the request may finish as soon as this thread lets the GIL go.
             self._update(state)
         site = call_site(still)
-        state.sites[site] += 1
+        state.sites[site] += stands_for
         if site not in state.stacks and len(state.stacks) < MAX_SITES:
             state.stacks[site] = format_stack(still)
 
