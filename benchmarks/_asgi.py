@@ -46,32 +46,34 @@ async def _send(message: dict[str, Any]) -> None:
     return None
 
 
-async def _run(app: Any, requests: int) -> float:
-    # CPU time of this thread: what the requests cost, not what other processes on a shared
-    # machine took from us while they ran.
-    started = time.thread_time()
+async def run_requests(app: Any, requests: int, yield_every: int | None = 100) -> None:
+    """`requests` requests awaited in turn, back to the loop every `yield_every` of them, as a
+    server's loop is between requests. Without that (None) the run is one long event-loop
+    stall, which the loop monitor follows: benchmarks/saturated_loop.py measures that case."""
     for i in range(requests):
         await app(dict(SCOPE), _receive, _send)
-        if i % 100 == 99:
-            # Back to the event loop now and then, as a server's loop is between requests:
-            # without it a round would be one long event-loop stall, which the loop monitor
-            # would (rightly) be sampling stacks of all along.
+        if yield_every is not None and i % yield_every == yield_every - 1:
             await asyncio.sleep(0)
-    return time.thread_time() - started
 
 
 def per_request_us(
     variants: dict[str, Any], requests: int = 2000, rounds: int = 15
 ) -> dict[str, float]:
-    """Median CPU µs per request of each variant, in interleaved rounds on one loop."""
+    """Median CPU µs per request of each variant, in interleaved rounds on one loop.
+
+    CPU time of this thread: what the requests cost, not what other processes on a shared
+    machine took from us while they ran.
+    """
     timings: dict[str, list[float]] = {name: [] for name in variants}
 
     async def main() -> None:
         for app in variants.values():  # warm up: build middleware stacks, fill caches
-            await _run(app, 200)
+            await run_requests(app, 200)
         for _ in range(rounds):
             for name, app in variants.items():
-                timings[name].append(await _run(app, requests) / requests * 1e6)
+                started = time.thread_time()
+                await run_requests(app, requests)
+                timings[name].append((time.thread_time() - started) / requests * 1e6)
 
     asyncio.run(main())
     return {name: statistics.median(values) for name, values in timings.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from benchmarks.tracing import parse_hey, parse_wrk
+from benchmarks._load import parse_hey, parse_wrk
 
 WRK = """\
 Running 1s test @ http://127.0.0.1:18998/items/42

@@ -1,0 +1,173 @@
+"""Load runs against uvicorn in its own process: the servers, the load tools, their output.
+
+wrk and hey are found on PATH or installed with apt-get (Debian packages `wrk`, `hey`) as root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_tool(name: str) -> str | None:
+    """`name` on PATH, else installed with apt-get (Debian package of the same name) as root."""
+    found = shutil.which(name)
+    if found is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", name],
+            env=env,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        found = shutil.which(name)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[Any], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process for port {port} exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk_latency(wrk: str, url: str, connections: int, seconds: int) -> dict[str, float]:
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    return parse_wrk(run_load(command, seconds))
+
+
+def hey_latency(hey: str, url: str, connections: int, seconds: int) -> dict[str, float]:
+    return parse_hey(run_load([hey, "-c", str(connections), "-z", f"{seconds}s", url], seconds))
+
+
+def run_load(command: list[str], seconds: int) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    return done.stdout
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """p50 and p99 in ms, and requests/s, from `wrk --latency`'s output."""
+    percentiles = re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    found = {f"p{label}": float(value) * _UNITS[unit] for label, value, unit in percentiles}
+    return _complete(found, output, "wrk")
+
+
+def parse_hey(output: str) -> dict[str, float]:
+    """p50 and p99 in ms (hey prints 0.1 ms), and requests/s, from hey's summary."""
+    percentiles = re.findall(r"^\s+(50|99)% in ([\d.]+) secs", output, re.M)
+    found = {f"p{label}": float(value) * 1e3 for label, value in percentiles}
+    return _complete(found, output, "hey")
+
+
+def _complete(found: dict[str, float], output: str, tool: str) -> dict[str, float]:
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if rate is None or set(found) != {"p50", "p99"}:
+        raise ValueError(f"no requests/s, p50 and p99 in {tool}'s output:\n{output}")
+    return found | {"rps": float(rate.group(1))}
+
+
+def start_server(
+    setup: str, receiver_port: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[Any], str]:
+    """uvicorn (one worker) serving benchmarks/_server.py set up as `setup`; its item URL."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "PERFMW_BENCH_SETUP": setup,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "uvicorn", "benchmarks._server:app"]
+    options = ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+    server = subprocess.Popen([*command, *options], cwd=ROOT, env=environment)
+    return server, f"http://127.0.0.1:{port}/items/42"
+
+
+def start_receiver() -> tuple[subprocess.Popen[Any], int]:
+    """An OTLP/HTTP receiver in its own process that counts what it is sent; its port."""
+    port = free_port()
+    script = str(ROOT / "tests" / "otlp_receiver.py")
+    receiver = subprocess.Popen(
+        [sys.executable, script, str(port), "--count-only"], stdout=subprocess.DEVNULL
+    )
+    wait_listening(port, receiver)
+    return receiver, port
+
+
+def port_of(url: str) -> int:
+    return int(url.split(":")[2].split("/")[0])
+
+
+LOADERS = {"wrk": wrk_latency, "hey": hey_latency}
+Results = dict[tuple[str, int, str], dict[str, float]]
+
+
+def interleaved(
+    setups: dict[str, dict[str, str]],
+    loads: list[tuple[str, int]],
+    tools: dict[str, str],
+    rounds: int,
+    seconds: int,
+) -> Results:
+    """Each set-up (its PERFMW_BENCH_SETUP and extra environment, by name) in its own uvicorn,
+    all started at once, spans sent to one receiver; every (tool, connections) load run on each
+    in turn, `rounds` times. The medians of requests/s, p50 and p99 (ms), by (tool,
+    connections, set-up name)."""
+    receiver, receiver_port = start_receiver()
+    servers: dict[str, tuple[subprocess.Popen[Any], str]] = {}
+    runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    warm_up = loads[0][0]
+    try:
+        for name, env in setups.items():
+            servers[name] = start_server(env["PERFMW_BENCH_SETUP"], receiver_port, env)
+        for server, url in servers.values():
+            wait_listening(port_of(url), server)
+            LOADERS[warm_up](tools[warm_up], url, 1, 1)
+        for _ in range(rounds):
+            for tool, connections in loads:
+                for name, (_, url) in servers.items():
+                    found = LOADERS[tool](tools[tool], url, connections, seconds)
+                    runs.setdefault((tool, connections, name), []).append(found)
+    finally:
+        for server, _ in servers.values():
+            stop(server)
+        stop(receiver)
+    return {
+        key: {k: statistics.median(run[k] for run in found) for k in ("rps", "p50", "p99")}
+        for key, found in runs.items()
+    }
