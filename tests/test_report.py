@@ -3,23 +3,27 @@ against real services (unreachable, refused token, nothing found, json, compare)
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from markdown_it import MarkdownIt
 from prometheus_client import CollectorRegistry
 
 import perfmw
 from perfmw import report
 from perfmw.__main__ import main
-from support import serve
+from support import serve, wait_for
 
 
 def _labels(**labels: str) -> str:
@@ -369,7 +373,7 @@ def test_unreachable_service_is_one_line_no_traceback() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     script = Path(sys.executable).parent / "perfmw"  # the installed console script
     for result in (run_cli("--url", url), run_cli("--url", url, command=[str(script)])):
-        assert result.returncode == 2
+        assert result.returncode == 1
         assert result.stdout == ""
         assert result.stderr == (
             f"perfmw report: cannot reach {url}/metrics: [Errno 111] Connection refused\n"
@@ -382,7 +386,7 @@ def test_refused_token_is_one_line_no_traceback(registry: CollectorRegistry) -> 
         missing = run_cli("--url", server.url)
         wrong = run_cli("--url", server.url, "--token", "nope")
         right = run_cli("--url", server.url, "--token", "s3cret")
-    assert missing.returncode == wrong.returncode == 2
+    assert missing.returncode == wrong.returncode == 1
     assert missing.stderr == (
         f"perfmw report: {server.url}/metrics answered 401 Unauthorized: "
         "it needs a token (--token)\n"
@@ -444,11 +448,14 @@ def test_compare_reads_json_reports_and_rejects_others(
     assert main(["report", "--compare", str(path), str(path)]) == 0
     assert "| `GET /reports/blocking` |" in capsys.readouterr().out
     (tmp_path / "r.md").write_text("# a markdown report\n")
-    assert main(["report", "--compare", str(path), str(tmp_path / "r.md")]) == 2
+    assert main(["report", "--compare", str(path), str(tmp_path / "r.md")]) == 1
     err = capsys.readouterr().err
     assert err == f"perfmw report: {tmp_path / 'r.md'} is not JSON: write it with --format json\n"
-    assert main(["report", "--compare", str(path), str(tmp_path / "missing.json")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    missing = tmp_path / "missing.json"
+    assert main(["report", "--compare", str(path), str(missing)]) == 1
+    assert capsys.readouterr().err == (
+        f"perfmw report: cannot read {missing}: No such file or directory\n"
+    )
 
 
 def test_starved_stalls_are_the_machine_not_a_bottleneck() -> None:
@@ -575,3 +582,212 @@ def test_probing_one_worker_several_times_counts_it_once(
     assert document["pids"] == [os.getpid()]
     assert [(f["kind"], f["count"]) for f in document["findings"]] == [("large_response", 3)]
     assert err == "perfmw report: --probes must be between 1 and 100, got 0\n"
+
+
+def test_usage_errors_exit_2_and_failures_at_run_time_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: arguments are checked first
+    usage = [
+        (["--url", url, "--job", "api"], "--job and --selector go with --prometheus"),
+        (["--url", url, "--interval", "-1"], "--interval must be >= 0, got -1.0"),
+        (["--url", url, "--interval", "inf"], "--interval must be >= 0, got inf"),
+        (["--url", url, "--probes", "101"], "--probes must be between 1 and 100, got 101"),
+        (["--url", url, "--timeout", "0"], "--timeout must be > 0, got 0.0"),
+        (
+            ["--url", "127.0.0.1:8000"],
+            "--url must start with http:// or https://, got '127.0.0.1:8000'",
+        ),
+        (
+            ["--url", "http://127.0.0.1:port"],
+            "cannot ask http://127.0.0.1:port/metrics: nonnumeric port: 'port'",
+        ),
+    ]
+    for args, message in usage:
+        assert main(["report", *args]) == 2, args
+        assert capsys.readouterr() == ("", f"perfmw report: {message}\n")
+    path = tmp_path / "r.json"
+    path.write_text(report.render_json(report.analyse(snapshot())))
+    out = tmp_path / "missing" / "out.md"
+    assert main(["report", "--compare", str(path), str(path), "--out", str(out)]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"perfmw report: cannot write {out}: No such file or directory\n",
+    )
+    with pytest.raises(SystemExit) as exited:  # argparse's own usage errors: status 2 too
+        main(["report", "--url", url, "--probes", "many"])
+    assert exited.value.code == 2
+    assert "argument --probes: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_compare_refuses_report_files_of_the_wrong_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.json"
+    document = json.loads(report.render_json(report.analyse(snapshot())))
+    good.write_text(json.dumps(document))
+    bad = tmp_path / "bad.json"
+    cases = [
+        ({**document, "routes": [{"route": "/x"}]}, 'holds routes[0] with no "method"'),
+        (
+            {**document, "caches": [{"cache": "users", "hit_rate": "75%"}]},
+            'holds caches[0].hit_rate that is the string "75%", not a number or null',
+        ),
+        ({**document, "routes": "none"}, 'holds routes that is the string "none", not a list'),
+        (
+            {**document, "perfmw_report": 2},
+            "is a perfmw report of format 2; this perfmw reads format 1",
+        ),
+        ({"routes": []}, "is not a perfmw JSON report: write it with --format json"),
+        ([document], "is not a perfmw JSON report: write it with --format json"),
+    ]
+    for content, problem in cases:
+        bad.write_text(json.dumps(content))
+        assert main(["report", "--compare", str(good), str(bad)]) == 1
+        assert capsys.readouterr() == ("", f"perfmw report: {bad} {problem}\n")
+    bad.write_text("[" * 10_000 + "]" * 10_000)
+    assert main(["report", "--compare", str(bad), str(good)]) == 1
+    assert capsys.readouterr().err == (
+        f"perfmw report: {bad} holds JSON nested deeper than 64 levels\n"
+    )
+
+
+# What the application names is shown as text, never as markup: a report rendered by a Markdown
+# viewer runs none of it.
+
+HOSTILE = "<script>alert(1)</script>\n`x``|<img src=x onerror=alert(1)>"
+_MARKDOWN = MarkdownIt("commonmark").enable("table")
+
+
+def assert_no_html(markdown: str) -> str:
+    """The HTML a CommonMark (+ tables) viewer makes of `markdown`, which must hold none of its
+    own: no raw HTML token, no tag the text did not write."""
+    tokens = _MARKDOWN.parse(markdown)
+    for token in [*tokens, *(child for t in tokens for child in t.children or ())]:
+        assert token.type not in ("html_block", "html_inline"), token
+    rendered = _MARKDOWN.render(markdown)
+    assert "<script" not in rendered and "<img" not in rendered
+    return rendered
+
+
+def shown(value: str) -> str:
+    """How the HTML shows a string of the application: on one line, as text."""
+    return html.escape(value.replace("\n", "\\n"), quote=False).replace('"', "&quot;")
+
+
+HOSTILE_APP = """
+import time
+
+import perfmw
+from fastapi import FastAPI
+
+
+def build(route, registry, mongo_uri, collection, field):
+    app = FastAPI()
+
+    @app.get(route)
+    async def hostile():
+        for n in range(6):
+            await app.state.db[collection].find_one({field: n})
+        time.sleep(0.15)
+        return "done"
+
+    perfmw.instrument(app, registry=registry)
+    from pymongo import AsyncMongoClient
+
+    app.state.db = AsyncMongoClient(mongo_uri)["report"]
+    return app
+"""
+
+
+def test_the_applications_strings_are_text_in_the_markdown_report(
+    registry: CollectorRegistry,
+    mongo_uri: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A real app whose route, collection, query field and source file (its findings' location
+    and stack frames) hold HTML, backticks, `|` and a line break."""
+    folder = (
+        tmp_path / "`|\n<script>alert(1)<"
+    )  # with the file name: .../<script>alert(1)</script>...
+    folder.mkdir()
+    source = folder / "script><img src=x onerror=alert(1)>.py"
+    source.write_text(HOSTILE_APP)
+    spec = importlib.util.spec_from_file_location("hostile_app", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    route, collection = "/r/" + HOSTILE, "<img src=x onerror=alert(1)>`|"
+    app = module.build(route, registry, mongo_uri, collection, HOSTILE)
+    with serve(app) as server:
+        path = urllib.parse.quote(route, safe="/")
+        assert httpx.get(server.url + path, timeout=30).status_code == 200
+
+        def found() -> bool:  # a stall is settled by the watchdog, maybe after the response
+            kinds = {
+                f["kind"] for f in httpx.get(server.url + "/perfmw/findings").json()["findings"]
+            }
+            return kinds == {"n_plus_one", "loop_stall"}
+
+        wait_for(found, 30, "the N+1 and the stall found")
+        assert main(["report", "--url", server.url, "--format", "json"]) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert main(["report", "--url", server.url]) == 0
+        markdown = capsys.readouterr().out
+    found = {f["kind"]: f for f in document["findings"]}
+    assert {f["route"] for f in found.values()} == {route}
+    location = found["loop_stall"]["location"]
+    assert "<script>alert(1)</script><img src=x onerror=alert(1)>.py:" in location
+    assert found["loop_stall"]["detail"]["stack"][-1] == f"{location} in hostile"
+    shape = found["n_plus_one"]["detail"]["shape"]
+    assert shape == f"find report.{collection} {{{HOSTILE}: ?}}"
+    rendered = assert_no_html(markdown)
+    # Each of them still reads as it is, a line break shown as \n.
+    assert f"<td><code>GET {shown(route)}</code></td>" in rendered  # the table's | unescaped
+    assert f"on <code>{shown(route)}</code></h3>" in rendered
+    assert f"<li><strong>Location:</strong> <code>{shown(location)}</code></li>" in rendered
+    assert f"innermost frame <code>{shown(location)} in hostile</code>" in rendered
+    assert f"shape <code>{shown(shape)}</code>" in rendered
+    assert f"N+1 queries: <code>find</code> on <code>{shown(collection)}</code>" in rendered
+    assert f"http_route={shown(json.dumps(route))}" in rendered  # a PromQL string
+
+
+def test_strings_the_real_app_cannot_hold_are_text_too() -> None:
+    """Cache names, `via`, index keys, evidence and unknown kinds, from a recorded scrape; and a
+    report file's routes and caches in the before/after table."""
+    label = HOSTILE.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    metrics = METRICS + "\n".join(
+        [
+            "# TYPE perfmw_cache_requests_total counter",
+            f'perfmw_cache_requests_total{{cache="{label}",result="hit"}} 3.0',
+            "",
+        ]
+    )
+    findings = [
+        {**FINDINGS[0], "via": HOSTILE},
+        {**FINDINGS[2], "detail": {**FINDINGS[2]["detail"], "index": [[HOSTILE, 1]]}},
+        {**FINDINGS[1], "detail": {"cause": HOSTILE, "stack": [HOSTILE]}},
+        {
+            "kind": "unbounded_read",
+            "route": HOSTILE,
+            "count": 1,
+            "location": HOSTILE,
+            "detail": {"operation": HOSTILE, "collection": HOSTILE, "missing": [HOSTILE]},
+        },
+        {"kind": "blocking_call", "route": "/b", "count": 1, "detail": {"kind": HOSTILE}},
+        {"kind": "large_response", "route": "/l", "count": 1, "detail": {"problems": [HOSTILE]}},
+        {"kind": HOSTILE, "route": "/k", "count": 1, "detail": {HOSTILE: HOSTILE}},
+    ]
+    doc = report.analyse(snapshot(metrics, findings))
+    rendered = assert_no_html(report.render_markdown(doc))
+    assert f"<td><code>{shown(HOSTILE)}</code></td>" in rendered  # the cache
+    assert f"<li><code>{shown(HOSTILE)}</code>: hits 100% of lookups" in rendered
+    assert f"via <code>{shown(HOSTILE)}</code>" in rendered
+    assert f"<td>{shown(HOSTILE)}</td>" in rendered  # the index's field
+    assert f"Event loop stalled ({shown(HOSTILE)})" in rendered
+    assert f"without {shown(HOSTILE)}" in rendered
+    before = report.analyse(snapshot(metrics.replace(AGENTS, label)))
+    compared = report.render_compare(before, doc)
+    assert_no_html(compared)
+    assert f"<td><code>GET {shown(HOSTILE)}</code></td>" in _MARKDOWN.render(compared)

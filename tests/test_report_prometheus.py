@@ -184,14 +184,14 @@ def answering(status: int, body: bytes, content_type: str) -> Iterator[str]:
         thread.join(5)
 
 
-def failure(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+def failure(capsys: pytest.CaptureFixture[str], *args: str, status: int = 1) -> str:
     code, out, err = report(*args, capsys=capsys)
-    assert (code, out) == (2, "")
+    assert (code, out) == (status, "")
     assert err.count("\n") == 1 and err.startswith("perfmw report: "), err
     return err.removeprefix("perfmw report: ").strip()
 
 
-def test_bad_answers_are_one_line_and_exit_2(
+def test_bad_answers_are_one_line_and_exit_1(
     fleet: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
     down = f"http://127.0.0.1:{free_port()}"
@@ -212,9 +212,19 @@ def test_bad_answers_are_one_line_and_exit_2(
         assert failure(capsys, "--prometheus", page).startswith(
             f"Prometheus at {page} did not answer its query API's JSON to "
         )
-    assert failure(capsys, "--prometheus", url, "--since", "an hour") == (
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "http://127.0.0.1:1"  # never asked: the arguments are refused first
+    assert failure(capsys, "--prometheus", url, "--since", "an hour", status=2) == (
         "--since must be a duration such as 30m, 1h or 7d, got 'an hour'"
     )
-    assert failure(capsys, "--url", "http://127.0.0.1:1", "--job", "api") == (
+    assert failure(capsys, "--prometheus", url, "--selector", 'job="api"', status=2) == (
+        "--selector must be label matchers in braces, got 'job=\"api\"'"
+    )
+    assert failure(capsys, "--prometheus", "prometheus:9090", status=2) == (
+        "--prometheus must start with http:// or https://, got 'prometheus:9090'"
+    )
+    assert failure(capsys, "--url", url, "--job", "api", status=2) == (
         "--job and --selector go with --prometheus"
     )

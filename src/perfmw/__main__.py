@@ -5,19 +5,22 @@
     perfmw report --compare before.json after.json
     python -m perfmw report ...
 
-A failure (an unreachable service, a refused token, an unreadable file) is one line on
-stderr and exit status 2, never a traceback.
+A failure is one line on stderr, never a traceback: exit status 2 for a usage error (arguments
+that do not go together or are out of range), 1 for one at run time (an unreachable service, a
+refused token, an answer or file that is not what perfmw writes, an unwritable --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 
 from . import report
+from ._report_escape import visible
 from .settings import env_name
 
 
@@ -88,8 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check(args: argparse.Namespace) -> None:
+    """UsageError for arguments argparse lets through that cannot work."""
+    if (args.job or args.selector) and not args.prometheus:
+        raise report.UsageError("--job and --selector go with --prometheus")
+    if not 0 <= args.interval < math.inf:
+        raise report.UsageError(f"--interval must be >= 0, got {args.interval}")
+    if not 1 <= args.probes <= 100:
+        raise report.UsageError(f"--probes must be between 1 and 100, got {args.probes}")
+    if not 0 < args.timeout < math.inf:
+        raise report.UsageError(f"--timeout must be > 0, got {args.timeout}")
+
+
 def run_report(args: argparse.Namespace) -> str:
-    """The text `perfmw report` writes for parsed arguments; ReportError on failure."""
+    """The text `perfmw report` writes for parsed arguments; ReportError on failure (a
+    UsageError for bad arguments)."""
+    _check(args)
     if args.compare:
         before, after = (report.load_report(path) for path in args.compare)
         return report.render_compare(before, after)
@@ -110,12 +127,6 @@ def run_report(args: argparse.Namespace) -> str:
             if args.format == "json"
             else report.render_markdown(document)
         )
-    if args.job or args.selector:
-        raise report.ReportError("--job and --selector go with --prometheus")
-    if args.interval < 0:
-        raise report.ReportError(f"--interval must be >= 0, got {args.interval}")
-    if not 1 <= args.probes <= 100:
-        raise report.ReportError(f"--probes must be between 1 and 100, got {args.probes}")
 
     def scrape() -> report.Snapshot:
         return report.collect(
@@ -153,8 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
     except report.ReportError as exc:
-        print(f"perfmw report: {exc}", file=sys.stderr)
-        return 2
+        # One line whatever the answer held that the message quotes (a line break, say).
+        print(f"perfmw report: {visible(str(exc))}", file=sys.stderr)
+        return 2 if isinstance(exc, report.UsageError) else 1
     except KeyboardInterrupt:
         print("perfmw report: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """What each finding means in the report: its title, the pattern to replace and the fix, the
 time the fix would save (an estimate, and said to be one), its complexity and trade-off.
 
-Also the few formatting atoms the report's texts share (durations, percentages, code spans).
+Also the few formatting atoms the report's texts share (durations, percentages, where a finding
+is); the application's own strings in them go through `_report_escape`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from ._report_escape import code, text
 
 
 def repetitions(detail: Mapping[str, Any]) -> int:
@@ -29,11 +32,6 @@ def ms(seconds: float | None) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def code(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=False)
-    return "`" + str(text).replace("`", "'").replace("|", "\\|") + "`"
-
-
 def where(finding: Mapping[str, Any]) -> str:
     location = finding.get("location")
     via = finding.get("via")
@@ -48,8 +46,8 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     kind = finding.get("kind", "")
     detail: Mapping[str, Any] = finding.get("detail") or {}
     total = float(finding.get("total_seconds") or 0.0)
-    collection = detail.get("collection", "?")
-    operation = detail.get("operation", "?")
+    collection = code(detail.get("collection", "?"))
+    operation = code(detail.get("operation", "?"))
     shape = detail.get("shape")
     shape_text = f" with shape {code(shape)}" if shape else ""
     if kind == "n_plus_one":
@@ -59,8 +57,8 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
         )
         if "repetitions" not in detail:  # counted by Prometheus: no example request at hand
             return {
-                "title": f"N+1 queries: `{operation}` on `{collection}`",
-                "current": f"one `{operation}` on `{collection}` per item{shape_text}",
+                "title": f"N+1 queries: {operation} on {collection}",
+                "current": f"one {operation} on {collection} per item{shape_text}",
                 "proposed": batched,
                 "saved": total * 0.9,
                 "basis": "the per-item round trips become one; estimate",
@@ -68,9 +66,8 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             }
         reps = repetitions(detail)
         return {
-            "title": f"N+1 queries: `{operation}` on `{collection}` repeated {reps} times",
-            "current": f"one `{operation}` on `{collection}` per item{shape_text}, "
-            f"{reps} per request",
+            "title": f"N+1 queries: {operation} on {collection} repeated {reps} times",
+            "current": f"one {operation} on {collection} per item{shape_text}, {reps} per request",
             "proposed": batched,
             "saved": total * (reps - 1) / reps,
             "basis": f"{reps} round trips become one",
@@ -79,10 +76,9 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "consecutive_queries":
         queries = detail.get("queries")
         reads = len(queries) if isinstance(queries, list) and queries else repetitions(detail)
-        collections = detail.get("collections") or [collection]
+        collections = detail.get("collections") or [detail.get("collection", "?")]
         return {
-            "title": "Sequential independent queries on "
-            + ", ".join(f"`{c}`" for c in collections),
+            "title": "Sequential independent queries on " + ", ".join(map(code, collections)),
             "current": f"{reads if reads > 1 else 'several'} independent reads awaited one "
             "after another",
             "proposed": "start them together with `asyncio.gather(...)`; the request then waits "
@@ -94,9 +90,8 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
         }
     if kind == "slow_query":
         return {
-            "title": f"Slow `{operation}` on `{collection}`",
-            "current": f"`{operation}` on `{collection}`{shape_text} slower than "
-            "slow_query_seconds",
+            "title": f"Slow {operation} on {collection}",
+            "current": f"{operation} on {collection}{shape_text} slower than slow_query_seconds",
             "proposed": "an index matching the filter and sort (see Index Recommendations), a "
             "narrower filter or a projection",
             "saved": total * 0.5,
@@ -106,10 +101,10 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "missing_index":
         index = index_text(detail.get("index"))
         return {
-            "title": f"Collection scan on `{collection}`: no index for the filter",
-            "current": f"`{operation}` on `{collection}`{shape_text} scans the whole "
+            "title": f"Collection scan on {collection}: no index for the filter",
+            "current": f"{operation} on {collection}{shape_text} scans the whole "
             "collection (COLLSCAN)",
-            "proposed": f"create the index {code(index)} on `{collection}`",
+            "proposed": f"create the index {code(index)} on {collection}",
             "saved": total * 0.9,
             "basis": "an index scan reads only the matching entries; assumed 90% of its time",
             "complexity": "low",
@@ -120,11 +115,11 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             missing = [missing]
         docs = detail.get("documents")
         returned = f" returning {int(docs)} documents" if isinstance(docs, (int, float)) else ""
-        without = " and ".join(str(m) for m in missing) or "a limit or a projection"
+        without = " and ".join(map(text, missing)) or "a limit or a projection"
         fraction = 0.9 if isinstance(docs, (int, float)) and docs > 1000 else 0.5
         return {
-            "title": f"Unbounded read on `{collection}`",
-            "current": f"`{operation}` on `{collection}`{returned} without {without}",
+            "title": f"Unbounded read on {collection}",
+            "current": f"{operation} on {collection}{returned} without {without}",
             "proposed": "paginate (`limit` + a range on the sort key, `?limit=100`) and project "
             "only the fields the client needs",
             "saved": total * fraction,
@@ -135,7 +130,7 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
         cause = str(detail.get("cause", "blocking"))
         ran, instead, effort = _STALL_ADVICE.get(cause, _STALL_ADVICE["blocking"])
         return {
-            "title": f"Event loop stalled ({cause})",
+            "title": f"Event loop stalled ({text(cause)})",
             "current": ran,
             "proposed": instead,
             "saved": total,
@@ -145,11 +140,11 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "blocking_call":
         what = detail.get("kind", "blocking call")
         return {
-            "title": f"Blocking call on the event loop ({what})",
+            "title": f"Blocking call on the event loop ({text(what)})",
             "current": "a synchronous `MongoClient` called inside `async def`: the loop waits "
             "for the network"
             if what == "pymongo-sync"
-            else f"a blocking `{what}` call inside `async def`",
+            else f"a blocking {code(what)} call inside `async def`",
             "proposed": "`pymongo.AsyncMongoClient` (or motor) with `await`, or declare the "
             "endpoint with plain `def` so it runs in the threadpool",
             "saved": total,
@@ -172,7 +167,7 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
                 {
                     "uncompressed": "without Content-Encoding",
                     "no_cache_headers": "without Cache-Control or ETag",
-                }.get(p, str(p))
+                }.get(p, text(p))
                 for p in problems
             ),
             "proposed": "; ".join(proposed) or "paginate or compress it",
@@ -181,8 +176,8 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             "complexity": "low",
         }
     return {
-        "title": f"{kind}",
-        "current": json.dumps(detail, default=str),
+        "title": text(kind),
+        "current": code(json.dumps(detail, default=str)),
         "proposed": "see docs/findings.md",
         "saved": 0.0,
         "basis": "unknown kind",

@@ -1,4 +1,8 @@
-"""The report as Markdown: one builder per section, every section always written."""
+"""The report as Markdown: one builder per section, every section always written.
+
+Every string that came from the service (or from a report file) is written through
+`_report_escape`: the report is safe to render, whatever the application's routes hold.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ._report_advice import TRADE_OFFS, code, index_text, ms, pct, where
+from ._report_advice import TRADE_OFFS, index_text, ms, pct, where
+from ._report_escape import code, fenced, text
 
 SECTIONS = (
     "Current Performance",
@@ -20,9 +25,10 @@ SECTIONS = (
 )
 
 
-def _route_name(item: Mapping[str, Any]) -> str:
+def route_name(item: Mapping[str, Any], *, cell: bool = False) -> str:
+    """`GET /route` as inline code (the route alone when there is no method)."""
     method = item.get("method")
-    return f"`{method} {item.get('route')}`" if method else f"`{item.get('route')}`"
+    return code(f"{method} {item.get('route')}" if method else str(item.get("route")), cell=cell)
 
 
 def _current_performance(doc: Mapping[str, Any]) -> list[str]:
@@ -44,9 +50,11 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
         worker = ""
     span = f"over {window:.1f} s ({doc['measured']})" if window else doc["measured"]
     source = doc.get("prometheus")
-    where = f"the service at {doc['url']}"
+    where = f"the service at {text(doc['url'])}"
     if source:
-        where = f"every replica of {_matchers(source)} that Prometheus at {source['url']} scrapes"
+        where = (
+            f"every replica of {_matchers(source)} that Prometheus at {text(source['url'])} scrapes"
+        )
     lines = [
         f"Measured inside {where} by perfmw's middleware, "
         f"{span}: each request timed from its arrival to its last body chunk, MongoDB "
@@ -73,7 +81,7 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
         rate = row["rate_per_second"]
         queries = row["queries_per_request"]
         lines.append(
-            f"| {_route_name(row)} | {row['requests']} | "
+            f"| {route_name(row, cell=True)} | {row['requests']} | "
             f"{'n/a' if rate is None else f'{rate:.1f}'} | {ms(row['p50_seconds'])} | "
             f"{ms(row['p99_seconds'])} | {'n/a' if queries is None else f'{queries:.2f}'} | "
             f"{pct(row['db_share'])} | {row['errors']} | {row['stalls']} | "
@@ -81,9 +89,9 @@ def _current_performance(doc: Mapping[str, Any]) -> list[str]:
         )
     starved = doc.get("starved") or {}
     if starved.get("stalls"):
-        routes_text = ", ".join(f"`{r}`" for r in starved.get("routes") or ())
+        routes_text = ", ".join(map(code, starved.get("routes") or ()))
         causes = starved.get("causes") or {}
-        by_cause = ", ".join(f"{n} {cause}" for cause, n in sorted(causes.items()))
+        by_cause = ", ".join(f"{n} {text(cause)}" for cause, n in sorted(causes.items()))
         seconds = starved.get("seconds")
         total = f"{ms(seconds)} in total, " if seconds is not None else ""
         lines += [
@@ -114,7 +122,7 @@ def _bottlenecks(doc: Mapping[str, Any]) -> list[str]:
         count = item.get("count") or 0
         per = item["total_seconds"] / count if count else 0.0
         lines += [
-            f"### {number}. {item['title']} ({item['kind']}) on `{item['route']}`",
+            f"### {number}. {item['title']} ({text(item['kind'])}) on {code(item['route'])}",
             "",
             f"- **Location:** {where(item)}",
             f"- **Impact:** {ms(item['total_seconds'])} in total, {ms(per)} per occurrence"
@@ -155,9 +163,9 @@ def _evidence(item: Mapping[str, Any]) -> str:
         if key.endswith("_seconds") and isinstance(value, (int, float)):
             parts.append(f"{_EVIDENCE_KEYS[key]} {ms(float(value))}")
         elif isinstance(value, list):
-            parts.append(f"{_EVIDENCE_KEYS[key]} {', '.join(str(v) for v in value)}")
+            parts.append(f"{_EVIDENCE_KEYS[key]} {', '.join(map(text, value))}")
         else:
-            parts.append(f"{_EVIDENCE_KEYS[key]} {value}")
+            parts.append(f"{_EVIDENCE_KEYS[key]} {text(value)}")
     if detail.get("shape"):
         parts.append(f"shape {code(detail['shape'])}")
     if detail.get("index"):
@@ -175,7 +183,7 @@ def _recommendations(doc: Mapping[str, Any]) -> list[str]:
     lines = ["Ordered by the time each change would save over the measured window.", ""]
     for number, item in enumerate(items, 1):
         lines += [
-            f"{number}. **{item['title']}** on `{item['route']}` at {where(item)}",
+            f"{number}. **{item['title']}** on {code(item['route'])} at {where(item)}",
             f"   - Current pattern: {item['current']}",
             f"   - Proposed pattern: {item['proposed']}",
             f"   - Expected impact: about {ms(item['saved_seconds'])} saved "
@@ -197,11 +205,13 @@ def _index_recommendations(doc: Mapping[str, Any]) -> list[str]:
     lines = ["| Collection | Index | Fields | Purpose |", "|---|---|---|---|"]
     for item in items:
         uses = "; ".join(
-            f"`{u['route']}` at {u['location'] or 'unknown'} ({u['count']}x)" for u in item["for"]
+            f"{code(u['route'], cell=True)} at {text(u['location'] or 'unknown')} ({u['count']}x)"
+            for u in item["for"]
         )
         lines.append(
-            f"| `{item['collection']}` | {code(json.dumps(item['index']))} | "
-            f"{', '.join(item['fields'])} | removes the collection scan of {uses} |"
+            f"| {code(item['collection'], cell=True)} "
+            f"| {code(json.dumps(item['index']), cell=True)} "
+            f"| {', '.join(map(text, item['fields']))} | removes the collection scan of {uses} |"
         )
     lines += [
         "",
@@ -229,11 +239,11 @@ def _caching(doc: Mapping[str, Any]) -> list[str]:
         sizes = f"{size:.0f} / {maximum:.0f}" if size is not None and maximum else "n/a"
         evictions = cache["evictions"]
         lines.append(
-            f"| `{cache['cache']}` | {pct(cache['hit_rate'])} | {cache['hits']} | "
+            f"| {code(cache['cache'], cell=True)} | {pct(cache['hit_rate'])} | {cache['hits']} | "
             f"{cache['misses']} | {evictions.get('capacity', 0)} / {evictions.get('expired', 0)} "
             f"| {sizes} |"
         )
-        advice.append(f"- `{cache['cache']}`: {_cache_advice(cache)}")
+        advice.append(f"- {code(cache['cache'])}: {_cache_advice(cache)}")
     return [*lines, "", *advice]
 
 
@@ -259,7 +269,7 @@ def _cache_advice(cache: Mapping[str, Any]) -> str:
 
 
 def _matchers(source: Mapping[str, Any]) -> str:
-    return f"`{source['selector']}`" if source.get("selector") else "every job"
+    return code(source["selector"]) if source.get("selector") else "every job"
 
 
 def _verification(doc: Mapping[str, Any]) -> list[str]:
@@ -272,12 +282,15 @@ def _verification(doc: Mapping[str, Any]) -> list[str]:
             "Re-measure over the same window of load before and after a change, every replica "
             "at once:",
             "",
-            "```bash",
-            f"{measure} --format json --out before.json",
-            "# deploy the change, let the same load run for the window again",
-            f"{measure} --format json --out after.json",
-            "perfmw report --compare before.json after.json",
-            "```",
+            *fenced(
+                "bash",
+                [
+                    f"{measure} --format json --out before.json",
+                    "# deploy the change, let the same load run for the window again",
+                    f"{measure} --format json --out after.json",
+                    "perfmw report --compare before.json after.json",
+                ],
+            ),
         ]
     else:
         lines = [
@@ -285,22 +298,26 @@ def _verification(doc: Mapping[str, Any]) -> list[str]:
             "of it (`--interval` reports what happened between two scrapes, not totals since "
             "start):",
             "",
-            "```bash",
-            f"perfmw report --url {url} --interval 60 --format json --out before.json",
-            "# deploy the change, run the same load again",
-            f"perfmw report --url {url} --interval 60 --format json --out after.json",
-            "perfmw report --compare before.json after.json",
-            "```",
+            *fenced(
+                "bash",
+                [
+                    f"perfmw report --url {url} --interval 60 --format json --out before.json",
+                    "# deploy the change, run the same load again",
+                    f"perfmw report --url {url} --interval 60 --format json --out after.json",
+                    "perfmw report --compare before.json after.json",
+                ],
+            ),
         ]
     routes = sorted({str(b["route"]) for b in doc["bottlenecks"]})
     if routes:
-        lines += ["", "And watch the affected routes in Prometheus:", "", "```promql"]
-        for route in routes:
-            lines.append(
-                "histogram_quantile(0.99, sum by (le) (rate("
-                f'http_server_request_duration_seconds_bucket{{http_route="{route}"}}[5m])))'
-            )
-        lines.append("```")
+        # The route as a PromQL string: its quotes, backslashes and line breaks escaped.
+        queries = [
+            "histogram_quantile(0.99, sum by (le) (rate(http_server_request_duration_seconds_"
+            f"bucket{{http_route={json.dumps(route, ensure_ascii=False)}}}[5m])))"
+            for route in routes
+        ]
+        lines += ["", "And watch the affected routes in Prometheus:", ""]
+        lines += fenced("promql", queries)
     n_plus_one = [b for b in doc["bottlenecks"] if b["kind"] == "n_plus_one"]
     if n_plus_one:
         lines += [
@@ -340,7 +357,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     )
     source = doc.get("prometheus")
     title = f"{doc['url']} {source['selector']}".strip() if source else doc["url"]
-    out = [f"# Performance report: {title}", "", f"Generated by perfmw at {when}.", ""]
+    out = [f"# Performance report: {text(title)}", "", f"Generated by perfmw at {when}.", ""]
     for title, build in zip(SECTIONS, builders, strict=True):
         out += [f"## {title}", "", *build(doc), ""]
     return "\n".join(out)

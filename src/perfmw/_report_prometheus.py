@@ -16,16 +16,24 @@ totals are exact; a series that went back to 0 (a restarted process) counts from
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections import defaultdict
 from typing import Any
 
-from .report import ReportError, SampleKey, Snapshot
+from ._report_input import (
+    PROMETHEUS_ANSWER,
+    Malformed,
+    NotJson,
+    check_sample,
+    load,
+    parse,
+)
+from .report import ReportError, SampleKey, Snapshot, UsageError, fetch
 
 #: What the report reads: counted over the window (counters and histogram series)...
 COUNTED = (
@@ -48,7 +56,6 @@ COUNTED = (
 CURRENT = ("perfmw_cache_size", "perfmw_cache_max_size")
 #: A finding counted with no application line (see exporters/prometheus.py).
 UNKNOWN_LOCATION = "<unknown>"
-MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -57,7 +64,7 @@ def window_seconds(since: str) -> float:
     """`--since` as seconds: a whole number and a unit, `90s`, `30m`, `1h`, `7d`, `2w`."""
     found = _DURATION.match(since)
     if found is None:
-        raise ReportError(f"--since must be a duration such as 30m, 1h or 7d, got {since!r}")
+        raise UsageError(f"--since must be a duration such as 30m, 1h or 7d, got {since!r}")
     return int(found[1]) * _SECONDS[found[2]]
 
 
@@ -66,7 +73,7 @@ def selector_for(job: str | None, selector: str | None) -> str:
     if selector is not None:
         selector = selector.strip()
         if not (selector.startswith("{") and selector.endswith("}")):
-            raise ReportError(f"--selector must be label matchers in braces, got {selector!r}")
+            raise UsageError(f"--selector must be label matchers in braces, got {selector!r}")
         return selector
     if job is not None:
         return "{job=" + json.dumps(job) + "}"
@@ -85,39 +92,35 @@ class Prometheus:
     def __init__(self, url: str, timeout: float) -> None:
         base = url.rstrip("/")
         if not base.startswith(("http://", "https://")):
-            raise ReportError(f"--prometheus must start with http:// or https://, got {url!r}")
+            raise UsageError(f"--prometheus must start with http:// or https://, got {url!r}")
         self.url = base
         self.timeout = timeout
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         address = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        request = urllib.request.Request(address, headers={"User-Agent": "perfmw-report"})
+        subject = f"Prometheus at {self.url}"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read(MAX_ANSWER_BYTES + 1)
+            raw = fetch(address, {"User-Agent": "perfmw-report"}, self.timeout, subject)
         except urllib.error.HTTPError as exc:
             raise ReportError(self._refused(exc, expr)) from None
-        except urllib.error.URLError as exc:
-            raise ReportError(f"cannot reach Prometheus at {self.url}: {exc.reason}") from None
-        except (TimeoutError, OSError) as exc:
-            raise ReportError(f"cannot reach Prometheus at {self.url}: {exc}") from None
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise ReportError(f"Prometheus at {self.url} answered more than 64 MiB to {expr}")
-        document = _json(raw)
-        if not isinstance(document, dict) or document.get("status") != "success":
-            raise ReportError(
-                f"Prometheus at {self.url} did not answer its query API's JSON to {expr}"
-            )
-        data = document.get("data")
-        result = data.get("result") if isinstance(data, dict) else None
-        if not isinstance(data, dict) or data.get("resultType") != "vector":
-            raise ReportError(f"Prometheus at {self.url} answered no instant vector to {expr}")
-        if not isinstance(result, list) or not all(_is_sample(item) for item in result):
-            raise ReportError(f"Prometheus at {self.url} answered malformed samples to {expr}")
+        try:
+            document = load(raw, PROMETHEUS_ANSWER)
+        except NotJson:
+            raise ReportError(f"{subject} did not answer its query API's JSON to {expr}") from None
+        except Malformed as exc:
+            raise ReportError(f"{subject} answered {exc} to {expr}") from None
+        if document["status"] != "success" or "data" not in document:
+            raise ReportError(f"{subject} did not answer its query API's JSON to {expr}")
+        if document["data"]["resultType"] != "vector":
+            raise ReportError(f"{subject} answered no instant vector to {expr}")
+        result: list[dict[str, Any]] = document["data"]["result"]
         return result
 
     def _refused(self, exc: urllib.error.HTTPError, expr: str) -> str:
-        document = _json(exc.read(64 * 1024))
+        try:
+            document = parse(exc.read(64 * 1024))
+        except (Malformed, OSError, http.client.HTTPException):  # no reason, or none readable
+            document = None
         why = document.get("error") if isinstance(document, dict) else None
         if isinstance(why, str) and exc.code in (400, 422):
             return f"Prometheus at {self.url} rejected the query {expr}: {why}"
@@ -125,27 +128,8 @@ class Prometheus:
         return f"Prometheus at {self.url} answered {exc.code} {exc.reason}{reason}"
 
 
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-def _is_sample(item: Any) -> bool:
-    return (
-        isinstance(item, dict)
-        and isinstance(item.get("metric"), dict)
-        and isinstance(item.get("value"), list)
-        and len(item["value"]) == 2
-    )
-
-
 def _value(item: dict[str, Any]) -> float:
-    try:
-        return float(item["value"][1])
-    except (TypeError, ValueError):
-        return 0.0
+    return float(item["value"][1])  # a finite number in a string: PROMETHEUS_ANSWER says so
 
 
 def collect_prometheus(
@@ -166,7 +150,13 @@ def collect_prometheus(
         expr = counted_expr(name, matchers, since) if name in COUNTED else f"{name}{matchers}"
         series[name] = prometheus.query(expr)
         for item in series[name]:
-            labels = {k: str(v) for k, v in item["metric"].items() if k != "__name__"}
+            labels = {k: v for k, v in item["metric"].items() if k != "__name__"}
+            try:
+                check_sample(name, labels, _value(item))
+            except Malformed as exc:
+                raise ReportError(
+                    f"Prometheus at {prometheus.url} answered {exc} to {expr}"
+                ) from None
             samples[(name, frozenset(labels.items()))] += _value(item)
     if not series["http_server_request_duration_seconds_count"]:
         raise ReportError(

@@ -8,11 +8,14 @@ It reads `/metrics` (parsed with prometheus_client's parser) and `/perfmw/findin
 urllib, so it runs wherever perfmw is installed, and builds one JSON-ready document (`analyse`)
 that both formats render. Every section is always written, saying so when it found nothing,
 so two reports compare section by section. The texts live beside it: `_report_advice.py` (what
-each finding means and what to do about it), `_report_markdown.py` (the sections).
+each finding means and what to do about it), `_report_markdown.py` (the sections). What it reads
+is checked first (`_report_input.py`): an answer or file that is not what perfmw writes is a
+ReportError naming it and what was wrong, never an exception from deep inside the analysis.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -26,7 +29,18 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ._report_advice import advice, index_keys, ms, pct
-from ._report_markdown import SECTIONS, render_markdown
+from ._report_escape import code, text
+from ._report_input import (
+    FINDINGS,
+    REPORT,
+    Malformed,
+    NotJson,
+    check_sample,
+    load,
+    parse,
+    read_capped,
+)
+from ._report_markdown import SECTIONS, render_markdown, route_name
 from .findings import finding_key, merge
 from .record import MACHINE_CAUSES
 
@@ -36,6 +50,7 @@ __all__ = [
     "SECTIONS",
     "ReportError",
     "Snapshot",
+    "UsageError",
     "analyse",
     "collect",
     "finding_key",
@@ -52,6 +67,10 @@ SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
 class ReportError(Exception):
     """A failure the command line prints as one line (unreachable service, refused token...)."""
+
+
+class UsageError(ReportError):
+    """Arguments that cannot work together or are out of range (exit status 2, not 1)."""
 
 
 # Reading the service.
@@ -72,16 +91,35 @@ class Snapshot:
     prometheus: dict[str, str] | None = None
 
 
+def fetch(url: str, headers: Mapping[str, str], timeout: float, subject: str) -> bytes:
+    """The body at `url`, MAX_BYTES at most. urllib's HTTPError is raised as it is, for the
+    caller's words; every other failure is a ReportError naming `subject` (the URL, or
+    "Prometheus at ..."), or a UsageError when `url` cannot be asked at all."""
+    try:
+        request = urllib.request.Request(url, headers=dict(headers))
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return read_capped(response)
+    except urllib.error.HTTPError:
+        raise
+    except urllib.error.URLError as exc:
+        raise ReportError(f"cannot reach {subject}: {exc.reason}") from None
+    except Malformed as exc:
+        raise ReportError(f"{subject} answered {exc}") from None
+    except (http.client.InvalidURL, ValueError) as exc:  # a port that is no number, say
+        raise UsageError(f"cannot ask {url}: {exc}") from None
+    except http.client.HTTPException as exc:  # what answered does not speak HTTP
+        raise ReportError(f"{subject} did not answer HTTP ({type(exc).__name__})") from None
+    except OSError as exc:  # a timeout, a connection reset
+        raise ReportError(f"cannot reach {subject}: {exc}") from None
+
+
 def _get(url: str, token: str | None, timeout: float, missing_ok: bool = False) -> bytes | None:
     """The body at `url`; None for a 404 when `missing_ok`; ReportError on any failure."""
     headers = {"Accept": "text/plain; version=0.0.4", "User-Agent": "perfmw-report"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body: bytes = response.read()
-            return body
+        return fetch(url, headers, timeout, url)
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             given = "the token given was refused" if token else "it needs a token (--token)"
@@ -89,23 +127,22 @@ def _get(url: str, token: str | None, timeout: float, missing_ok: bool = False) 
         if exc.code == 404 and missing_ok:
             return None
         raise ReportError(f"{url} answered {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise ReportError(f"cannot reach {url}: {exc.reason}") from None
-    except (TimeoutError, OSError) as exc:
-        raise ReportError(f"cannot reach {url}: {exc}") from None
 
 
-def parse_samples(exposition: str) -> dict[SampleKey, float]:
-    """Every sample of a Prometheus text exposition, keyed by (sample name, labels)."""
+def parse_samples(exposition: str, source: str = "the metrics endpoint") -> dict[SampleKey, float]:
+    """Every sample of a Prometheus text exposition, keyed by (sample name, labels); ReportError
+    naming `source` when it is none, or a series the analysis reads has a value it cannot use."""
     found: dict[SampleKey, float] = {}
     try:
         for family in text_string_to_metric_families(exposition):
             for sample in family.samples:
+                if sample.name in SERIES:
+                    check_sample(sample.name, sample.labels, sample.value)
                 found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    except Malformed as exc:
+        raise ReportError(f"{source} answered {exc}") from None
     except ValueError as exc:
-        raise ReportError(
-            f"the metrics endpoint did not answer a Prometheus exposition: {exc}"
-        ) from None
+        raise ReportError(f"{source} did not answer a Prometheus exposition: {exc}") from None
     return found
 
 
@@ -126,11 +163,11 @@ def collect(
     """
     base = base_url.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise ReportError(f"--url must start with http:// or https://, got {base_url!r}")
+        raise UsageError(f"--url must start with http:// or https://, got {base_url!r}")
     taken_at = time.time()
     exposition = _get(base + metrics_path, token, timeout)
     assert exposition is not None
-    samples = parse_samples(exposition.decode("utf-8", "replace"))
+    samples = parse_samples(exposition.decode("utf-8", "replace"), base + metrics_path)
     by_pid: dict[int | None, list[dict[str, Any]]] = {}
     served = findings_path is not None
     merged: list[int] = []  # the workers an answer already merged (multiprocess mode)
@@ -141,19 +178,14 @@ def collect(
             served = False
             break
         try:
-            document = json.loads(raw)
-            findings = list(document["findings"])
-            answered = document.get("pids")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ReportError(
-                f"{base}{findings_path} did not answer perfmw findings JSON"
-            ) from None
-        if isinstance(answered, list) and len(answered) > 1:
+            document = load(raw, FINDINGS)
+        except Malformed as exc:
+            raise ReportError(f"{base}{findings_path} answered {exc}") from None
+        findings = document["findings"]
+        answered = document.get("pids", [])
+        if len(answered) > 1:
             # Every worker's findings in one answer (multiprocess mode): nothing to add.
-            by_pid, merged = (
-                {document.get("pid"): findings},
-                [p for p in answered if type(p) is int],
-            )
+            by_pid, merged = {document.get("pid"): findings}, answered
             break
         by_pid[document.get("pid")] = findings
     pids = merged or [pid for pid in by_pid if isinstance(pid, int)]
@@ -206,6 +238,25 @@ GAUGES = frozenset(
         "perfmw_cache_max_size",
         "perfmw_event_loop_lag_seconds",
         "db_client_connection_count",
+        "process_start_time_seconds",
+    }
+)
+#: The samples the analysis reads (and so checks, in `parse_samples`).
+SERIES = frozenset(
+    {
+        "http_server_request_duration_seconds_count",
+        "http_server_request_duration_seconds_sum",
+        "http_server_request_duration_seconds_bucket",
+        "perfmw_request_db_queries_count",
+        "perfmw_request_db_queries_sum",
+        "perfmw_request_db_seconds_count",
+        "perfmw_request_db_seconds_sum",
+        "perfmw_event_loop_stalls_total",
+        "perfmw_blocking_calls_total",
+        "perfmw_cache_requests_total",
+        "perfmw_cache_evictions_total",
+        "perfmw_cache_size",
+        "perfmw_cache_max_size",
         "process_start_time_seconds",
     }
 )
@@ -504,14 +555,26 @@ def _change(before: float | None, after: float | None) -> str:
 def load_report(path: str) -> dict[str, Any]:
     """A report written with --format json; ReportError when it is not one."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        with open(path, "rb") as handle:
+            raw = read_capped(handle)
     except OSError as exc:
         raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError:
+    except Malformed as exc:
+        raise ReportError(f"{path} holds {exc}") from None
+    try:
+        document = parse(raw)
+        if not isinstance(document, dict) or "perfmw_report" not in document:
+            raise ReportError(f"{path} is not a perfmw JSON report: write it with --format json")
+        REPORT.check(document, "")
+    except NotJson:
         raise ReportError(f"{path} is not JSON: write it with --format json") from None
-    if not isinstance(document, dict) or "perfmw_report" not in document:
-        raise ReportError(f"{path} is not a perfmw JSON report: write it with --format json")
+    except Malformed as exc:
+        raise ReportError(f"{path} holds {exc}") from None
+    if document["perfmw_report"] != FORMAT_VERSION:
+        raise ReportError(
+            f"{path} is a perfmw report of format {document['perfmw_report']}; this perfmw "
+            f"reads format {FORMAT_VERSION}"
+        )
     return document
 
 
@@ -520,7 +583,7 @@ def render_compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
     old = {(r["method"], r["route"]): r for r in before.get("routes", [])}
     new = {(r["method"], r["route"]): r for r in after.get("routes", [])}
     lines = [
-        f"# Before / after: {before.get('url')} -> {after.get('url')}",
+        f"# Before / after: {text(before.get('url', '?'))} -> {text(after.get('url', '?'))}",
         "",
         "| Route | p50 before | p50 after | change | p99 before | p99 after | change | "
         "Queries/req before | after | change | Stalls before | after |",
@@ -538,7 +601,8 @@ def render_compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
             return "n/a" if value is None else f"{value:.2f}"
 
         lines.append(
-            f"| `{key[0]} {key[1]}` | {ms(a.get('p50_seconds'))} | {ms(b.get('p50_seconds'))} "
+            f"| {route_name({'method': key[0], 'route': key[1]}, cell=True)} "
+            f"| {ms(a.get('p50_seconds'))} | {ms(b.get('p50_seconds'))} "
             f"| {_change(a.get('p50_seconds'), b.get('p50_seconds'))} "
             f"| {ms(a.get('p99_seconds'))} | {ms(b.get('p99_seconds'))} "
             f"| {_change(a.get('p99_seconds'), b.get('p99_seconds'))} "
@@ -555,7 +619,7 @@ def render_compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
     for name in names:
         a, b = old_caches.get(name, {}), new_caches.get(name, {})
         lines.append(
-            f"| `{name}` | {pct(a.get('hit_rate'))} | {pct(b.get('hit_rate'))} | "
+            f"| {code(name, cell=True)} | {pct(a.get('hit_rate'))} | {pct(b.get('hit_rate'))} | "
             f"{_change(a.get('hit_rate'), b.get('hit_rate'))} |"
         )
     found_before = len(before.get("findings", []))
