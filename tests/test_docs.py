@@ -122,3 +122,17 @@ def test_the_readme_gets_a_newcomer_to_the_report_in_two_commands() -> None:
     assert demo is not None
     assert "$(STAMP)" in demo.group(1)
     assert demo.group(2).endswith("-m examples.fastapi_app.demo")
+
+
+def test_every_row_of_the_fault_table_names_tests_that_exist() -> None:
+    """docs/production.md's fault table: each row backed by a test, each named test real."""
+    text = (ROOT / "docs" / "production.md").read_text(encoding="utf-8")
+    table = text.split("## When something around it fails", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 8  # the header, then a row per fault
+    for row in rows[1:]:
+        named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", row)
+        assert named, row
+        for path, name in named:
+            source = (ROOT / path).read_text(encoding="utf-8")
+            assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{path}::{name}"
