@@ -252,3 +252,21 @@ def test_a_collector_answering_500_costs_the_spans_not_the_requests(
     warnings = [r.getMessage() for r in caplog.records if r.name == "perfmw"]
     assert warnings == [f"OTLP endpoint {receiver.endpoint}/v1/traces answered 500; spans dropped"]
     provider.shutdown()
+
+
+def test_a_route_with_line_breaks_cannot_forge_a_log_line() -> None:
+    from perfmw.exporters.logs import describe
+    from perfmw.findings import Finding
+
+    forged = "/r\nperfmw: N+1 queries on /admin"
+    finding = Finding(
+        "loop_stall",
+        forged,
+        "app.py:3\nfake.py:1",
+        detail={"duration_seconds": 0.2, "cause": "cpu", "stack": ["app.py:3 in f\nx"]},
+    )
+    assert describe(finding).splitlines() == [
+        "event loop stalled 200 ms (cpu) on /r\\nperfmw: N+1 queries on /admin at "
+        "app.py:3\\nfake.py:1",
+        "    app.py:3 in f\\nx",
+    ]

@@ -1,4 +1,8 @@
-"""Log sink: one WARNING per finding site, at most once a minute per site."""
+"""Log sink: one WARNING per finding site, at most once a minute per site.
+
+The application's strings (routes, locations, shapes, stack frames) are written on one line each
+(`visible`): a route holding a line break cannot forge a log line of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from .._report_escape import visible
 from ..findings import Finding
 
 logger = logging.getLogger("perfmw")
@@ -38,57 +43,53 @@ def _ms(seconds: object) -> str:
 def describe(finding: Finding) -> str:
     """One sentence a person can act on (a stall's stack follows on the next lines)."""
     d = finding.detail
-    where = finding.location or "unknown location"
+    route = visible(finding.route)
+    where = visible(finding.location or "unknown location")
     if finding.via:
-        where += f" via {finding.via}"
-    on = f"{d.get('operation', '?')} on {d.get('collection', '?')}"
+        where += f" via {visible(finding.via)}"
+    on = visible(f"{d.get('operation', '?')} on {d.get('collection', '?')}")
     kind = finding.kind
     if kind == "n_plus_one":
-        return (
-            f"N+1 queries on {finding.route}: {on} repeated {d.get('repetitions')} times at {where}"
-        )
+        return f"N+1 queries on {route}: {on} repeated {d.get('repetitions')} times at {where}"
     if kind == "loop_stall":
-        stack = "\n    ".join(d.get("stack", ())[-10:])
+        stack = "\n    ".join(visible(str(frame)) for frame in d.get("stack", ())[-10:])
         return (
             f"event loop stalled {_ms(d.get('duration_seconds', 0))} ({d.get('cause')}) on "
-            f"{finding.route} at {where}\n    {stack}"
+            f"{route} at {where}\n    {stack}"
         )
     if kind == "slow_query":
         behind = d.get("loop_stall_seconds")
         waited = f", {_ms(behind)} of it waiting for a stalled event loop" if behind else ""
         return (
-            f"slow query on {finding.route}: {on} took {_ms(d.get('duration_seconds'))}"
-            f"{waited} at {where}"
+            f"slow query on {route}: {on} took {_ms(d.get('duration_seconds'))}{waited} at {where}"
         )
     if kind == "consecutive_queries":
-        collections = ", ".join(str(c) for c in d.get("collections", ()))
+        collections = visible(", ".join(str(c) for c in d.get("collections", ())))
         return (
-            f"independent queries awaited one after another on {finding.route} ({collections}) "
+            f"independent queries awaited one after another on {route} ({collections}) "
             f"at {where}: running them concurrently would save {_ms(d.get('saving_seconds'))}"
         )
     if kind == "missing_index":
         keys = ", ".join(f"{k}: {v}" for k, v in d.get("index") or ())
         return (
-            f"missing index on {finding.route}: {on} scans the collection at {where}; "
+            f"missing index on {route}: {on} scans the collection at {where}; "
             f"an index {{{keys}}} would serve it"
         )
     if kind == "unbounded_read":
         missing = " and ".join(str(m) for m in d.get("missing", ()))
         return (
-            f"unbounded read on {finding.route}: {on} returned {d.get('documents')} documents "
+            f"unbounded read on {route}: {on} returned {d.get('documents')} documents "
             f"with no {missing} at {where}"
         )
     if kind == "blocking_call":
         return (
-            f"blocking call on {finding.route}: {d.get('kind')} ({on}) on the event loop's "
+            f"blocking call on {route}: {d.get('kind')} ({on}) on the event loop's "
             f"thread for {_ms(finding.total_seconds)} at {where}"
         )
     if kind == "large_response":
         problems = " and ".join(str(p).replace("_", " ") for p in d.get("problems", ()))
-        return (
-            f"large response on {finding.route}: {d.get('bytes')} bytes ({problems}) from {where}"
-        )
-    return f"{kind} on {finding.route} at {where} ({_ms(finding.total_seconds)})"
+        return f"large response on {route}: {d.get('bytes')} bytes ({problems}) from {where}"
+    return f"{visible(kind)} on {route} at {where} ({_ms(finding.total_seconds)})"
 
 
 def log_findings(findings: Iterable[Finding]) -> None:
