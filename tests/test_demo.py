@@ -1,23 +1,32 @@
 """`make demo`'s code path, headless: the printed report names every anti-pattern endpoint with
-its finding kind and the line responsible, and none of the fixed endpoints."""
+its finding kind and the line responsible, and none of the fixed endpoints; then `make demo` as
+a person runs it: the dashboard's address, served until Ctrl-C."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 from unittest import mock
 
+import httpx
 import pytest
 from examples.fastapi_app import app as example
 from examples.fastapi_app import demo
 from pymongo import MongoClient
 
 from perfmw import report
-from support import line_of
+from support import line_of, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # (route, finding kind, the source line the report must point at)
 ANTI_PATTERNS = [
@@ -183,3 +192,83 @@ def test_the_progress_bar_redraws_in_place_on_a_terminal() -> None:
     for _ in range(4):
         bar.advance("/health")
     assert log.getvalue().count("load [") == 1
+
+
+def test_make_demo_serves_the_dashboard_until_ctrl_c() -> None:
+    """`python -m examples.fastapi_app.demo`, as `make demo` runs it: after the report, the
+    dashboard's address; the dashboard answers there with the load's measurements; Ctrl-C (a
+    real SIGINT) stops the service and everything it started, exiting 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFMW_")}
+    env.pop("MONGODB_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.fastapi_app.demo"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    out: list[str] = []
+    err: list[str] = []
+
+    def read(stream: IO[str], lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    readers = [
+        threading.Thread(target=read, args=(process.stdout, out), daemon=True),
+        threading.Thread(target=read, args=(process.stderr, err), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+
+        def address() -> str | None:
+            if process.poll() is not None:
+                raise AssertionError("the demo exited:\n" + "".join(err))
+            return next((line for line in err if line.startswith("Dashboard: ")), None)
+
+        line = wait_for(address, 300, "the dashboard's address", interval=0.2)
+        url = line.split()[1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/perfmw", url), line
+        page = httpx.get(url, timeout=30)
+        assert page.status_code == 200 and "<title>perfmw dashboard</title>" in page.text
+        measured = httpx.get(f"{url}/data.json", timeout=30).json()
+        plan = demo.endpoints()
+        assert measured["requests"] == sum(len(paths) for _, paths in plan)
+        assert len(measured["routes"]) == len(plan)
+        assert process.poll() is None  # still serving
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for reader in readers:
+            reader.join(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+    titles = [line[3:].strip() for line in out if line.startswith("## ")]
+    assert titles == list(report.SECTIONS)
+    assert err[-1].startswith("the service is stopped.")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=5)
+
+
+def test_once_exits_after_the_report_and_the_address_is_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held: list[Any] = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, progress, **kw: held.append(kw["hold"]))
+    assert demo.main(["--once"]) == 0
+    assert demo.main([]) == 0
+    assert held == [None, demo.until_interrupted]
+    settings = demo.demo_settings({})
+    assert demo.dashboard_line("http://127.0.0.1:8123", settings) == (
+        "Dashboard: http://127.0.0.1:8123/perfmw\n"
+        "The service goes on serving it, live. Ctrl-C stops it.\n"
+    )
+    signed = demo.demo_settings({"PERFMW_ACCESS_TOKEN": "t"})
+    assert "/perfmw (sign in with PERFMW_ACCESS_TOKEN)\n" in demo.dashboard_line("u", signed)

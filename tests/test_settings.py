@@ -12,6 +12,8 @@ def test_defaults_are_the_contract() -> None:
     settings = perfmw.Settings()
     assert settings.metrics_path == "/metrics"
     assert settings.findings_path == "/perfmw/findings"
+    assert settings.dashboard_path == "/perfmw"
+    assert settings.dashboard_data_path == "/perfmw/data.json"
     assert settings.access_token is None
     assert settings.server_timing is False
     assert settings.n_plus_one_threshold == 5
@@ -33,6 +35,7 @@ def test_from_env_reads_every_field() -> None:
     env = {
         "PERFMW_METRICS_PATH": "/internal/metrics",
         "PERFMW_FINDINGS_PATH": "",
+        "PERFMW_DASHBOARD_PATH": "/ops/perf",
         "PERFMW_ACCESS_TOKEN": "s3cret",
         "PERFMW_SERVER_TIMING": "Yes",
         "PERFMW_N_PLUS_ONE_THRESHOLD": "3",
@@ -49,6 +52,7 @@ def test_from_env_reads_every_field() -> None:
     assert settings == perfmw.Settings(
         metrics_path="/internal/metrics",
         findings_path=None,
+        dashboard_path="/ops/perf",
         access_token="s3cret",
         server_timing=True,
         n_plus_one_threshold=3,
@@ -87,6 +91,7 @@ def test_booleans_accept_the_documented_words(raw: str) -> None:
         ({"PERFMW_N_PLUS_ONE_THRESHOLD": "2.5"}, "n_plus_one_threshold"),
         ({"PERFMW_MAX_ROUTES": "0"}, "max_routes"),
         ({"PERFMW_METRICS_PATH": "metrics"}, "metrics_path"),
+        ({"PERFMW_DASHBOARD_PATH": "perfmw"}, "dashboard_path"),
         ({"PERFMW_EXCLUDE_PATHS": "health"}, "exclude_paths"),
     ],
 )
@@ -109,6 +114,8 @@ def test_bad_environment_values_name_the_field_and_variable(
         ({"max_routes": 0}, "max_routes"),
         ({"metrics_path": "metrics"}, "metrics_path"),
         ({"findings_path": ""}, "findings_path"),
+        ({"dashboard_path": ""}, "dashboard_path"),
+        ({"dashboard_path": 1}, "dashboard_path"),
         ({"access_token": ""}, "access_token"),
         ({"exclude_paths": "/metrics"}, "exclude_paths"),
         ({"silenced_locations": [""]}, "silenced_locations"),
@@ -126,3 +133,40 @@ def test_overrides_win_over_the_environment() -> None:
 
 def test_a_list_is_normalised_to_a_tuple() -> None:
     assert perfmw.Settings(exclude_paths=["/a", "/b"]).exclude_paths == ("/a", "/b")
+
+
+@pytest.mark.parametrize("raw", ["", "none", "None"])
+def test_an_empty_or_none_dashboard_path_serves_no_dashboard(raw: str) -> None:
+    settings = perfmw.Settings.from_env({"PERFMW_DASHBOARD_PATH": raw})
+    assert (settings.dashboard_path, settings.dashboard_data_path) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"metrics_path": "/perfmw"},
+            "perfmw setting dashboard_path (PERFMW_DASHBOARD_PATH) must not serve '/perfmw', "
+            "which metrics_path (PERFMW_METRICS_PATH) serves: give one of them another path, "
+            "or None, got '/perfmw'",
+        ),
+        (
+            {"findings_path": "/ops/data.json", "dashboard_path": "/ops"},
+            "perfmw setting dashboard_path (PERFMW_DASHBOARD_PATH) must not serve "
+            "'/ops/data.json', which findings_path (PERFMW_FINDINGS_PATH) serves: give one of "
+            "them another path, or None, got '/ops'",
+        ),
+        (
+            {"metrics_path": "/x", "findings_path": "/x"},
+            "perfmw setting findings_path (PERFMW_FINDINGS_PATH) must not serve '/x', which "
+            "metrics_path (PERFMW_METRICS_PATH) serves: give one of them another path, or None, "
+            "got '/x'",
+        ),
+    ],
+)
+def test_two_endpoints_on_one_path_are_refused(kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        perfmw.Settings(**kwargs)
+    assert str(raised.value) == message
+    # Turning one off, or moving it, is the way out.
+    assert perfmw.Settings(**{**kwargs, "dashboard_path": None, "findings_path": None})

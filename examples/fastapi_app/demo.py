@@ -1,14 +1,18 @@
-"""`make demo`: the service registry under a bounded load, then its performance report.
+"""`make demo`: the service registry under a bounded load, its performance report, then its
+live dashboard until Ctrl-C.
 
     python -m examples.fastapi_app.demo          # embedded MongoDB; MONGODB_URI for a real one
+    python -m examples.fastapi_app.demo --once   # exit after the report (CI)
 
 Starts the example app on uvicorn (127.0.0.1, a free port), sends the same number of requests
 to every endpoint (each anti-pattern and its fixed twin) with a progress bar, prints the report
-perfmw writes from the service's own /metrics and /perfmw/findings, and stops what it started.
+perfmw writes from the service's own /metrics and /perfmw/findings, prints the dashboard's
+address and serves it until Ctrl-C (not with --once), and stops what it started.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import http.client
@@ -279,8 +283,13 @@ def run_demo(
     settings: perfmw.Settings | None = None,
     mongo_uri: str | None = None,
     on_ready: Callable[[Service], None] | None = None,
+    hold: Callable[[Service], None] | None = None,
 ) -> str:
-    """Start the service, load it, write the report to `out`; returns the report's Markdown."""
+    """Start the service, load it, write the report to `out`; returns the report's Markdown.
+
+    With `hold`, the dashboard's address is printed and the service serves until `hold(service)`
+    returns (`until_interrupted`: Ctrl-C).
+    """
     settings = settings if settings is not None else demo_settings()
     uri = mongo_uri or os.environ.get("MONGODB_URI")
     with contextlib.ExitStack() as stack:
@@ -289,7 +298,7 @@ def run_demo(
         else:
             progress.write("starting the embedded MongoDB and the example service...\n")
             uri = stack.enter_context(embedded_mongodb())
-        markdown = _run(uri, settings, out, progress, requests_per_endpoint, on_ready)
+        markdown = _run(uri, settings, out, progress, requests_per_endpoint, on_ready, hold)
         # Let the closed clients be collected while the database still runs: clients perfmw
         # made for them (explain's) are closed when they go, and closing needs the server.
         gc.collect()
@@ -303,6 +312,7 @@ def _run(
     progress: TextIO,
     requests_per_endpoint: int,
     on_ready: Callable[[Service], None] | None,
+    hold: Callable[[Service], None] | None,
 ) -> str:
     registry = CollectorRegistry()
     app = create_app(uri, settings=settings, registry=registry)
@@ -326,21 +336,52 @@ def _run(
             progress.write("perfmw logged a warning per finding site (first line of each):\n")
             progress.writelines(f"  {line}\n" for line in warnings.lines)
         markdown = report.render_markdown(report.analyse(after, before))
-    out.write(markdown)
-    out.flush()
+        out.write(markdown)
+        out.flush()
+        if hold is not None:
+            progress.write(dashboard_line(service.url, settings))
+            progress.flush()
+            hold(service)
     perf = getattr(app, "_perfmw_perf", None)
     if isinstance(perf, perfmw.Perf):
         perf.shutdown()
     progress.write(
-        "the service is stopped. The same report for your own service: "
-        "perfmw report --url http://127.0.0.1:8000\n"
+        "the service is stopped. The same for your own service: "
+        "perfmw report --url http://127.0.0.1:8000, and its dashboard at "
+        "http://127.0.0.1:8000/perfmw\n"
     )
     return markdown
 
 
-def main() -> int:
+def dashboard_line(url: str, settings: perfmw.Settings) -> str:
+    """What the demo says of the dashboard once the report is printed."""
+    if settings.dashboard_path is None:
+        return f"The dashboard is off ({env_name('dashboard_path')}). Ctrl-C stops the service.\n"
+    sign_in = f" (sign in with {env_name('access_token')})" if settings.access_token else ""
+    return (
+        f"Dashboard: {url}{settings.dashboard_path}{sign_in}\n"
+        "The service goes on serving it, live. Ctrl-C stops it.\n"
+    )
+
+
+def until_interrupted(service: Service) -> None:
+    """Wait for Ctrl-C (or for the server to stop by itself)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        while service.thread.is_alive():
+            service.thread.join(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.fastapi_app.demo",
+        description="The example service under load, its report, then its live dashboard.",
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="exit after the report instead of serving on"
+    )
+    once = parser.parse_args(argv).once
     try:
-        run_demo(sys.stdout, sys.stderr)
+        run_demo(sys.stdout, sys.stderr, hold=None if once else until_interrupted)
     except (report.ReportError, RuntimeError, ValueError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ perfmw.instrument(app)
 
 from __future__ import annotations
 
+from . import dashboard as dashboard  # registers the stall chart's hook on Perf
 from . import loop as loop  # registers the loop monitor's hooks on Perf
 from . import testing
 from .cache import watch_cache

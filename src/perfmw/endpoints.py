@@ -1,8 +1,9 @@
-"""The endpoints perfmw serves itself: Prometheus metrics and the JSON findings.
+"""The endpoints perfmw serves itself: Prometheus metrics, the JSON findings and the dashboard.
 
 Served by the middleware before routing, so they add no route to the app (or its OpenAPI),
-and protected by `access_token` when one is set. In multiprocess mode both answer for every
-worker of the directory, read from its files in a thread: not on the loop.
+and protected by `access_token` when one is set. In multiprocess mode they answer for every
+worker of the directory, read from its files in a thread: not on the loop. The dashboard's
+page, its sign-in and its data live in `dashboard/`.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("perfmw")
 
 
-_TEXT = "text/plain; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
 
 
-async def _respond(
+async def respond(
     send: Send, status: int, body: bytes, content_type: str, extra: list[tuple[bytes, bytes]]
 ) -> None:
     headers = [
@@ -55,17 +56,33 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
+def bearer(scope: Scope, token: str) -> bool:
+    """Whether the request carries `Authorization: Bearer <token>`."""
+    given = header(scope, b"authorization") or ""
+    return hmac.compare_digest(given.encode("utf-8"), ("Bearer " + token).encode("utf-8"))
+
+
+Accepts = Callable[[Scope, str], bool]
+UNAUTHORIZED = [(b"www-authenticate", b'Bearer realm="perfmw"')]
+
+
 def _refusal(
-    scope: Scope, token: str | None
+    scope: Scope, token: str | None, accepts: Accepts
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
     if scope.get("method") not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")]
-    if token is not None:
-        given = _header(scope, b"authorization") or ""
-        expected = "Bearer " + token
-        if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-            return 401, b"unauthorized\n", [(b"www-authenticate", b'Bearer realm="perfmw"')]
+    if token is not None and not accepts(scope, token):
+        return 401, b"unauthorized\n", UNAUTHORIZED
     return None
+
+
+def read_findings(perf: Perf) -> tuple[list[dict[str, Any]], list[int]]:
+    """The app's findings, most costly first, and the pids of the workers they come from:
+    every worker's in multiprocess mode (ScrapeError when the directory is gone)."""
+    shared = shared_findings.read(perf)
+    if shared is None:
+        return [f.to_dict() for f in perf.findings.snapshot()], [os.getpid()]
+    return shared
 
 
 def build_endpoints(perf: Perf) -> dict[str, Endpoint]:
@@ -73,33 +90,41 @@ def build_endpoints(perf: Perf) -> dict[str, Endpoint]:
     settings = perf.settings
 
     def metrics(scope: Scope) -> tuple[bytes, str]:
-        return exposition(perf.registry, _header(scope, b"accept"))
+        return exposition(perf.registry, header(scope, b"accept"))
 
     def findings(scope: Scope) -> tuple[bytes, str]:
-        shared = shared_findings.read(perf)
-        if shared is None:
-            found, pids = [f.to_dict() for f in perf.findings.snapshot()], [os.getpid()]
-        else:
-            found, pids = shared
+        found, pids = read_findings(perf)
         document = {"pid": os.getpid(), "pids": pids, "findings": found}
         return json.dumps(document).encode(), "application/json"
 
     served: dict[str, Endpoint] = {}
     if settings.metrics_path is not None:
-        served[settings.metrics_path] = _protected(metrics, settings.access_token)
+        served[settings.metrics_path] = protected(metrics, settings.access_token)
     if settings.findings_path is not None:
-        served[settings.findings_path] = _protected(findings, settings.access_token)
+        served[settings.findings_path] = protected(findings, settings.access_token)
+    from .dashboard import dashboard_endpoints  # it builds on this module's helpers
+
+    served.update(dashboard_endpoints(perf))
     return served
 
 
-def _protected(render: Callable[[Scope], tuple[bytes, str]], token: str | None) -> Endpoint:
-    """An endpoint answering GET/HEAD with `render(scope)`, behind the bearer token if set."""
+def protected(
+    render: Callable[[Scope], tuple[bytes, str]],
+    token: str | None,
+    *,
+    accepts: Accepts = bearer,
+    component: str = "endpoint",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Endpoint:
+    """An endpoint answering GET/HEAD with `render(scope)`, behind the token if set: the
+    request must carry what `accepts` takes (the bearer header unless told otherwise)."""
+    extra_headers = headers or []
 
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = _refusal(scope, token)
+        refusal = _refusal(scope, token, accepts)
         if refusal is not None:
             status, text, extra = refusal
-            await _respond(send, status, text, _TEXT, extra)
+            await respond(send, status, text, TEXT, [*extra, *extra_headers])
             return
         try:
             if multiprocess_enabled():
@@ -109,12 +134,12 @@ def _protected(render: Callable[[Scope], tuple[bytes, str]], token: str | None) 
                 body, content_type = render(scope)
         except ScrapeError as exc:  # said at each scrape: nothing is exported until it is fixed
             logger.error("perfmw: %s", exc)
-            await _respond(send, 500, f"perfmw: {exc}\n".encode(), _TEXT, [])
+            await respond(send, 500, f"perfmw: {exc}\n".encode(), TEXT, extra_headers)
             return
         except Exception as exc:
-            _guard.report_internal_error("endpoint", exc)
-            await _respond(send, 500, b"perfmw internal error (logged)\n", _TEXT, [])
+            _guard.report_internal_error(component, exc)
+            await respond(send, 500, b"perfmw internal error (logged)\n", TEXT, extra_headers)
             return
-        await _respond(send, 200, body, content_type, [])
+        await respond(send, 200, body, content_type, extra_headers)
 
     return endpoint

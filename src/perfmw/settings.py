@@ -50,6 +50,9 @@ class Settings:
     # Call sites ("path:line", or a path suffix such as "app/legacy.py") whose findings are
     # accepted and not reported: the way to silence a known site.
     silenced_locations: tuple[str, ...] = ()
+    # The live dashboard, a web page; its JSON at `dashboard_data_path`. Last, so that the
+    # fields before it keep their positions.
+    dashboard_path: str | None = "/perfmw"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -57,6 +60,14 @@ class Settings:
             checked = _CHECKS[field.name](field.name, value)
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
+        _check_served_paths(self)
+
+    @property
+    def dashboard_data_path(self) -> str | None:
+        """Where the dashboard page reads its data: `<dashboard_path>/data.json`."""
+        if self.dashboard_path is None:
+            return None
+        return self.dashboard_path.rstrip("/") + "/data.json"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -130,9 +141,30 @@ def _check_strings(field: str, value: object) -> object:
     return items
 
 
+def _check_served_paths(settings: Settings) -> None:
+    """Each endpoint perfmw serves has a path of its own (the dashboard serves two)."""
+    served: dict[str, str] = {}
+    # The later of two fields serving one path is named: the dashboard's when it is one.
+    for field, path in (
+        ("metrics_path", settings.metrics_path),
+        ("findings_path", settings.findings_path),
+        ("dashboard_path", settings.dashboard_path),
+        ("dashboard_path", settings.dashboard_data_path),
+    ):
+        first = served.setdefault(path, field) if path is not None else field
+        if first != field:
+            raise _invalid(
+                field,
+                f"must not serve {path!r}, which {first} ({env_name(first)}) serves: give one "
+                "of them another path, or None",
+                getattr(settings, field),
+            )
+
+
 _CHECKS = {
     "metrics_path": _check_path,
     "findings_path": _check_path,
+    "dashboard_path": _check_path,
     "access_token": _check_optional_str,
     "server_timing": _check_bool,
     "n_plus_one_threshold": _check_count,
@@ -186,6 +218,7 @@ def _parse_list(field: str, raw: str) -> tuple[str, ...]:
 _PARSERS = {
     "metrics_path": _parse_optional,
     "findings_path": _parse_optional,
+    "dashboard_path": _parse_optional,
     "access_token": _parse_optional,
     "server_timing": _parse_bool,
     "n_plus_one_threshold": _parse_int,
