@@ -134,7 +134,7 @@ def port_of(url: str) -> int:
 
 
 LOADERS = {"wrk": wrk_latency, "hey": hey_latency}
-Results = dict[tuple[str, int, str], dict[str, float]]
+Runs = dict[tuple[str, int, str], list[dict[str, float]]]
 
 
 def interleaved(
@@ -143,14 +143,14 @@ def interleaved(
     tools: dict[str, str],
     rounds: int,
     seconds: int,
-) -> Results:
+) -> Runs:
     """Each set-up (its PERFMW_BENCH_SETUP and extra environment, by name) in its own uvicorn,
     all started at once, spans sent to one receiver; every (tool, connections) load run on each
-    in turn, `rounds` times. The medians of requests/s, p50 and p99 (ms), by (tool,
+    in turn, `rounds` times. Each run's requests/s, p50 and p99 (ms), in round order, by (tool,
     connections, set-up name)."""
     receiver, receiver_port = start_receiver()
     servers: dict[str, tuple[subprocess.Popen[Any], str]] = {}
-    runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    runs: Runs = {}
     warm_up = loads[0][0]
     try:
         for name, env in setups.items():
@@ -167,7 +167,18 @@ def interleaved(
         for server, _ in servers.values():
             stop(server)
         stop(receiver)
+    return runs
+
+
+def medians(runs: Runs) -> dict[tuple[str, int, str], dict[str, float]]:
+    """The median requests/s, p50 and p99 of each set-up's runs."""
     return {
         key: {k: statistics.median(run[k] for run in found) for k in ("rps", "p50", "p99")}
         for key, found in runs.items()
     }
+
+
+def paired(runs: list[dict[str, float]], base: list[dict[str, float]], key: str) -> float:
+    """The median over rounds of `key` against the baseline's in the same round: a shared
+    machine's drift from one round to the next cancels."""
+    return statistics.median(a[key] / b[key] for a, b in zip(runs, base, strict=True))

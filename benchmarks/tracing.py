@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 import perfmw
 from benchmarks._asgi import items_app, per_request_us, table
-from benchmarks._load import LOADERS, find_tool, interleaved
+from benchmarks._load import LOADERS, find_tool, interleaved, medians
 
 UNSAMPLED_PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 LOAD_SECONDS = 3
@@ -133,7 +133,7 @@ def under_load(tools: dict[str, str], rounds: int = 3) -> None:
     """Each set-up in its own uvicorn, all started at once; runs interleaved, medians kept."""
     loads = [(tool, connections) for tool, connections in LOAD_RUNS if tool in tools]
     setups = {name: {"PERFMW_BENCH_SETUP": name} for name in SETUPS}
-    results = interleaved(setups, loads, tools, rounds, LOAD_SECONDS)
+    results = medians(interleaved(setups, loads, tools, rounds, LOAD_SECONDS))
     print(
         f"\n{rounds} interleaved rounds of {LOAD_SECONDS} s per run and set-up "
         "(medians); each set-up in its own uvicorn process, spans sent to an OTLP/HTTP receiver "
