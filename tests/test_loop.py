@@ -462,13 +462,14 @@ def test_a_stall_is_logged_once_per_location(
         with serve(app) as server, httpx.Client(base_url=server.url) as client:
             for _ in range(3):
                 client.get("/log-me/150")
-            settle(finished, "/log-me/{ms}", 3)
+            served = settle(finished, "/log-me/{ms}", 3)
         perf.shutdown()
     logged = [r.getMessage() for r in caplog.records if "event loop stalled" in r.getMessage()]
     assert len(logged) == 1
     assert "(blocking) on /log-me/{ms} at " + line_of(__file__, "# blocks the loop") in logged[0]
     assert line_of(__file__, "# blocks the loop") + " in sleepy" in logged[0]  # the stack
-    assert sum(len(r.stalls) for r in finished) == 3
+    # One stall each (a loaded machine may add `starved` ones of its own, on <background>).
+    assert [len(r.stalls) for r in served] == [1, 1, 1]
 
 
 def test_lag_gauge_is_exported_and_small_when_healthy() -> None:
