@@ -33,27 +33,8 @@ from ._report_input import (
     load,
     parse,
 )
-from .report import ReportError, SampleKey, Snapshot, UsageError, fetch
+from .report import COUNTED, CURRENT, ReportError, SampleKey, Snapshot, UsageError, fetch
 
-#: What the report reads: counted over the window (counters and histogram series)...
-COUNTED = (
-    "http_server_request_duration_seconds_count",
-    "http_server_request_duration_seconds_sum",
-    "http_server_request_duration_seconds_bucket",
-    "perfmw_request_db_queries_count",
-    "perfmw_request_db_queries_sum",
-    "perfmw_request_db_seconds_count",
-    "perfmw_request_db_seconds_sum",
-    "perfmw_event_loop_stalls_total",
-    "perfmw_blocking_calls_total",
-    "perfmw_cache_requests_total",
-    "perfmw_cache_evictions_total",
-    "perfmw_n_plus_one_total",
-    "perfmw_findings_total",
-    "perfmw_finding_seconds_total",
-)
-#: ...and read as they are now (gauges).
-CURRENT = ("perfmw_cache_size", "perfmw_cache_max_size")
 #: A finding counted with no application line (see exporters/prometheus.py).
 UNKNOWN_LOCATION = "<unknown>"
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhdw])$")

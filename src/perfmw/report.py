@@ -241,25 +241,28 @@ GAUGES = frozenset(
         "process_start_time_seconds",
     }
 )
-#: The samples the analysis reads (and so checks, in `parse_samples`).
-SERIES = frozenset(
-    {
-        "http_server_request_duration_seconds_count",
-        "http_server_request_duration_seconds_sum",
-        "http_server_request_duration_seconds_bucket",
-        "perfmw_request_db_queries_count",
-        "perfmw_request_db_queries_sum",
-        "perfmw_request_db_seconds_count",
-        "perfmw_request_db_seconds_sum",
-        "perfmw_event_loop_stalls_total",
-        "perfmw_blocking_calls_total",
-        "perfmw_cache_requests_total",
-        "perfmw_cache_evictions_total",
-        "perfmw_cache_size",
-        "perfmw_cache_max_size",
-        "process_start_time_seconds",
-    }
+#: The samples the analysis reads: counted over the report's window (counters and histogram
+#: series; `_report_prometheus` asks Prometheus for their increase)...
+COUNTED = (
+    "http_server_request_duration_seconds_count",
+    "http_server_request_duration_seconds_sum",
+    "http_server_request_duration_seconds_bucket",
+    "perfmw_request_db_queries_count",
+    "perfmw_request_db_queries_sum",
+    "perfmw_request_db_seconds_count",
+    "perfmw_request_db_seconds_sum",
+    "perfmw_event_loop_stalls_total",
+    "perfmw_blocking_calls_total",
+    "perfmw_cache_requests_total",
+    "perfmw_cache_evictions_total",
+    "perfmw_n_plus_one_total",
+    "perfmw_findings_total",
+    "perfmw_finding_seconds_total",
 )
+#: ...and read as they are now (gauges).
+CURRENT = ("perfmw_cache_size", "perfmw_cache_max_size")
+#: Every sample the analysis reads, and so checks in `parse_samples`.
+SERIES = frozenset((*COUNTED, *CURRENT, "process_start_time_seconds"))
 
 
 def _delta_samples(
