@@ -19,6 +19,7 @@ import http.client
 import logging
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -339,9 +340,10 @@ def _run(
         out.write(markdown)
         out.flush()
         if hold is not None:
-            progress.write(dashboard_line(service.url, settings))
-            progress.flush()
-            hold(service)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: stop serving, clean up
+                progress.write(dashboard_line(service.url, settings))
+                progress.flush()
+                hold(service)
     perf = getattr(app, "_perfmw_perf", None)
     if isinstance(perf, perfmw.Perf):
         perf.shutdown()
@@ -365,10 +367,14 @@ def dashboard_line(url: str, settings: perfmw.Settings) -> str:
 
 
 def until_interrupted(service: Service) -> None:
-    """Wait for Ctrl-C (or for the server to stop by itself)."""
-    with contextlib.suppress(KeyboardInterrupt):
-        while service.thread.is_alive():
-            service.thread.join(0.5)
+    """Wait for Ctrl-C or SIGTERM (KeyboardInterrupt, see `main`), or for the server to stop by
+    itself."""
+    while service.thread.is_alive():
+        service.thread.join(0.5)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         "--once", action="store_true", help="exit after the report instead of serving on"
     )
     once = parser.parse_args(argv).once
+    # Ctrl-C and SIGTERM stop the demo whatever this process inherited: a shell that runs it in
+    # the background without job control (a script, a CI step) starts it with SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
     try:
         run_demo(sys.stdout, sys.stderr, hold=None if once else until_interrupted)
     except (report.ReportError, RuntimeError, ValueError) as exc:
