@@ -107,7 +107,10 @@ def test_n_plus_one_request_is_one_trace_in_the_otlp_receiver(
     assert attributes["perfmw.db.duration_ms"] > 0
     assert attributes["perfmw.cache.hits"] == 0
     assert attributes["perfmw.cache.misses"] == 0
-    assert attributes["perfmw.loop.stall_ms"] == 0.0
+    # No stall on a quiet machine. On a busy one the test process's own full collection can
+    # stall this request: then the attribute says what its stall events say.
+    stalls = [attrs["duration_ms"] for name, attrs in span.events if name == "perfmw.loop_stall"]
+    assert attributes["perfmw.loop.stall_ms"] == pytest.approx(sum(stalls))
     assert span.status_code == 0
 
     (n_plus_one,) = [attrs for name, attrs in span.events if name == "perfmw.n_plus_one"]
