@@ -10,14 +10,19 @@ the file lies under it, else relative to the `sys.path` entry that holds it
 (`argon2/low_level.py`), never as an absolute path of the machine.
 
 An application installed into site-packages (`pip install .` in its image) is still the
-application: `instrument()` claims the top-level package of the module that called it.
+application: `instrument()` claims the top-level package of the module that called it. A
+company's own shared packages that live beside the application (a repository layer, a common
+database package) count as library code when the `library_paths` setting names them: findings
+then name the line that called them, with `via` naming their function.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import sysconfig
+from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import NamedTuple
 
@@ -35,6 +40,7 @@ _STDLIB_ROOTS = _stdlib_roots()
 # perfmw itself, wherever it is installed from (an editable install is not in site-packages)
 _PERFMW_ROOT = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
 _app_roots: tuple[str, ...] = ()  # application packages that live in site-packages
+_library_roots: tuple[str, ...] = ()  # the application's own packages named by library_paths
 _origin_cache: dict[CodeType, int] = {}
 _display_cache: dict[str, str] = {}
 
@@ -56,6 +62,8 @@ def _origin_of_file(filename: str) -> int:
     if filename.startswith("<"):  # <frozen importlib>, <string>
         return _APP if filename.startswith("<ipython") else _LIBRARY
     path = os.path.realpath(filename)
+    if path.startswith(_library_roots):
+        return _LIBRARY
     if path.startswith(_app_roots):
         return _APP
     if path.startswith(_PERFMW_ROOT):
@@ -101,6 +109,37 @@ def claim_application(frame: FrameType | None) -> None:
     if root not in _app_roots:
         _app_roots = (*_app_roots, root)
         _origin_cache.clear()
+
+
+def library_root(entry: str) -> str | None:
+    """Where a `library_paths` entry lives: a directory or file (absolute, or relative to the
+    working directory), else an importable package or module by its dotted name; None when it
+    is neither."""
+    if os.path.exists(entry):
+        path = os.path.realpath(entry)
+        return os.path.join(path, "") if os.path.isdir(path) else path
+    if not all(part.isidentifier() for part in entry.split(".")):
+        return None
+    try:
+        spec = importlib.util.find_spec(entry)  # imports the parents of a dotted name, not it
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return os.path.join(os.path.realpath(next(iter(spec.submodule_search_locations))), "")
+    return os.path.realpath(spec.origin) if spec.origin and os.path.isabs(spec.origin) else None
+
+
+def count_as_library(entries: Iterable[str]) -> None:
+    """Count the code under each `library_paths` entry as library code, process-wide."""
+    global _library_roots
+    roots = [root for root in map(library_root, entries) if root is not None]
+    added = tuple(root for root in dict.fromkeys(roots) if root not in _library_roots)
+    if added:
+        _library_roots = (*_library_roots, *added)
+        _origin_cache.clear()
+        _display_cache.clear()
 
 
 def display_path(filename: str) -> str:

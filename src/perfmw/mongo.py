@@ -10,20 +10,22 @@ housekeeping is ignored; a getMore adds its time and documents to the query that
 cursor. A client that has these listeners twice (process-wide and `mongo_listeners()`) sees
 every event twice: the in-flight table and the per-connection states make the second a no-op.
 
-The stack is read only when a finding needs a location: at the Nth repetition of a shape, for
-a slow query, for a read that follows another read on a different collection, and for a sync
-command on the event loop's thread. Everything here runs under `_guard.guard("mongo")`.
+The stack is read only for the first query of each shape in a request and when a finding
+needs a location: from the Nth repetition of a shape on, for a slow query, for a read that
+follows another read on a different collection, and for a sync command on the event loop's
+thread. Everything here runs under `_guard.guard("mongo")`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
 import time
 import weakref
 from asyncio.events import _get_running_loop
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from types import CodeType, FrameType
 from typing import Any
@@ -121,14 +123,25 @@ def _executor_future() -> Any:
         return None
     work = frame.f_locals.get("self")
     for callback in getattr(getattr(work, "future", None), "_done_callbacks", ()):
-        for cell in getattr(callback, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
+        for value in _held_by(callback):
             if isinstance(value, asyncio.Future):
                 return value
     return None
+
+
+def _held_by(callback: Any) -> Iterator[Any]:
+    """What a future's done callback holds: its closure, and a functools.partial's arguments
+    (motor chains its futures with `partial(loop.call_soon_threadsafe, callback, *args)`)."""
+    for _depth in range(3):
+        for cell in getattr(callback, "__closure__", None) or ():
+            try:
+                yield cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        if not isinstance(callback, functools.partial):
+            return
+        yield from callback.args
+        callback = callback.args[0] if callback.args else callback.func
 
 
 def _awaiting(future: asyncio.Future[Any]) -> set[int]:
@@ -137,11 +150,7 @@ def _awaiting(future: asyncio.Future[Any]) -> set[int]:
     todo = [future]
     while todo and len(seen) < 16:
         for callback, _context in getattr(todo.pop(), "_callbacks", None) or ():
-            for cell in getattr(callback, "__closure__", None) or ():
-                try:
-                    value = cell.cell_contents
-                except ValueError:
-                    continue
+            for value in _held_by(callback):
                 if isinstance(value, asyncio.Future) and id(value) not in seen:
                     seen.add(id(value))
                     todo.append(value)
@@ -341,7 +350,9 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
             elif verdict == explain.REPEATED:
                 _place(query, sys._getframe(1))
                 _explain(query, command, sys._getframe(1))
-        if repeated >= threshold:
+        # Located: the first of each shape (what `current_request().queries` show) and each
+        # one from the Nth on (the N+1's); those in between cost no stack walk.
+        if repeated == 1 or repeated >= threshold:
             if query.location is None:
                 _place(query, sys._getframe(1))
         elif (

@@ -63,6 +63,7 @@ class Perf:
         self.sink: PrometheusSink = sink_for(self.registry)
         self.findings = FindingsStore(self.settings.max_findings)
         self.routes = RouteLabels(self.settings.max_routes, app)
+        _frames.count_as_library(self.settings.library_paths)
         # None when settings.trace is off: the middleware's only tracing cost is this check.
         self.tracing = tracing_sink.for_perf(self)
         self.loop_started = False

@@ -1,0 +1,404 @@
+"""ODMs: Beanie, ODMantic and MongoEngine users get the same findings at their own lines.
+
+Each ODM's N+1 (a `Link` fetched per document, `get` / `find_one` in a loop, a `ReferenceField`
+dereferenced per document) against its batched twin, served by a real uvicorn from the embedded
+MongoDB server. The ODM's own frames are library code: the finding names the application's line
+in the loop, and `via` the ODM function that line called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import beanie
+import httpx
+import mongoengine
+import odmantic
+import pytest
+from beanie.operators import In
+from fastapi import FastAPI
+from motor.motor_asyncio import AsyncIOMotorClient
+from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient
+
+import perfmw
+from support import line_of, serve
+
+HERE = Path(__file__).relative_to(Path.cwd()) if Path(__file__).is_absolute() else Path(__file__)
+AUTHORS = 6
+
+
+def findings(url: str, route: str) -> list[dict[str, Any]]:
+    found = httpx.get(url + "/perfmw/findings", timeout=10).json()["findings"]
+    # (a slow_query may show up on a loaded machine: the claims here are about query patterns)
+    return [f for f in found if f["route"] == route and f["kind"] != "slow_query"]
+
+
+def located(record: Any) -> list[str | None]:
+    """The call site of each query of the running request, as the application sees them."""
+    return [query.location for query in record.queries]
+
+
+def settings() -> perfmw.Settings:
+    return perfmw.Settings(server_timing=True, n_plus_one_threshold=5)
+
+
+def query_count(response: httpx.Response) -> str:
+    timing = response.headers["server-timing"]
+    return timing.split('desc="', 1)[1].split('"', 1)[0]
+
+
+# Beanie (on pymongo's AsyncMongoClient)
+
+
+class Author(beanie.Document):
+    name: str
+
+
+class Book(beanie.Document):
+    title: str
+    author: beanie.Link[Author]
+
+
+def beanie_app(mongo_uri: str) -> FastAPI:
+    database = "beanie" + uuid.uuid4().hex[:8]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_uri)
+        await beanie.init_beanie(database=client[database], document_models=[Author, Book])
+        for i in range(AUTHORS):
+            author = Author(name=f"author {i}")
+            await author.insert()
+            await Book(title=f"book {i}", author=author).insert()  # type: ignore[arg-type]
+        yield
+        await client.close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/books/links")
+    async def books_links() -> dict[str, Any]:
+        books = await Book.find_many().to_list()
+        for book in books:
+            await book.fetch_link(Book.author)  # beanie: fetch_link per book
+        names = [book.author.name for book in books]  # type: ignore[union-attr]
+        return {"names": names, "located": located(perfmw.current_request())}
+
+    @app.get("/authors/each")
+    async def authors_each() -> dict[str, Any]:
+        books = await Book.find_many().to_list()
+        names = []
+        for book in books:
+            author = await Author.get(book.author.ref.id)  # beanie: get per book
+            names.append(author.name if author else None)
+        return {"names": names}
+
+    @app.get("/books/in")
+    async def books_in() -> dict[str, Any]:
+        books = await Book.find_many().to_list()
+        ids = [book.author.ref.id for book in books]
+        authors = {a.id: a.name for a in await Author.find(In(Author.id, ids)).to_list()}
+        return {"names": [authors[i] for i in ids]}
+
+    @app.get("/books/fetched")
+    async def books_fetched() -> dict[str, Any]:
+        books = await Book.find_many(fetch_links=True).to_list()
+        return {"books": len(books)}
+
+    perfmw.instrument(app, settings=settings(), registry=CollectorRegistry())
+    return app
+
+
+@pytest.fixture(scope="module")
+def beanie_server(mongo_uri: str) -> Iterator[Any]:
+    with serve(beanie_app(mongo_uri)) as server:
+        yield server
+
+
+def test_beanie_fetch_link_in_a_loop_is_an_n_plus_one_at_the_loop(beanie_server: Any) -> None:
+    response = httpx.get(beanie_server.url + "/books/links", timeout=30)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["names"] == [f"author {i}" for i in range(AUTHORS)]
+    assert query_count(response) == f"{1 + AUTHORS} queries"
+    loop_line = line_of(HERE, "# beanie: fetch_link per book")
+    [found] = findings(beanie_server.url, "/books/links")
+    assert found["kind"] == "n_plus_one"
+    assert found["location"] == loop_line
+    assert found["via"] == "beanie.odm.documents.Document.fetch_link"
+    assert found["detail"]["collection"] == "Author"
+    assert found["detail"]["repetitions"] == AUTHORS
+    # The request's own queries name the same line: the first of the shape, and each one from
+    # the Nth (the N+1's) on; those in between were not located (locating costs a stack walk).
+    threshold = settings().n_plus_one_threshold
+    assert body["located"] == [
+        line_of(HERE, "books = await Book.find_many().to_list()"),
+        loop_line,
+        *[None] * (threshold - 2),
+        *[loop_line] * (AUTHORS - threshold + 1),
+    ]
+
+
+def test_beanie_get_in_a_loop_is_an_n_plus_one_at_the_loop(beanie_server: Any) -> None:
+    response = httpx.get(beanie_server.url + "/authors/each", timeout=30)
+    assert response.json()["names"] == [f"author {i}" for i in range(AUTHORS)]
+    [found] = findings(beanie_server.url, "/authors/each")
+    assert found["kind"] == "n_plus_one"
+    assert found["location"] == line_of(HERE, "# beanie: get per book")
+    assert found["via"] == "beanie.odm.documents.Document.get"
+
+
+def test_beanie_batched_twins_are_clean(beanie_server: Any) -> None:
+    response = httpx.get(beanie_server.url + "/books/in", timeout=30)
+    assert response.json()["names"] == [f"author {i}" for i in range(AUTHORS)]
+    assert query_count(response) == "2 queries"
+    assert findings(beanie_server.url, "/books/in") == []
+    # One aggregate with a $lookup. (The embedded server does not resolve a $lookup on a DBRef's
+    # `$id`, so the links stay unresolved here; against MongoDB they are the authors.)
+    response = httpx.get(beanie_server.url + "/books/fetched", timeout=30)
+    assert response.json() == {"books": AUTHORS}
+    assert query_count(response) == "1 query"
+    assert findings(beanie_server.url, "/books/fetched") == []
+
+
+# ODMantic (on motor)
+
+
+class Writer(odmantic.Model):
+    name: str
+
+
+class Novel(odmantic.Model):
+    title: str
+    writer_name: str
+
+
+def odmantic_app(mongo_uri: str) -> FastAPI:
+    database = "odmantic" + uuid.uuid4().hex[:8]
+    engines: dict[str, odmantic.AIOEngine] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client: AsyncIOMotorClient[Any] = AsyncIOMotorClient(mongo_uri)
+        engine = engines["engine"] = odmantic.AIOEngine(client=client, database=database)
+        await engine.save_all([Writer(name=f"writer {i}") for i in range(AUTHORS)])
+        await engine.save_all(
+            [Novel(title=f"novel {i}", writer_name=f"writer {i}") for i in range(AUTHORS)]
+        )
+        yield
+        client.close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/novels/each")
+    async def novels_each() -> dict[str, Any]:
+        engine = engines["engine"]
+        novels = await engine.find(Novel, sort=Novel.title)
+        writers = []
+        for novel in novels:
+            writer = await engine.find_one(Writer, Writer.name == novel.writer_name)  # odmantic
+            writers.append(writer.name if writer else None)
+        return {"writers": writers, "located": located(perfmw.current_request())}
+
+    @app.get("/novels/in")
+    async def novels_in() -> dict[str, Any]:
+        engine = engines["engine"]
+        novels = await engine.find(Novel, sort=Novel.title)
+        names = [novel.writer_name for novel in novels]
+        found = await engine.find(Writer, odmantic.query.in_(Writer.name, names))
+        return {"writers": sorted(writer.name for writer in found)}
+
+    perfmw.instrument(app, settings=settings(), registry=CollectorRegistry())
+    return app
+
+
+@pytest.fixture(scope="module")
+def odmantic_server(mongo_uri: str) -> Iterator[Any]:
+    with serve(odmantic_app(mongo_uri)) as server:
+        yield server
+
+
+def test_odmantic_find_one_in_a_loop_is_an_n_plus_one_at_the_loop(odmantic_server: Any) -> None:
+    response = httpx.get(odmantic_server.url + "/novels/each", timeout=30)
+    body = response.json()
+    assert body["writers"] == [f"writer {i}" for i in range(AUTHORS)]
+    assert query_count(response) == f"{1 + AUTHORS} queries"
+    loop_line = line_of(HERE, "# odmantic")
+    [found] = findings(odmantic_server.url, "/novels/each")
+    assert found["kind"] == "n_plus_one"
+    assert found["location"] == loop_line
+    assert found["via"] == "odmantic.engine.AIOEngine.find_one"
+    assert found["detail"]["collection"] == "writer"
+    # motor runs pymongo in a thread: the line is found on the suspended coroutine.
+    assert body["located"][0] == line_of(HERE, "novels = await engine.find(Novel, sort=")
+    assert body["located"][1] == loop_line
+    assert body["located"][-1] == loop_line
+
+
+def test_odmantic_batched_twin_is_clean(odmantic_server: Any) -> None:
+    response = httpx.get(odmantic_server.url + "/novels/in", timeout=30)
+    assert response.json()["writers"] == [f"writer {i}" for i in range(AUTHORS)]
+    assert query_count(response) == "2 queries"
+    assert findings(odmantic_server.url, "/novels/in") == []
+
+
+# MongoEngine (on the sync MongoClient, in `def` endpoints: Starlette's threadpool)
+
+
+class Editor(mongoengine.Document):
+    name = mongoengine.StringField()
+    meta = {"db_alias": "perfmw-tests"}
+
+
+class Article(mongoengine.Document):
+    title = mongoengine.StringField()
+    editor = mongoengine.ReferenceField(Editor)
+    meta = {"db_alias": "perfmw-tests"}
+
+
+def mongoengine_app(mongo_uri: str) -> FastAPI:
+    database = "mongoengine" + uuid.uuid4().hex[:8]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mongoengine.connect(
+            db=database, host=mongo_uri, alias="perfmw-tests", uuidRepresentation="standard"
+        )
+        for i in range(AUTHORS):
+            editor = Editor(name=f"editor {i}").save()
+            Article(title=f"article {i}", editor=editor).save()
+        yield
+        mongoengine.disconnect(alias="perfmw-tests")
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/articles/each")
+    def articles_each() -> dict[str, Any]:
+        names = []
+        for article in Article.objects.order_by("title"):
+            names.append(article.editor.name)  # mongoengine: dereference per article
+        return {"editors": names, "located": located(perfmw.current_request())}
+
+    @app.get("/articles/related")
+    def articles_related() -> dict[str, Any]:
+        articles = Article.objects.order_by("title").select_related()
+        return {"editors": [article.editor.name for article in articles]}
+
+    perfmw.instrument(app, settings=settings(), registry=CollectorRegistry())
+    return app
+
+
+@pytest.fixture(scope="module")
+def mongoengine_server(mongo_uri: str) -> Iterator[Any]:
+    with serve(mongoengine_app(mongo_uri)) as server:
+        yield server
+
+
+def test_mongoengine_reference_in_a_loop_is_an_n_plus_one_at_the_loop(
+    mongoengine_server: Any,
+) -> None:
+    response = httpx.get(mongoengine_server.url + "/articles/each", timeout=30)
+    body = response.json()
+    assert body["editors"] == [f"editor {i}" for i in range(AUTHORS)]
+    assert query_count(response) == f"{1 + AUTHORS} queries"
+    loop_line = line_of(HERE, "# mongoengine: dereference per article")
+    [found] = findings(mongoengine_server.url, "/articles/each")
+    assert found["kind"] == "n_plus_one"
+    assert found["location"] == loop_line
+    assert found["detail"]["collection"] == "editor"
+    assert body["located"][1] == loop_line
+    assert body["located"][-1] == loop_line
+
+
+def test_mongoengine_select_related_is_clean(mongoengine_server: Any) -> None:
+    response = httpx.get(mongoengine_server.url + "/articles/related", timeout=30)
+    assert response.json()["editors"] == [f"editor {i}" for i in range(AUTHORS)]
+    assert query_count(response) == "2 queries"
+    assert findings(mongoengine_server.url, "/articles/related") == []
+
+
+# assert_max_queries counts what each ODM sends
+
+
+def test_assert_max_queries_counts_odm_queries_exactly(
+    beanie_server: Any, odmantic_server: Any, mongoengine_server: Any
+) -> None:
+    for server, path, queries in (
+        (beanie_server, "/books/links", 1 + AUTHORS),
+        (beanie_server, "/books/in", 2),
+        (odmantic_server, "/novels/each", 1 + AUTHORS),
+        (mongoengine_server, "/articles/each", 1 + AUTHORS),
+        (mongoengine_server, "/articles/related", 2),
+    ):
+        with perfmw.testing.assert_max_queries(queries):
+            assert httpx.get(server.url + path, timeout=30).status_code == 200
+        with (
+            pytest.raises(AssertionError, match=f"{queries} were sent"),
+            perfmw.testing.assert_max_queries(queries - 1),
+        ):
+            httpx.get(server.url + path, timeout=30)
+
+
+# A company's own shared package: the application's code, counted as library code on request
+
+
+SHARED_PACKAGE = """
+async def find_user(users, user_id):
+    return await users.find_one({"_id": user_id})
+"""
+
+
+def test_library_paths_locate_findings_at_the_line_that_called_the_shared_package(
+    mongo_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "acme_common").mkdir()
+    (tmp_path / "acme_common" / "__init__.py").write_text("")
+    (tmp_path / "acme_common" / "users.py").write_text(SHARED_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "acme_common", raising=False)
+    monkeypatch.delitem(sys.modules, "acme_common.users", raising=False)
+    import acme_common.users  # type: ignore[import-not-found]
+
+    database = "shared" + uuid.uuid4().hex[:8]
+
+    def app_with(settings: perfmw.Settings) -> FastAPI:
+        clients: dict[str, Any] = {}
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            clients["users"] = AsyncMongoClient(mongo_uri)[database].users
+            yield
+            await clients["users"].database.client.close()
+
+        app = FastAPI(lifespan=lifespan)
+
+        @app.get("/team")
+        async def team() -> int:
+            for user_id in range(AUTHORS):
+                await acme_common.users.find_user(clients["users"], user_id)  # the team loop
+            return AUTHORS
+
+        perfmw.instrument(app, settings=settings, registry=CollectorRegistry())
+        return app
+
+    # By default the shared package is the application's code: its own line is named.
+    with serve(app_with(perfmw.Settings())) as server:
+        httpx.get(server.url + "/team", timeout=30)
+        [found] = findings(server.url, "/team")
+    assert (found["location"], found["via"]) == (
+        "acme_common/users.py:3",
+        "pymongo.asynchronous.collection.AsyncCollection.find_one",
+    )
+    # Named in library_paths, it is library code: the loop that called it is named.
+    with serve(app_with(perfmw.Settings(library_paths=("acme_common",)))) as server:
+        httpx.get(server.url + "/team", timeout=30)
+        [found] = findings(server.url, "/team")
+    assert (found["location"], found["via"]) == (
+        line_of(HERE, "# the team loop"),
+        "acme_common.users.find_user",
+    )
