@@ -23,11 +23,14 @@ import pytest
 from beanie.operators import In
 from fastapi import FastAPI
 from motor.motor_asyncio import AsyncIOMotorClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
 
 import perfmw
-from support import line_of, serve
+from support import line_of, serve, wait_for
 
 HERE = Path(__file__).relative_to(Path.cwd()) if Path(__file__).is_absolute() else Path(__file__)
 AUTHORS = 6
@@ -46,6 +49,34 @@ def located(record: Any) -> list[str | None]:
 
 def settings() -> perfmw.Settings:
     return perfmw.Settings(server_timing=True, n_plus_one_threshold=5)
+
+
+def instrumented(app: FastAPI) -> FastAPI:
+    """`app` with perfmw, tracing into an in-memory exporter kept at `app.state.spans`."""
+    app.state.spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(app.state.spans))
+    perfmw.instrument(
+        app, settings=settings(), registry=CollectorRegistry(), tracer_provider=provider
+    )
+    return app
+
+
+def mongo_children(app: FastAPI, route: str) -> list[str]:
+    """The MongoDB spans under the latest server span of `route`, by collection."""
+    spans = app.state.spans.get_finished_spans()
+    servers = [s for s in spans if s.kind.name == "SERVER" and s.name == f"GET {route}"]
+    if not servers:  # it ends once the response is sent: maybe not yet
+        return []
+    server = servers[-1]
+    return [
+        str((s.attributes or {}).get("db.mongodb.collection"))
+        for s in spans
+        if s.kind.name == "CLIENT"
+        and s.parent is not None
+        and s.parent.span_id == server.context.span_id
+        and s.context.trace_id == server.context.trace_id
+    ]
 
 
 def query_count(response: httpx.Response) -> str:
@@ -110,13 +141,14 @@ def beanie_app(mongo_uri: str) -> FastAPI:
         books = await Book.find_many(fetch_links=True).to_list()
         return {"books": len(books)}
 
-    perfmw.instrument(app, settings=settings(), registry=CollectorRegistry())
-    return app
+    return instrumented(app)
 
 
 @pytest.fixture(scope="module")
 def beanie_server(mongo_uri: str) -> Iterator[Any]:
-    with serve(beanie_app(mongo_uri)) as server:
+    app = beanie_app(mongo_uri)
+    with serve(app) as server:
+        server.app = app
         yield server
 
 
@@ -213,13 +245,14 @@ def odmantic_app(mongo_uri: str) -> FastAPI:
         found = await engine.find(Writer, odmantic.query.in_(Writer.name, names))
         return {"writers": sorted(writer.name for writer in found)}
 
-    perfmw.instrument(app, settings=settings(), registry=CollectorRegistry())
-    return app
+    return instrumented(app)
 
 
 @pytest.fixture(scope="module")
 def odmantic_server(mongo_uri: str) -> Iterator[Any]:
-    with serve(odmantic_app(mongo_uri)) as server:
+    app = odmantic_app(mongo_uri)
+    with serve(app) as server:
+        server.app = app
         yield server
 
 
@@ -289,13 +322,14 @@ def mongoengine_app(mongo_uri: str) -> FastAPI:
         articles = Article.objects.order_by("title").select_related()
         return {"editors": [article.editor.name for article in articles]}
 
-    perfmw.instrument(app, settings=settings(), registry=CollectorRegistry())
-    return app
+    return instrumented(app)
 
 
 @pytest.fixture(scope="module")
 def mongoengine_server(mongo_uri: str) -> Iterator[Any]:
-    with serve(mongoengine_app(mongo_uri)) as server:
+    app = mongoengine_app(mongo_uri)
+    with serve(app) as server:
+        server.app = app
         yield server
 
 
@@ -402,3 +436,19 @@ def test_library_paths_locate_findings_at_the_line_that_called_the_shared_packag
         line_of(HERE, "# the team loop"),
         "acme_common.users.find_user",
     )
+
+
+# Traces: each ODM's queries are MongoDB spans under the request's span
+
+
+def test_odm_queries_are_spans_under_the_request_span(
+    beanie_server: Any, odmantic_server: Any, mongoengine_server: Any
+) -> None:
+    for server, route, first, then in (
+        (beanie_server, "/books/links", "Book", "Author"),
+        (odmantic_server, "/novels/each", "novel", "writer"),
+        (mongoengine_server, "/articles/each", "article", "editor"),
+    ):
+        assert httpx.get(server.url + route, timeout=30).status_code == 200
+        children = wait_for(lambda: mongo_children(server.app, route))  # noqa: B023
+        assert sorted(children) == sorted([first] + [then] * AUTHORS), route
