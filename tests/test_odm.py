@@ -449,6 +449,7 @@ def test_odm_queries_are_spans_under_the_request_span(
         (odmantic_server, "/novels/each", "novel", "writer"),
         (mongoengine_server, "/articles/each", "article", "editor"),
     ):
+        server.app.state.spans.clear()
         assert httpx.get(server.url + route, timeout=30).status_code == 200
         children = wait_for(lambda: mongo_children(server.app, route))  # noqa: B023
         assert sorted(children) == sorted([first] + [then] * AUTHORS), route
