@@ -420,22 +420,22 @@ def test_library_paths_locate_findings_at_the_line_that_called_the_shared_packag
         perfmw.instrument(app, settings=settings, registry=CollectorRegistry())
         return app
 
-    # By default the shared package is the application's code: its own line is named.
+    loop = line_of(HERE, "# the team loop")
+    # By default the shared package is the application's code: the chain goes down into it.
     with serve(app_with(perfmw.Settings())) as server:
         httpx.get(server.url + "/team", timeout=30)
         [found] = findings(server.url, "/team")
-    assert (found["location"], found["via"]) == (
-        "acme_common/users.py:3",
+    assert (found["location"], found["via"], found["detail"]["chain"]) == (
+        loop,
         "pymongo.asynchronous.collection.AsyncCollection.find_one",
+        [loop, "acme_common/users.py:3"],
     )
-    # Named in library_paths, it is library code: the loop that called it is named.
+    # Named in library_paths, it is library code, like an ODM: `via` names it.
     with serve(app_with(perfmw.Settings(library_paths=("acme_common",)))) as server:
         httpx.get(server.url + "/team", timeout=30)
         [found] = findings(server.url, "/team")
-    assert (found["location"], found["via"]) == (
-        line_of(HERE, "# the team loop"),
-        "acme_common.users.find_user",
-    )
+    assert (found["location"], found["via"]) == (loop, "acme_common.users.find_user")
+    assert "chain" not in found["detail"]
 
 
 # Traces: each ODM's queries are MongoDB spans under the request's span
@@ -453,3 +453,68 @@ def test_odm_queries_are_spans_under_the_request_span(
         assert httpx.get(server.url + route, timeout=30).status_code == 200
         children = wait_for(lambda: mongo_children(server.app, route))  # noqa: B023
         assert sorted(children) == sorted([first] + [then] * AUTHORS), route
+
+
+# A repository method called in four loops: four N+1s, each at its loop
+
+
+REPOSITORY = """
+async def find_user(users, user_id):
+    return await users.find_one({"_id": user_id})
+"""
+
+
+def test_four_loops_over_one_repository_method_are_four_findings_at_their_loops(
+    mongo_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "team_repository.py").write_text(REPOSITORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "team_repository", raising=False)
+    import team_repository  # type: ignore[import-not-found]
+
+    clients: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients["users"] = AsyncMongoClient(mongo_uri)["loops" + uuid.uuid4().hex[:8]].users
+        yield
+        await clients["users"].database.client.close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    async def owners(users: Any) -> None:
+        for user_id in range(AUTHORS):
+            await team_repository.find_user(users, user_id)  # loop 3, one call deeper
+
+    @app.get("/everyone")
+    async def everyone() -> int:
+        users = clients["users"]
+        for user_id in range(AUTHORS):
+            await team_repository.find_user(users, user_id)  # loop 1
+        user_id = 0
+        while user_id < AUTHORS:
+            await team_repository.find_user(users, user_id)  # loop 2
+            user_id += 1
+        await owners(users)
+        return len([await team_repository.find_user(users, i) for i in range(AUTHORS)])  # loop 4
+
+    with serve(instrumented(app)) as server:
+        assert httpx.get(server.url + "/everyone", timeout=30).json() == AUTHORS
+        found = findings(server.url, "/everyone")
+    repository_line = "team_repository.py:3"
+    loops = {
+        line_of(HERE, "# loop 1"): [line_of(HERE, "# loop 1"), repository_line],
+        line_of(HERE, "# loop 2"): [line_of(HERE, "# loop 2"), repository_line],
+        line_of(HERE, "# loop 3, one call deeper"): [
+            line_of(HERE, "# loop 3, one call deeper"),
+            repository_line,
+        ],
+        line_of(HERE, "# loop 4"): [line_of(HERE, "# loop 4"), repository_line],
+    }
+    assert sorted((f["kind"], f["location"]) for f in found) == sorted(
+        ("n_plus_one", line) for line in loops
+    )
+    for finding in found:
+        assert finding["detail"]["repetitions"] == AUTHORS, finding["location"]
+        assert finding["detail"]["chain"] == loops[finding["location"]]
+        assert finding["via"] == "pymongo.asynchronous.collection.AsyncCollection.find_one"

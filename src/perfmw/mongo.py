@@ -95,20 +95,22 @@ _cursors: dict[tuple[Any, Any], Query] = {}  # (cursor id, server address) -> op
 # Where the application is.
 
 
-def locate(frame: FrameType | None = None) -> _frames.CallSite:
+def locate(frame: FrameType | None = None, in_loop: bool = False) -> _frames.CallSite:
     """The application's call site for the command being published on this thread.
 
     Motor runs pymongo in a worker thread whose stack holds no application frame; the frame is
     a coroutine suspended on the loop, found through the future the worker is completing.
     """
-    site = _frames.call_site(frame if frame is not None else sys._getframe(1))
+    site = _frames.call_site(frame if frame is not None else sys._getframe(1), in_loop)
     if site.location is not None:
         return site
-    return _suspended_location() or site
+    return _suspended_location(in_loop) or site
 
 
-def _place(query: Query, frame: FrameType | None) -> None:
-    query.location, query.via = locate(frame)
+def _place(query: Query, frame: FrameType | None, in_loop: bool = False) -> None:
+    query.location, query.via, chain = locate(frame, in_loop)
+    if chain:
+        query.loop = chain
 
 
 def _executor_future() -> Any:
@@ -157,7 +159,7 @@ def _awaiting(future: asyncio.Future[Any]) -> set[int]:
     return seen
 
 
-def _suspended_location() -> _frames.CallSite | None:
+def _suspended_location(in_loop: bool = False) -> _frames.CallSite | None:
     """The line awaiting this command in another task: motor's worker threads, gather's tasks."""
     future: Any = _executor_future()
     attempts = 5
@@ -174,7 +176,7 @@ def _suspended_location() -> _frames.CallSite | None:
         for _level in range(4):
             if found is None:
                 break
-            site = _coroutine_location(found.get_coro())
+            site = _coroutine_location(found.get_coro(), in_loop)
             if site is not None:
                 return site
             found = _awaiting_task(loop, found)  # a task awaiting a task awaiting us
@@ -195,7 +197,7 @@ def _awaiting_task(loop: asyncio.AbstractEventLoop, future: Any) -> Any:
     return None
 
 
-def _coroutine_location(coro: Any) -> _frames.CallSite | None:
+def _coroutine_location(coro: Any, in_loop: bool = False) -> _frames.CallSite | None:
     """The call site in a suspended chain of coroutines (its innermost application frame)."""
     frames: list[FrameType] = []
     while coro is not None and len(frames) < 64:
@@ -203,7 +205,7 @@ def _coroutine_location(coro: Any) -> _frames.CallSite | None:
         if frame is not None:
             frames.append(frame)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    site = _frames.chain_site(frames)
+    site = _frames.chain_site(frames, in_loop)
     return site if site.location is not None else None
 
 
@@ -354,7 +356,7 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         # one from the Nth on (the N+1's); those in between cost no stack walk.
         if repeated == 1 or repeated >= threshold:
             if query.location is None:
-                _place(query, sys._getframe(1))
+                _place(query, sys._getframe(1), in_loop=True)
         elif (
             previous is not None
             and name in READS

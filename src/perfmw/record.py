@@ -49,6 +49,9 @@ class Query:
     on_loop: Any = None
     stall_seconds: float = 0.0
     via: str | None = None  # the library function the application's line called
+    # The application's lines from the one inside a loop down to `location` (outermost first),
+    # read for the queries an N+1 is judged on; () when no application line loops.
+    loop: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, eq=False)
