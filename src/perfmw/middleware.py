@@ -114,6 +114,8 @@ class PerfMiddleware:
                 exchange.finish()
         finally:
             _leave(token)
+            if record.background is not None:
+                _finish_background(perf, record.background)
             if trace_token is not None:
                 try:  # inline: a call less per traced request
                     _detach_span(trace_token)
@@ -199,6 +201,16 @@ class _Exchange:
                 perf.sink.fold()
         except Exception as exc:
             _guard.report_internal_error("finish", exc)
+
+
+def _finish_background(perf: Perf, record: RequestRecord) -> None:
+    """The request's background tasks are done: their record is counted under its own route."""
+    record.duration_seconds = _clock() - record.started_at
+    try:
+        perf.finish(record)
+        perf.sink.observe_background(record)
+    except Exception as exc:
+        _guard.report_internal_error("finish", exc)
 
 
 def _flushing_at_shutdown(send: Send, perf: Perf) -> Send:

@@ -37,7 +37,7 @@ from . import _frames, _guard, explain
 from .detectors.mongo import UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
 from .exporters._families import gauge_from
 from .exporters.prometheus import PrometheusSink, live_sinks
-from .record import BlockingCall, Query, RequestRecord, _current
+from .record import BlockingCall, Query, RequestRecord, _current, after_response
 from .settings import Settings
 from .shapes import shape_of
 
@@ -289,7 +289,7 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         return  # the same event again: this client has perfmw's listeners twice
     record = _current.get()
     if record is not None and record.closed:
-        record = None
+        record = after_response(record)
     if record is None and _internal.get():
         return
     command = event.command

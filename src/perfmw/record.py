@@ -84,6 +84,7 @@ class RequestRecord:
 
     __slots__ = (
         "__weakref__",
+        "background",
         "blocking_calls",
         "cache_hits",
         "cache_misses",
@@ -113,7 +114,7 @@ class RequestRecord:
         self.route = route
         self.method = method
         self.path = path
-        self.kind = kind  # "http", or "track" for perfmw.track()
+        self.kind = kind  # "http", "track" for perfmw.track(), "background" (after_response)
         self.owner = owner  # the Perf whose sinks receive this record
         self.status_code: int | None = None
         self.started_at = time.perf_counter()
@@ -135,6 +136,8 @@ class RequestRecord:
         self.span: Any = None
         # Queries per shape so far, kept by the MongoDB listener to spot the Nth repetition.
         self.shape_counts: dict[str, int] = {}
+        # What the request's background tasks send after its response ("<route> (background)").
+        self.background: RequestRecord | None = None
 
     @property
     def db_queries(self) -> int:
@@ -156,6 +159,19 @@ class RequestRecord:
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("perfmw_request", default=None)
+
+
+def after_response(record: RequestRecord) -> RequestRecord | None:
+    """Where work of a finished HTTP request goes (its BackgroundTasks, run after the response):
+    a record of its own, named after the route that scheduled it."""
+    if record.kind != "http" or record.owner is None:
+        return None
+    background = record.background
+    if background is None:
+        background = record.background = RequestRecord(
+            f"{record.route} (background)", record.method, record.path, "background", record.owner
+        )
+    return None if background.closed else background
 
 
 def current_request() -> RequestRecord | None:
