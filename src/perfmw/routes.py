@@ -6,11 +6,12 @@
 /no/such/page      -> "<unmatched>"
 the 501st template -> "<other>"                       (max_routes=500)
 
-Routing leaves different traces in the scope from one release to the next: Starlette before
-0.33 puts no `route` in it (only FastAPI's routes do), FastAPI from 0.12x keeps included routes
-unprefixed and records the prefixed one in `scope["fastapi"]`. Where the route in the scope
-alone does not give the whole template, the request as it entered is matched again against
-the app's routes (see `_match`), which every release answers the same way.
+Routing leaves different traces in the scope from one release to the next: Starlette's own
+routes put themselves in it only in recent releases (1.10 does, 1.0 does not; FastAPI's always
+did), old Starlette (0.27) rewrites `path` at each mount, and recent FastAPI (0.165) keeps the
+routes of an included router unprefixed and records the prefixed one in `scope["fastapi"]`.
+Where the route in the scope alone does not give the whole template, the request as it entered
+is matched again against the app's routes (see `_match`), which every release answers alike.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _chosen(scope: MutableMapping[str, Any]) -> tuple[Any, str | None]:
 def _route_path(path: str, root_path: str) -> str:
     """The path routes match against (Starlette's get_route_path, for every release)."""
     if not root_path or not path.startswith(root_path):
-        return path  # Starlette before 0.33 mounts: the path is already the remainder
+        return path  # old Starlette mounts: the path is already the remainder
     rest = path[len(root_path) :]
     return rest if rest[:1] in ("/", "") else path
 
@@ -93,7 +94,7 @@ def _reaches(route: Any, route_path: str) -> bool:
 
 
 def _routes_of(router: Any) -> list[Any]:
-    """A router's routes, FastAPI's included routers seen through (FastAPI from 0.12x)."""
+    """A router's routes, FastAPI's included routers seen through (recent FastAPI)."""
     routes = list(getattr(router, "routes", None) or ())
     expand = getattr(sys.modules.get("fastapi.routing"), "iter_route_contexts", None)
     if expand is None:
