@@ -18,7 +18,6 @@ command on the event loop's thread. Everything here runs under `_guard.guard("mo
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ import weakref
 from asyncio.events import _get_running_loop
 from collections.abc import Iterable
 from contextvars import ContextVar
+from os.path import dirname
 from types import CodeType, FrameType
 from typing import Any
 
@@ -217,10 +217,10 @@ def _driver_folders() -> tuple[str, str | None]:
     except ImportError:
         import pymongo
 
-        return os.path.dirname(pymongo.__file__ or ""), None
+        return dirname(pymongo.__file__ or ""), None
     return (
-        os.path.dirname(pymongo.synchronous.__file__ or ""),
-        os.path.dirname(pymongo.asynchronous.__file__ or ""),
+        dirname(pymongo.synchronous.__file__ or ""),
+        dirname(pymongo.asynchronous.__file__ or ""),
     )
 
 
@@ -228,7 +228,7 @@ _SYNC_FOLDER, _ASYNC_FOLDER = _driver_folders()
 
 
 def _classify(code: CodeType) -> int:
-    folder = os.path.dirname(code.co_filename)
+    folder = dirname(code.co_filename)
     if folder == _SYNC_FOLDER:
         return _SYNC
     if folder == _ASYNC_FOLDER:
