@@ -174,7 +174,9 @@ class _Exchange:
         perf = self.perf
         try:  # perfmw's guard, without a context manager's two calls per request
             scope = self.scope
-            record.route = perf.routes.label_for(scope, self.root_path, record.status_code)
+            record.route = perf.routes.label_for(
+                scope, record.path, self.root_path, record.status_code
+            )
             span = record.span
             queries = record.queries
             if (

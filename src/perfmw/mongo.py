@@ -27,6 +27,7 @@ import weakref
 from asyncio.events import _get_running_loop
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from os.path import dirname
 from types import CodeType, FrameType
 from typing import Any
 
@@ -215,11 +216,33 @@ _SYNC, _ASYNC, _NEUTRAL = 1, 2, 0
 _driver_paths: dict[CodeType, int] = {}
 
 
+def _driver_folders() -> tuple[str, str | None]:
+    """The folders of pymongo's synchronous and asynchronous code, found by importing them.
+
+    From pymongo 4.9 each has its package (shared modules such as monitoring.py stay neutral);
+    before it there is no asynchronous driver, and every module of pymongo is synchronous.
+    """
+    try:
+        import pymongo.asynchronous
+        import pymongo.synchronous
+    except ImportError:
+        import pymongo
+
+        return dirname(pymongo.__file__ or ""), None
+    return (
+        dirname(pymongo.synchronous.__file__ or ""),
+        dirname(pymongo.asynchronous.__file__ or ""),
+    )
+
+
+_SYNC_FOLDER, _ASYNC_FOLDER = _driver_folders()
+
+
 def _classify(code: CodeType) -> int:
-    path = code.co_filename.replace("\\", "/")
-    if "/pymongo/synchronous/" in path:
+    folder = dirname(code.co_filename)
+    if folder == _SYNC_FOLDER:
         return _SYNC
-    if "/pymongo/asynchronous/" in path:
+    if folder == _ASYNC_FOLDER:
         return _ASYNC
     return _NEUTRAL
 
@@ -524,6 +547,16 @@ def _pool_name(address: Any) -> str:
     return name
 
 
+def _waited(event: Any) -> float | None:
+    """The time the check-out took: the event's own duration (pymongo 4.7 and later), else the
+    time since this operation's check-out-started event, published on the same thread."""
+    seconds: float | None = getattr(event, "duration", None)
+    if seconds is None:
+        began = _checkout_started.get()
+        seconds = time.perf_counter() - began if began else None
+    return seconds
+
+
 def _observe_wait(address: Any, seconds: float | None) -> None:
     if seconds is None:
         return
@@ -579,7 +612,7 @@ class PoolListener(monitoring.ConnectionPoolListener):
             if getattr(_last_failure, "event", None) is event:
                 return
             _last_failure.event = event
-            _observe_wait(event.address, event.duration)
+            _observe_wait(event.address, _waited(event))
 
     def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
         if _internal.get():
@@ -589,7 +622,7 @@ class PoolListener(monitoring.ConnectionPoolListener):
             if _connections.get(key) == _USED:
                 return
             _connections[key] = _USED
-            _observe_wait(event.address, event.duration)
+            _observe_wait(event.address, _waited(event))
 
     def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
         with _GUARD:
@@ -634,10 +667,37 @@ def _add_pool_source() -> None:
             _sinks_with_source.add(sink)
 
 
+def driver_notes() -> list[str]:
+    """What the installed pymongo does not report, and what perfmw does about it."""
+    import pymongo
+
+    notes = []
+    if not hasattr(monitoring.ConnectionCheckedOutEvent, "duration"):
+        notes.append(
+            f"pymongo {pymongo.version} reports no duration on connection pool events "
+            "(added in pymongo 4.7): perfmw measures connection wait times from the "
+            "check-out-started event instead"
+        )
+    return notes
+
+
+_noted = False
+
+
+def _note_driver() -> None:
+    """Log the installed driver's notes once per process, when the listeners are set up."""
+    global _noted
+    if not _noted:
+        _noted = True
+        for note in driver_notes():
+            _guard.logger.info("perfmw: %s", note)
+
+
 def register_listeners() -> None:
     """Register the listeners process-wide (clients created from now on are observed)."""
     global _registered
     with _register_lock:
+        _note_driver()
         if not _registered:
             monitoring.register(_commands)
             monitoring.register(_pool)
@@ -652,6 +712,7 @@ def mongo_listeners() -> list[monitoring.CommandListener | monitoring.Connection
     client = MongoClient(uri, event_listeners=perfmw.mongo_listeners())
     """
     with _register_lock:
+        _note_driver()
         explain.register()
         _add_pool_source()
     return [_commands, _pool]
