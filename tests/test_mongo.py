@@ -392,6 +392,41 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
             assert findings(server.url, "slow_query")  # still slow (threshold 0), now indexed
 
 
+def test_writes_and_reads_without_a_filter_get_no_index_advice(
+    mongo_uri: str, db_name: str, registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from perfmw.__main__ import main
+
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.post("/events")
+    async def add_events() -> int:
+        events = clients["async"][db_name].events
+        await events.insert_one({"kind": "login"})
+        await events.insert_one({"kind": "logout"})
+        return await events.count_documents({})
+
+    settings = perfmw.Settings(explain_slow_queries=True, slow_query_seconds=0.0)
+    perfmw.instrument(app, settings=settings, registry=registry)
+    with serve(app) as server:
+        for added in (2, 4, 6):  # each shape sent again: explained if it could be
+            assert httpx.post(server.url + "/events", timeout=30).json() == added
+            assert wait_for(explains_done)
+        # Every command is slow at a threshold of 0; none is a collection scan to index.
+        assert sorted({f["kind"] for f in findings(server.url)}) == ["slow_query"]
+        assert main(["report", "--url", server.url]) == 0
+    markdown = capsys.readouterr().out
+    indexes = markdown.split("\n## Index Recommendations\n", 1)[1].split("\n## ", 1)[0]
+    assert indexes.strip() == (
+        "No index to recommend: no collection scan was found. (perfmw looks for them when "
+        "`explain_slow_queries` is on.)"
+    )
+    # Not even explained: an insert, and a count of everything, have nothing an index serves.
+    assert [shape for shape in explain._verdicts if f" {db_name}." in shape] == []
+    assert explain.state(f"insert {db_name}.events") == explain.NEVER
+
+
 def test_a_silenced_site_gets_no_missing_index_either(
     mongo_uri: str, db_name: str, registry: Any
 ) -> None:
