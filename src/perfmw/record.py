@@ -49,6 +49,13 @@ class Query:
     on_loop: Any = None
     stall_seconds: float = 0.0
     via: str | None = None  # the library function the application's line called
+    # Hashes of values, never the values (see mongo.py): of the shape and every value that
+    # decides the result (a read sent twice with the same values has the same one), of the
+    # filter's values (only for a read that may continue a consecutive run), and of the
+    # reply's first documents (only a small reply).
+    values_hash: int | None = None
+    filter_hashes: set[int] | None = None
+    reply_hashes: set[int] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +101,7 @@ class RequestRecord:
         "owner",
         "path",
         "queries",
+        "read_hashes",
         "response_bytes",
         "response_headers",
         "route",
@@ -132,6 +140,8 @@ class RequestRecord:
         self.span: Any = None
         # Queries per shape so far, kept by the MongoDB listener to spot the Nth repetition.
         self.shape_counts: dict[str, int] = {}
+        # Values hashes of the reads so far, kept by the listener to spot a read sent again.
+        self.read_hashes: set[int] | None = None
 
     @property
     def db_queries(self) -> int:
