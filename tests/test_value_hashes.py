@@ -108,3 +108,19 @@ def test_a_filter_keeps_at_most_32_hashes_and_no_common_values() -> None:
     assert _value_hashes.filter_hashes("find", common) == set()
     nested = {"find": "c", "filter": {"login": {"$in": ["ada", "bob"]}, "n": {"$gt": 5}}}
     assert _value_hashes.filter_hashes("find", nested) == {hash("ada"), hash("bob"), hash(5)}
+
+
+def test_pipelines_with_the_same_values_hash_alike_whichever_way_they_are_walked() -> None:
+    shape = "aggregate db.c [$match {team: ?}, $group]"
+
+    def count(team: Any) -> dict[str, Any]:  # as count_documents sends it
+        match = {"$match": {"team": team}}
+        return {"aggregate": "c", "pipeline": [match, {"$group": {"_id": 1, "n": {"$sum": 1}}}]}
+
+    hashes = [
+        _value_hashes.read_hash("aggregate", count(team), shape)
+        for team in ("a", "a", "b", {"$in": ["a"]}, {"$in": ["a"]}, {"$in": ["b"]})
+    ]
+    assert None not in hashes
+    assert hashes[0] == hashes[1] and hashes[3] == hashes[4]
+    assert len(set(hashes)) == 4

@@ -24,6 +24,8 @@ from bson import Binary, Int64, ObjectId
 
 #: Values of one filter or pipeline walked for `read_hash` (a larger one gets no hash).
 MAX_LEAVES = 64
+#: Stages of a pipeline hashed the fast way (a longer one is walked like a nested filter).
+MAX_STAGES = 8
 #: Hashes kept per query, of its filter or of its reply.
 MAX_HASHES = 32
 #: Replies with more documents in their first batch are not hashed (a list, not a lookup).
@@ -82,9 +84,42 @@ def read_hash(name: str, command: Mapping[str, Any], shape: str) -> int | None:
                     return _nested_hash(command, body, shape)
             # The common filter: its keys are in the shape, its values are all there is.
             return hash((shape, command.get("skip"), command.get("limit"), values))
+        if type(body) is list and len(body) <= MAX_STAGES:
+            stages = _stages(body)
+            if stages is not None:
+                return hash((shape, *stages))
         return _nested_hash(command, body, shape)
-    except TypeError:
-        return None
+    except TypeError:  # deeper than _stages looks, or a value that has no hash
+        try:
+            return _nested_hash(command, body, shape)
+        except TypeError:
+            return None
+
+
+def _stages(pipeline: list[Any]) -> list[Any] | None:
+    """A pipeline's stages as a flat list, fast, for one whose stages hold values or
+    documents of values (count_documents' `$match` and `$group`, a `$sort`, a `$limit`)."""
+    parts: list[Any] = []
+    for stage in pipeline:
+        if type(stage) is not dict:
+            return None
+        for name, spec in stage.items():
+            parts.append(name)
+            if type(spec) is dict:
+                if len(spec) > MAX_LEAVES:
+                    return None
+                for key, value in spec.items():
+                    parts.append(key)
+                    kind = type(value)
+                    if kind is dict:
+                        parts.append(tuple(value.items()))  # TypeError if deeper still
+                    elif kind is list:
+                        return None
+                    else:
+                        parts.append(value)
+            else:
+                parts.append(spec)
+    return parts
 
 
 def _nested_hash(command: Mapping[str, Any], body: Any, shape: str) -> int | None:
