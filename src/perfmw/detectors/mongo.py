@@ -90,19 +90,19 @@ def duplicate_reads(route: str, queries: list[Query]) -> list[Finding]:
     """The same read (shape and values, compared by hash) sent twice or more in one request,
     with no write to its collection in between: one finding per (shape, location of the
     second read)."""
-    open_: dict[int, list[Query]] = {}
+    pending: dict[int, list[Query]] = {}
     groups: list[list[Query]] = []
     for query in queries:
         if query.operation not in READS or _writes(query):
             # A write: what was read of its collection before may have changed.
-            stale = [h for h, same in open_.items() if same[0].collection == query.collection]
+            stale = [h for h, same in pending.items() if same[0].collection == query.collection]
             for hashed in stale:
-                groups.append(open_.pop(hashed))
+                groups.append(pending.pop(hashed))
             continue
         if query.values_hash is None or query.failed:
             continue
-        open_.setdefault(query.values_hash, []).append(query)
-    groups.extend(open_.values())
+        pending.setdefault(query.values_hash, []).append(query)
+    groups.extend(pending.values())
     sites: dict[tuple[str, str | None], Finding] = {}
     for same in groups:
         if len(same) < 2:
