@@ -175,3 +175,75 @@ def test_an_existing_index_starting_with_the_keys_covers_them() -> None:
     assert covering_index([["owner", 1]], existing) == "owner_1_name_1"
     assert covering_index([["owner", 1], ["name", -1]], existing) is None
     assert covering_index([["name", 1]], existing) is None
+
+
+def read(
+    shape: str,
+    start: float,
+    values: int | None,
+    *,
+    collection: str = "users",
+    location: str | None = None,
+    operation: str = "find",
+) -> Query:
+    found = query(shape, start, 0.002, collection=collection, location=location)
+    found.operation, found.values_hash = operation, values
+    return found
+
+
+def test_the_same_values_read_twice_is_one_duplicate_read_at_the_second_line() -> None:
+    shape = "find db.users {_id: ?}"
+    queries = [
+        read(shape, 0.00, 7, location="app/deps.py:88"),
+        read(shape, 0.01, 8),  # another user: the same shape, other values
+        read(shape, 0.02, 7, location="app/deps.py:103"),
+        read(shape, 0.03, 7, location="app/deps.py:103"),
+    ]
+    [found] = mongo.duplicate_reads("/r", queries)
+    assert (found.kind, found.location) == ("duplicate_read", "app/deps.py:103")
+    assert found.detail == {
+        "collection": "users",
+        "operation": "find",
+        "shape": shape,
+        "repetitions": 3,
+        "first_location": "app/deps.py:88",
+    }
+    assert round(found.total_seconds, 6) == 0.004  # the two reads that were not needed
+
+
+def test_a_write_between_two_reads_makes_the_second_fresh() -> None:
+    shape = "find db.users {_id: ?}"
+    renamed = [
+        read(shape, 0.00, 7),
+        query("update db.users {_id: ?} update=[$set]", 0.01, 0.002, operation="update"),
+        read(shape, 0.02, 7),
+    ]
+    renamed[1].collection = "users"
+    elsewhere = [read(shape, 0.0, 7), read("insert db.log", 0.01, None, operation="insert")]
+    elsewhere += [read(shape, 0.02, 7, location="app.py:9")]
+    elsewhere[1].collection = "log"
+    unhashed = [read(shape, 0.0, None), read(shape, 0.01, None)]  # too large to compare
+    failed = [read(shape, 0.0, 7), read(shape, 0.01, 7)]
+    failed[1].failed = True
+    assert mongo.duplicate_reads("/r", renamed) == []
+    assert kinds(mongo.duplicate_reads("/r", elsewhere)) == ["duplicate_read"]
+    assert mongo.duplicate_reads("/r", unhashed) == []
+    assert mongo.duplicate_reads("/r", failed) == []
+
+
+def test_a_read_filtering_on_an_earlier_reply_of_the_run_ends_the_run() -> None:
+    run = [
+        query("find db.tokens {token: ?}", 0.000, 0.006, collection="tokens"),
+        query("find db.plans {tier: ?}", 0.007, 0.006, collection="plans", location="app.py:5"),
+        query("find db.accounts {login: ?}", 0.014, 0.006, collection="accounts"),
+    ]
+    run[0].reply_hashes = {hash("t-1"), hash("ada")}
+    run[1].filter_hashes = {hash("gold")}
+    run[2].filter_hashes = {hash("ada")}  # the login the token held
+    [found] = mongo.consecutive_queries("/r", run)
+    # tokens then plans could have run together; accounts had to wait for the token.
+    assert found.detail["collections"] == ["tokens", "plans"]
+    assert found.location == "app.py:5"
+    run[2].filter_hashes = {hash("bob")}
+    [found] = mongo.consecutive_queries("/r", run)
+    assert found.detail["collections"] == ["tokens", "plans", "accounts"]

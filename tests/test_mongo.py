@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import threading
 import time
@@ -317,6 +318,124 @@ def test_sequential_dashboard_reads_are_consecutive_queries(example: Any) -> Non
     assert found[0]["location"] == line_of(APP_SOURCE, "await db().agents.count_documents({})")
 
 
+# The same read twice in one request
+
+
+def duplicate_app(mongo_uri: str, db_name: str, registry: CollectorRegistry) -> FastAPI:
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    def users() -> Any:
+        return clients["async"][db_name].users
+
+    async def current_user(user_id: int) -> Any:
+        return await users().find_one({"_id": user_id})  # the dependency's read
+
+    @app.get("/profile/{user_id}")
+    async def profile(user_id: int) -> str:
+        user = await current_user(user_id)
+        again = await users().find_one({"_id": user_id})  # the handler's read of it again
+        return f"{user['name']} {again['name']}"
+
+    @app.get("/profile/{user_id}/once")
+    async def profile_once(user_id: int) -> str:
+        user = await current_user(user_id)
+        return f"{user['name']} {user['name']}"
+
+    @app.get("/pair")
+    async def pair() -> list[str]:  # the same shape, other values: no duplicate
+        first, second = await current_user(1), await current_user(2)
+        return [first["name"], second["name"]]
+
+    @app.get("/rename/{user_id}")
+    async def rename(user_id: int) -> str:  # read, write, read: the second read is fresh
+        await current_user(user_id)
+        await users().update_one({"_id": user_id}, {"$set": {"name": "renamed"}})
+        return str((await users().find_one({"_id": user_id}))["name"])
+
+    perfmw.instrument(app, registry=registry)
+    return app
+
+
+def test_the_same_read_twice_is_a_duplicate_read_with_both_lines(
+    mongo_uri: str, db_name: str, registry: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with MongoClient(mongo_uri) as sync:
+        sync[db_name].users.insert_many([{"_id": i, "name": f"u{i}"} for i in (1, 2)])
+    first = line_of(HERE, 'return await users().find_one({"_id": user_id})')
+    again = line_of(HERE, 'again = await users().find_one({"_id": user_id})')
+    with serve(duplicate_app(mongo_uri, db_name, registry)) as server:
+        with caplog.at_level(logging.WARNING, logger="perfmw"):
+            assert httpx.get(server.url + "/profile/1", timeout=30).json() == "u1 u1"
+        [found] = findings(server.url, "duplicate_read")
+        # The first read, the first of its shape in the request, was located as it was sent.
+        assert (found["location"], found["detail"]["first_location"]) == (again, first)
+        assert httpx.get(server.url + "/profile/2", timeout=30).json() == "u2 u2"
+        [found] = findings(server.url, "duplicate_read")
+        exposition = httpx.get(server.url + "/metrics", timeout=10).text
+    assert (found["route"], found["count"], found["location"]) == ("/profile/{user_id}", 2, again)
+    assert found["detail"] == {
+        "collection": "users",
+        "operation": "find",
+        "shape": f"find {db_name}.users {{_id: ?}}",
+        "repetitions": 2,
+        "first_location": first,
+    }
+    labels = {"kind": "duplicate_read", "http_route": "/profile/{user_id}", "location": again}
+    assert sample(exposition, "perfmw_findings_total", **labels) == 2
+    logged = [r.getMessage() for r in caplog.records if "duplicate read" in r.getMessage()]
+    assert logged == [
+        f"perfmw: duplicate read on /profile/{{user_id}}: find on users sent 2 times with the "
+        f"same values, again at {again} via pymongo.asynchronous.collection.AsyncCollection."
+        f"find_one (first at {first}): read it once and pass it down"
+    ]
+
+
+def test_a_read_done_once_other_values_or_a_read_after_a_write_are_no_duplicates(
+    mongo_uri: str, db_name: str, registry: Any
+) -> None:
+    with MongoClient(mongo_uri) as sync:
+        sync[db_name].users.insert_many([{"_id": i, "name": f"u{i}"} for i in (1, 2)])
+    with serve(duplicate_app(mongo_uri, db_name, registry)) as server:
+        assert httpx.get(server.url + "/profile/1/once", timeout=30).json() == "u1 u1"
+        assert httpx.get(server.url + "/pair", timeout=30).json() == ["u1", "u2"]
+        assert httpx.get(server.url + "/rename/2", timeout=30).json() == "renamed"
+        assert findings(server.url, "duplicate_read") == []
+
+
+# Reads that depend on each other
+
+
+def test_a_read_filtering_on_what_the_previous_returned_is_not_consecutive(
+    mongo_uri: str, db_name: str, registry: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from perfmw.detectors.mongo import consecutive_queries
+
+    # Every reply hashed however fast the embedded server answers, and every saving counted:
+    # what is tested is which reads depend on which, not how long they took.
+    monkeypatch.setattr(mongo, "REPLY_HASH_MIN_SECONDS", 0.0)
+    perfmw.Perf(registry=registry)
+    mongo.register_listeners()
+    with MongoClient(mongo_uri) as client:
+        db = client[db_name]
+        db.tokens.insert_one({"token": "t-1", "login": "ada"})
+        db.accounts.insert_one({"login": "ada", "plan": "pro"})
+        db.plans.insert_one({"name": "pro"})
+        with perfmw.track("session") as dependent:
+            token = db.tokens.find_one({"token": "t-1"})
+            assert token is not None
+            account = db.accounts.find_one({"login": token["login"]})
+            assert account is not None
+            db.plans.find_one({"name": account["plan"]})
+        with perfmw.track("overview") as independent:
+            db.tokens.find_one({"token": "t-1"})
+            db.plans.find_one({"name": "pro"})  # nothing the token held: it could run beside
+    assert consecutive_queries("session", dependent.queries, min_saving=0.0) == []
+    [found] = consecutive_queries("overview", independent.queries, min_saving=0.0)
+    assert found.detail["collections"] == ["tokens", "plans"]
+    assert found.location == line_of(HERE, 'db.plans.find_one({"name": "pro"})')
+
+
 def test_export_without_limit_is_an_unbounded_read(example: Any) -> None:
     assert len(httpx.get(example.url + "/agents/export", timeout=30).json()) == 5000
     assert httpx.get(example.url + "/agents?limit=100", timeout=30).status_code == 200
@@ -390,6 +509,41 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
                 assert wait_for(explains_done)
             assert findings(server.url, "missing_index") == []
             assert findings(server.url, "slow_query")  # still slow (threshold 0), now indexed
+
+
+def test_writes_and_reads_without_a_filter_get_no_index_advice(
+    mongo_uri: str, db_name: str, registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from perfmw.__main__ import main
+
+    clients: dict[str, Any] = {}
+    app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
+
+    @app.post("/events")
+    async def add_events() -> int:
+        events = clients["async"][db_name].events
+        await events.insert_one({"kind": "login"})
+        await events.insert_one({"kind": "logout"})
+        return await events.count_documents({})
+
+    settings = perfmw.Settings(explain_slow_queries=True, slow_query_seconds=0.0)
+    perfmw.instrument(app, settings=settings, registry=registry)
+    with serve(app) as server:
+        for added in (2, 4, 6):  # each shape sent again: explained if it could be
+            assert httpx.post(server.url + "/events", timeout=30).json() == added
+            assert wait_for(explains_done)
+        # Every command is slow at a threshold of 0; none is a collection scan to index.
+        assert sorted({f["kind"] for f in findings(server.url)}) == ["slow_query"]
+        assert main(["report", "--url", server.url]) == 0
+    markdown = capsys.readouterr().out
+    indexes = markdown.split("\n## Index Recommendations\n", 1)[1].split("\n## ", 1)[0]
+    assert indexes.strip() == (
+        "No index to recommend: no collection scan was found. (perfmw looks for them when "
+        "`explain_slow_queries` is on.)"
+    )
+    # Not even explained: an insert, and a count of everything, have nothing an index serves.
+    assert [shape for shape in explain._verdicts if f" {db_name}." in shape] == []
+    assert explain.state(f"insert {db_name}.events") == explain.NEVER
 
 
 def test_a_silenced_site_gets_no_missing_index_either(

@@ -500,7 +500,8 @@ def test_four_loops_over_one_repository_method_are_four_findings_at_their_loops(
 
     with serve(instrumented(app)) as server:
         assert httpx.get(server.url + "/everyone", timeout=30).json() == AUTHORS
-        found = findings(server.url, "/everyone")
+        # (each loop reads the same users: those are duplicate_reads too)
+        found = [f for f in findings(server.url, "/everyone") if f["kind"] == "n_plus_one"]
     repository_line = "team_repository.py:3"
     loops = {
         line_of(HERE, "# loop 1"): [line_of(HERE, "# loop 1"), repository_line],

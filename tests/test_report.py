@@ -248,6 +248,52 @@ def test_index_recommendations_table() -> None:
     ) in text
 
 
+def test_a_duplicate_read_is_advised_to_be_read_once() -> None:
+    duplicate = {
+        "kind": "duplicate_read",
+        "route": "/me",
+        "count": 10,
+        "total_seconds": 0.03,
+        "location": "api/deps.py:103",
+        "detail": {
+            "collection": "users",
+            "operation": "find",
+            "shape": "find app.users {_id: ?}",
+            "repetitions": 2,
+            "first_location": "api/deps.py:88",
+        },
+        "first_seen": 1_700_000_000.0,
+        "last_seen": 1_700_000_060.0,
+    }
+    markdown = report.render_markdown(report.analyse(snapshot(findings=[duplicate])))
+    bottlenecks = section(markdown, "Bottlenecks Identified")
+    assert "### 1. Duplicate read: `find` on `users` sent 2 times (duplicate_read) on `/me`" in (
+        bottlenecks
+    )
+    assert (
+        "seen 10 requests, 30 ms; operation find; collection users; repetitions 2; "
+        "first read at api/deps.py:88; shape `find app.users {_id: ?}`"
+    ) in bottlenecks
+    text = section(markdown, "Optimization Recommendations")
+    assert (
+        "1. **Duplicate read: `find` on `users` sent 2 times** on `/me` at `api/deps.py:103`"
+        in (text)
+    )
+    assert (
+        "   - Current pattern: the same `find` on `users` with shape `find app.users {_id: ?}` "
+        "with the same values 2 times in one request, first at `api/deps.py:88`"
+    ) in text
+    assert (
+        "   - Proposed pattern: read it once and pass it down (to the code that reads it "
+        "again, or as a request-scoped dependency)"
+    ) in text
+    assert "   - Expected impact: about 30 ms saved (the time of every read but the first)" in text
+    assert "Reading once: the code that read it again sees the document" in section(
+        markdown, "Trade-offs"
+    )
+    assert "No index to recommend" in section(markdown, "Index Recommendations")
+
+
 def test_caching_hit_rates_and_advice() -> None:
     doc = report.analyse(snapshot())
     rates = {c["cache"]: c["hit_rate"] for c in doc["caches"]}

@@ -73,6 +73,21 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             "basis": f"{reps} round trips become one",
             "complexity": "low",
         }
+    if kind == "duplicate_read":
+        reps = repetitions(detail)
+        first = detail.get("first_location")
+        earlier = f", first at {code(first)}" if isinstance(first, str) and first else ""
+        return {
+            "title": f"Duplicate read: {operation} on {collection} sent {reps} times",
+            "current": f"the same {operation} on {collection}{shape_text} with the same values "
+            f"{reps} times in one request{earlier}",
+            "proposed": "read it once and pass it down (to the code that reads it again, or "
+            "as a request-scoped dependency)",
+            # The finding's cost is already the avoidable part: every read but the first.
+            "saved": total,
+            "basis": "the time of every read but the first",
+            "complexity": "low",
+        }
     if kind == "consecutive_queries":
         queries = detail.get("queries")
         reads = len(queries) if isinstance(queries, list) and queries else repetitions(detail)
@@ -243,6 +258,9 @@ def pct(value: float | None) -> str:
 TRADE_OFFS = {
     "n_plus_one": "Batching with `$in`: one larger reply instead of many small ones; chunk "
     "very long id lists (thousands) to keep each command small.",
+    "duplicate_read": "Reading once: the code that read it again sees the document as it was "
+    "at the first read (perfmw does not count a read after a write to the collection as a "
+    "duplicate, so a re-read for fresh data is not flagged).",
     "consecutive_queries": "`asyncio.gather`: the reads hold several pool connections at "
     "once and load MongoDB in bursts; errors surface from the first one that fails.",
     "slow_query": "Tuning a slow query: an index speeds reads but costs every write and RAM.",

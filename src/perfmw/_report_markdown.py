@@ -139,6 +139,7 @@ _EVIDENCE_KEYS = {
     "operation": "operation",
     "collection": "collection",
     "repetitions": "repetitions",
+    "first_location": "first read at",
     "documents": "documents",
     "bytes": "bytes",
     "missing": "missing",

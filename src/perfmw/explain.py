@@ -1,5 +1,10 @@
 """Missing-index advice: `explain` a slow or repeated query shape once, off the request path.
 
+Only reads (and findAndModify) with a filter or a sort are explained: an insert, or a command
+that selects nothing, has nothing an index would serve. Updates and deletes are not explained
+either: their filter is most often an `_id`, and an index made for a write's filter is one more
+index every write maintains; a slow one is still a slow_query.
+
 With `explain_slow_queries` on, the MongoDB listener hands this module a command of each shape
 that is slow, or sent again after its first sighting in the process (an N+1 included). One
 daemon thread explains them one at a time, at most one every `EXPLAIN_INTERVAL_SECONDS`, on its
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import threading
 import time
 import weakref
@@ -80,14 +86,33 @@ _worker: threading.Thread | None = None
 _twins: dict[int, Any] = {}
 
 
-MISSING, PENDING, INDEXED, NEW, REPEATED = range(5)
+MISSING, PENDING, INDEXED, NEW, REPEATED, NEVER = range(6)
 _seen: set[str] = set()  # shapes sent once so far: a second sighting gets them explained
 _MAX_SEEN = 10_000
+# A filter with a field ("{a: ?}", not "{}"), or a sort: something an index could serve.
+_SELECTS = re.compile(r"\{[^}]|\bsort=|\$sort\b")
+_explainable: dict[str, bool] = {}
+
+
+def explainable(shape: str) -> bool:
+    """Whether an index could serve this shape: a read or findAndModify (shapes start with
+    their command's name) with a filter on some field, or a sort."""
+    known = _explainable.get(shape)
+    if known is None:
+        operation, _, rest = shape.partition(" ")
+        known = operation in _EXPLAINABLE and _SELECTS.search(rest) is not None
+        if len(_explainable) >= _MAX_SEEN:
+            _explainable.clear()
+        _explainable[shape] = known
+    return known
 
 
 def state(shape: str) -> int:
     """Where a shape stands: MISSING or INDEXED (a fresh verdict), PENDING (queued),
-    NEW (first sighting in this process) or REPEATED (seen before, to explain now)."""
+    NEW (first sighting in this process), REPEATED (seen before, to explain now) or NEVER
+    (nothing an index would serve: an insert, a command without a filter)."""
+    if not explainable(shape):
+        return NEVER
     verdict = _verdicts.get(shape)
     if verdict is not None and verdict.expires > time.monotonic():
         return INDEXED if verdict.index is None else MISSING
@@ -103,7 +128,7 @@ def state(shape: str) -> int:
 
 def consider(query: Query, command: Any, frame: FrameType | None) -> None:
     """Queue an explain of this query's shape unless its verdict is known or on the way."""
-    if query.operation not in _EXPLAINABLE or not isinstance(command, Mapping):
+    if not isinstance(command, Mapping) or not explainable(query.shape):
         return
     shape = query.shape
     now = time.monotonic()

@@ -17,6 +17,7 @@ from typing import Any
 
 KINDS = (
     "n_plus_one",
+    "duplicate_read",
     "consecutive_queries",
     "slow_query",
     "missing_index",

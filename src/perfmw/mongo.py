@@ -10,10 +10,11 @@ housekeeping is ignored; a getMore adds its time and documents to the query that
 cursor. A client that has these listeners twice (process-wide and `mongo_listeners()`) sees
 every event twice: the in-flight table and the per-connection states make the second a no-op.
 
-The stack is read only for the first query of each shape in a request and when a finding
-needs a location: from the Nth repetition of a shape on, for a slow query, for a read that
-follows another read on a different collection, and for a sync command on the event loop's
-thread. Everything here runs under `_guard.guard("mongo")`.
+The stack is read for the first query of each shape in a request, and when a finding needs a
+location: from the Nth repetition of a shape on, for a slow query, for a read that follows
+another read on a different collection, for a read sent again with the same values, and for a
+sync command on the event loop's thread. Reads' values are compared by hash only
+(_value_hashes.py). Everything here runs under `_guard.guard("mongo")`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from prometheus_client.metrics_core import Metric
 from pymongo import monitoring
 
 from . import _frames, _guard, explain
-from .detectors.mongo import UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
+from ._value_hashes import filter_hashes, read_hash, reply_hashes
+from .detectors.mongo import REPLY_HASH_MIN_SECONDS, UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
 from .exporters._families import gauge_from
 from .exporters.prometheus import PrometheusSink, live_sinks
 from .record import BlockingCall, Query, RequestRecord, _current, after_response
@@ -306,6 +308,35 @@ def _unbounded(query: Query) -> bool:
     return query.documents > UNBOUNDED_DOCUMENTS or query.reply_bytes > UNBOUNDED_BYTES
 
 
+#: Reads hashed per record for duplicate_read (a request sending more reads is not tracked
+#: further: its later reads are compared with these only).
+MAX_READ_HASHES = 1000
+
+
+def _hash_read(record: RequestRecord, query: Query, command: Any, previous: Query | None) -> None:
+    """A read's values, as hashes: a second read with the same ones, and what a read that may
+    continue a consecutive run filters on (see _value_hashes)."""
+    shape = query.shape
+    hashed = read_hash(query.operation, command, shape)
+    if hashed is not None:
+        query.values_hash = hashed
+        seen = record.read_hashes
+        if seen is None:
+            seen = record.read_hashes = set()
+        if hashed in seen:  # the same read again: duplicate_read needs its line (the first
+            if query.location is None:  # one's, as the first of its shape, is known)
+                _place(query, sys._getframe(2))
+        elif len(seen) < MAX_READ_HASHES:
+            seen.add(hashed)
+    if (
+        previous is not None
+        and previous.operation in READS
+        and previous.collection != query.collection
+        and previous.finished_at
+    ):  # it may continue a consecutive run: does it filter on what an earlier read returned?
+        query.filter_hashes = filter_hashes(query.operation, command)
+
+
 def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
     key = (event.request_id, event.connection_id)
     if key in _inflight:
@@ -389,6 +420,8 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         ):
             # A read after a finished read elsewhere: the start of a consecutive_queries run.
             _place(query, sys._getframe(1))
+        if name in READS:
+            _hash_read(record, query, command, previous)
         loop = _get_running_loop()
         if loop is not None:
             if _from_sync_driver(sys._getframe(1)):
@@ -471,6 +504,8 @@ def _finished(
         batch = cursor.get("firstBatch")
         if batch:
             query.documents = len(batch)
+            if record is not None and seconds >= REPLY_HASH_MIN_SECONDS:
+                query.reply_hashes = reply_hashes(batch)
             if len(batch) > 1 and not (query.has_limit and query.has_projection):
                 query.reply_bytes = _batch_bytes(batch)
                 if query.location is None and _unbounded(query):

@@ -52,6 +52,13 @@ class Query:
     # The application's lines from the one inside a loop down to `location` (outermost first),
     # read for the queries an N+1 is judged on; () when no application line loops.
     loop: tuple[str, ...] = ()
+    # Hashes of values, never the values (see mongo.py): of the shape and every value that
+    # decides the result (a read sent twice with the same values has the same one), of the
+    # filter's values (only for a read that may continue a consecutive run), and of the
+    # reply's first documents (only a small reply).
+    values_hash: int | None = None
+    filter_hashes: set[int] | None = None
+    reply_hashes: set[int] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -98,6 +105,7 @@ class RequestRecord:
         "owner",
         "path",
         "queries",
+        "read_hashes",
         "response_bytes",
         "response_headers",
         "route",
@@ -138,6 +146,8 @@ class RequestRecord:
         self.shape_counts: dict[str, int] = {}
         # What the request's background tasks send after its response ("<route> (background)").
         self.background: RequestRecord | None = None
+        # Values hashes of the reads so far, kept by the listener to spot a read sent again.
+        self.read_hashes: set[int] | None = None
 
     @property
     def db_queries(self) -> int:

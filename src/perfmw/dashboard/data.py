@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 #: Each finding kind's heading on the page.
 KIND_LABELS = {
     "n_plus_one": "N+1 queries",
+    "duplicate_read": "The same read sent twice",
     "consecutive_queries": "Sequential queries that could run concurrently",
     "slow_query": "Slow queries",
     "missing_index": "Collection scans (missing indexes)",

@@ -1,4 +1,4 @@
-"""MongoDB detectors: N+1, consecutive queries, slow queries, unbounded reads.
+"""MongoDB detectors: N+1, duplicate reads, consecutive queries, slow queries, unbounded reads.
 
 Pure functions of a finished record's `queries` (see docs/mongo.md for each rule).
 """
@@ -21,6 +21,10 @@ UNBOUNDED_OPERATIONS = frozenset({"find", "aggregate"})
 #: Sequential independent reads are reported when running them concurrently would save this.
 CONSECUTIVE_MIN_SAVING_SECONDS = 0.005
 READS = frozenset({"find", "aggregate", "count", "distinct"})
+#: Replies of reads at least this long are hashed to tell whether a later read filters on what
+#: they returned. A shorter one cannot be what makes a run worth CONSECUTIVE_MIN_SAVING_SECONDS
+#: (two reads save the shorter one's time), and hashing costs it a larger share of its time.
+REPLY_HASH_MIN_SECONDS = 0.001
 # A filter that looks up values a previous result supplied: `$in` lists, `_id`, `<thing>_id`,
 # `<thing>Id`. Such a read probably depends on the one before it, so it may not run beside it.
 _DEPENDENT = re.compile(r"\$in: |\$all: |[{ ](?:_id|\w+_ids?|\w+Ids?)(?:\.\w+)*: ")
@@ -29,6 +33,7 @@ _DEPENDENT = re.compile(r"\$in: |\$all: |[{ ](?:_id|\w+_ids?|\w+Ids?)(?:\.\w+)*:
 def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
     queries = record.queries
     found = n_plus_one(record.route, queries, settings.n_plus_one_threshold)
+    found.extend(duplicate_reads(record.route, queries))
     found.extend(consecutive_queries(record.route, queries))
     found.extend(slow_queries(record.route, queries, settings.slow_query_seconds))
     found.extend(unbounded_reads(record.route, queries))
@@ -86,6 +91,65 @@ def n_plus_one(route: str, queries: list[Query], threshold: int) -> list[Finding
     return found
 
 
+def duplicate_reads(route: str, queries: list[Query]) -> list[Finding]:
+    """The same read (shape and values, compared by hash) sent twice or more in one request,
+    with no write to its collection in between: one finding per (shape, location of the
+    second read)."""
+    pending: dict[int, list[Query]] = {}
+    groups: list[list[Query]] = []
+    for query in queries:
+        if query.operation not in READS or _writes(query):
+            # A write: what was read of its collection before may have changed.
+            stale = [h for h, same in pending.items() if same[0].collection == query.collection]
+            for hashed in stale:
+                groups.append(pending.pop(hashed))
+            continue
+        if query.values_hash is None or query.failed:
+            continue
+        pending.setdefault(query.values_hash, []).append(query)
+    groups.extend(pending.values())
+    sites: dict[tuple[str, str | None], Finding] = {}
+    for same in groups:
+        if len(same) < 2:
+            continue
+        again = next((q for q in same[1:] if q.location), same[1])
+        seconds = sum(q.duration_seconds for q in same[1:])
+        site = (again.shape, again.location)
+        found = sites.get(site)
+        if found is not None:  # other values read twice at the same lines: one site
+            found.total_seconds += seconds
+            found.detail["repetitions"] = max(found.detail["repetitions"], len(same))
+            continue
+        sites[site] = Finding(
+            "duplicate_read",
+            route,
+            again.location,
+            seconds,
+            {
+                "collection": again.collection,
+                "operation": again.operation,
+                "shape": again.shape,
+                "repetitions": len(same),
+                "first_location": same[0].location,
+            },
+            via=again.via,
+        )
+    return list(sites.values())
+
+
+def _writes(query: Query) -> bool:
+    """An aggregate that writes its result ($out, $merge) is no read to do once."""
+    return query.operation == "aggregate" and ("$out" in query.shape or "$merge" in query.shape)
+
+
+def _uses_reply(query: Query, earlier: list[Query]) -> bool:
+    """Whether `query`'s filter holds a value one of the `earlier` reads returned (by hash)."""
+    wanted = query.filter_hashes
+    if not wanted:
+        return False
+    return any(q.reply_hashes and not wanted.isdisjoint(q.reply_hashes) for q in earlier)
+
+
 def independent_read(query: Query) -> bool:
     """A read whose filter takes no values from an earlier result (see _DEPENDENT)."""
     return query.operation in READS and not query.failed and not _DEPENDENT.search(query.shape)
@@ -96,7 +160,8 @@ def consecutive_queries(
 ) -> list[Finding]:
     """Runs of independent reads on different collections, each started after the previous
     ended, where running them concurrently would save `min_saving` or more:
-    saving = sum of their durations - the longest one."""
+    saving = sum of their durations - the longest one. A read whose filter holds a value an
+    earlier read of the run returned depends on it: the run ends before it, a new one begins."""
     found = []
     run: list[Query] = []
     for query in sorted(queries, key=lambda q: q.started_at):
@@ -107,6 +172,7 @@ def consecutive_queries(
         if run and (
             query.started_at < run[-1].finished_at
             or any(q.collection == query.collection for q in run)
+            or _uses_reply(query, run)
         ):
             found.extend(_consecutive_finding(route, run, min_saving))
             run = []

@@ -51,6 +51,13 @@ def describe(finding: Finding) -> str:
     kind = finding.kind
     if kind == "n_plus_one":
         return f"N+1 queries on {route}: {on} repeated {d.get('repetitions')} times at {where}"
+    if kind == "duplicate_read":
+        first = d.get("first_location")
+        earlier = f"first at {visible(str(first))}" if first else "first at an earlier line"
+        return (
+            f"duplicate read on {route}: {on} sent {d.get('repetitions')} times with the same "
+            f"values, again at {where} ({earlier}): read it once and pass it down"
+        )
     if kind == "loop_stall":
         stack = "\n    ".join(visible(str(frame)) for frame in d.get("stack", ())[-10:])
         return (
