@@ -215,7 +215,9 @@ def _coroutine_location(coro: Any, in_loop: bool = False) -> _frames.CallSite | 
 # Sync pymongo on the event loop's thread.
 
 _SYNC, _ASYNC, _NEUTRAL = 1, 2, 0
-_driver_paths: dict[CodeType, int] = {}
+# Keyed by id() (a code object's own hash reads its bytecode: see _frames._origin_cache); the
+# entry keeps the code object alive. Bounded by pymongo's own code objects.
+_driver_paths: dict[int, tuple[CodeType, int]] = {}
 
 
 def _driver_folders() -> tuple[str, str | None]:
@@ -255,9 +257,14 @@ def _from_sync_driver(frame: FrameType | None) -> bool:
         if frame is None:
             return False
         code = frame.f_code
-        kind = _driver_paths.get(code)
-        if kind is None:
-            kind = _driver_paths[code] = _classify(code)
+        entry = _driver_paths.get(id(code))
+        if entry is not None and entry[0] is code:
+            kind = entry[1]
+        else:
+            kind = _classify(code)
+            if len(_driver_paths) >= 10_000:  # code made at run time (exec) passes by too
+                _driver_paths.clear()
+            _driver_paths[id(code)] = (code, kind)
         if kind:
             return kind == _SYNC
         frame = frame.f_back
