@@ -295,7 +295,16 @@ def _hash_read(
         query.values_hash = hashed
         seen = record.read_hashes
         if seen is None:
+            if repeated == 1:  # the shape's first read (the hash includes the shape): no twin
+                if shape in _duplicated and query.location is None:
+                    _place(query, sys._getframe(2))
+                _filter_values(query, command, previous)
+                return
+            # A shape read again: from now on the request's reads are compared in a set.
             seen = record.read_hashes = set()
+            for earlier in record.queries[:MAX_READ_HASHES]:
+                if earlier.values_hash is not None and earlier is not query:
+                    seen.add(earlier.values_hash)
         if hashed in seen:  # the same read again: duplicate_read needs its line
             if shape not in _duplicated:
                 if len(_duplicated) >= _MAX_DUPLICATED:
@@ -307,12 +316,18 @@ def _hash_read(
             seen.add(hashed)
             if repeated == 1 and query.location is None and shape in _duplicated:
                 _place(query, sys._getframe(2))
+    _filter_values(query, command, previous)
+
+
+def _filter_values(query: Query, command: Any, previous: Query | None) -> None:
+    """What a read that may continue a consecutive run filters on: did it take it from an
+    earlier read's reply?"""
     if (
         previous is not None
         and previous.operation in READS
         and previous.collection != query.collection
         and previous.finished_at
-    ):  # it may continue a consecutive run: does it filter on what an earlier read returned?
+    ):
         query.filter_hashes = filter_hashes(query.operation, command)
 
 
