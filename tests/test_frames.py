@@ -98,7 +98,7 @@ def test_with_no_application_frame_via_names_the_innermost_library_function(
     saved = dict(_frames._origin_cache)
     f: FrameType | None = frame.f_back
     while f is not None:  # every frame above the library's counted as library code too
-        _frames._origin_cache[f.f_code] = _frames._LIBRARY
+        _frames._origin_cache[id(f.f_code)] = (f.f_code, _frames._LIBRARY)
         f = f.f_back
     try:
         assert call_site(frame) == CallSite(None, "vendorlib.low_level.innermost")
@@ -163,3 +163,38 @@ def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         display_path(code.co_filename)
     assert len(_frames._origin_cache) <= 10
     assert len(_frames._display_cache) <= 10
+
+
+def _looping(items: list[int]) -> int:
+    total = 0
+    for item in sorted(items):  # header: runs once
+        total += item  # for body
+    else:
+        total += 1  # else: runs once
+    while total > 100:
+        total -= 1  # while body
+
+    def nested() -> int:
+        for _ in items:
+            pass  # nested function: its own code object
+        return 0
+
+    squares = [
+        item * item  # comprehension
+        for item in items
+    ]
+    return total + sum(squares) + nested()
+
+
+def test_loop_lines_are_the_lines_that_repeat() -> None:
+    here = Path(__file__)
+    lines = _frames.loop_lines(_looping.__code__)
+
+    def number(marker: str) -> int:
+        return int(line_of(here, marker).rsplit(":", 1)[1])
+
+    for repeated in ("# for body", "# while body", "# comprehension"):
+        assert number(repeated) in lines, repeated
+    for once in ("# header: runs once", "# else: runs once", "# nested function"):
+        assert number(once) not in lines, once
+    assert _frames.loop_lines(_frames.loop_lines.__code__) == frozenset()

@@ -34,7 +34,7 @@ from perfmw import perf as perf_module
 from perfmw._frames import format_location
 from perfmw.loop.monitor import HEARTBEAT_SECONDS
 from perfmw.record import BACKGROUND, MACHINE_CAUSES, RequestRecord
-from support import line_of, sample, samples, serve, serve_script
+from support import label_values, line_of, sample, samples, serve, serve_script
 
 LOOPS = ["asyncio", "uvloop"]
 measured: dict[str, float] = {}  # what the endpoints measured themselves
@@ -407,6 +407,52 @@ def test_stalls_after_the_response_or_outside_requests_get_their_own_record(
         http_response_status_code="200",
     )
     assert requests == 2
+
+
+class SlowScrape:
+    """A collector that blocks the loop while it is read, when armed (as a long collection
+    during a scrape does)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def collect(self) -> list[Any]:
+        if self.armed:
+            self.armed = False
+            time.sleep(0.3)  # blocks the scrape
+        return []
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/perfmw/data.json"])
+def test_a_stall_in_perfmws_own_endpoint_is_counted_on_its_path_and_never_a_finding(
+    path: str, finished: list[RequestRecord], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, perf = make_app()
+    scrape = SlowScrape()
+    perf.registry.register(scrape)  # type: ignore[arg-type]
+    with (
+        caplog.at_level(logging.WARNING, logger="perfmw"),
+        serve(app) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        client.get("/in-flight")
+        time.sleep(0.1)
+        scrape.armed = True
+        assert client.get(path).status_code == 200
+        settle(finished, path)
+        time.sleep(0.05)
+        metrics = client.get("/metrics").text
+        findings = client.get("/perfmw/findings").json()["findings"]
+    perf.shutdown()
+    assert stalls_of(finished) == [(path, "blocking", line_of(__file__, "# blocks the scrape"))]
+    assert sample(metrics, "perfmw_event_loop_stalls_total", http_route=path, cause="blocking") == 1
+    assert findings == []
+    assert perf.findings.snapshot() == []
+    assert [r.getMessage() for r in caplog.records] == []  # nothing said about the app
+    # perfmw's endpoints are still not measured as requests.
+    assert label_values(metrics, "http_server_request_duration_seconds_count", "http_route") == {
+        "/in-flight"
+    }
 
 
 def test_many_small_callbacks_are_saturation_blamed_on_no_request(

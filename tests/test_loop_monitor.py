@@ -391,3 +391,39 @@ def early() -> Any:
 
 def late() -> Any:
     return sys._getframe(0)  # the stall's last 1.5 s
+
+
+def test_a_collection_with_no_python_frame_below_the_gc_callback_is_located_nowhere(
+    rig: Rig,
+) -> None:
+    # C code starting a collection on a thread with no Python frame (a thread's bootstrap,
+    # the interpreter's shutdown): here a thread whose whole Python stack is the callback.
+    import _thread
+    import threading
+
+    from perfmw._frames import NOWHERE
+    from perfmw.loop import gc_clock
+
+    info = {"generation": 2, "collected": 0, "uncollectable": 0}
+    done = threading.Lock()
+    done.acquire()
+
+    class Threads(dict[int, Any]):
+        def get(self, ident: int, default: Any = None) -> Any:
+            return rig.monitor  # whichever thread the collection runs on
+
+    saved = (gc_clock.loop_threads, gc_clock.clock.culprit_seconds, gc_clock.clock.sinks)
+    gc_clock.loop_threads, gc_clock.clock.culprit_seconds = Threads(), 0.0
+    gc_clock.clock.sinks = ()  # this made-up collection is not exported
+    try:
+        # Only C calls the callback, once per phase as the collector does: list() runs the
+        # map, then releases `done` (iter() calls release until it returns None, once).
+        calls = map(gc_clock._on_gc, ["start", "stop"], [info, info])
+        _thread.start_new_thread(list, (itertools.chain(calls, iter(done.release, None)),))
+        assert done.acquire(timeout=10)
+        gc_clock.flush()
+    finally:
+        gc_clock.loop_threads, gc_clock.clock.culprit_seconds, gc_clock.clock.sinks = saved
+    culprit = rig.monitor._gc_culprit
+    assert culprit is not None
+    assert (culprit.record, culprit.site, culprit.stack) == (None, NOWHERE, ())

@@ -368,9 +368,8 @@ def test_the_same_read_twice_is_a_duplicate_read_with_both_lines(
         with caplog.at_level(logging.WARNING, logger="perfmw"):
             assert httpx.get(server.url + "/profile/1", timeout=30).json() == "u1 u1"
         [found] = findings(server.url, "duplicate_read")
-        # A stack is read only when a finding needs it: the first read was not located the
-        # first time; from then on this shape's first read in a request is.
-        assert (found["location"], found["detail"]["first_location"]) == (again, None)
+        # The first read, the first of its shape in the request, was located as it was sent.
+        assert (found["location"], found["detail"]["first_location"]) == (again, first)
         assert httpx.get(server.url + "/profile/2", timeout=30).json() == "u2 u2"
         [found] = findings(server.url, "duplicate_read")
         exposition = httpx.get(server.url + "/metrics", timeout=10).text
@@ -388,7 +387,7 @@ def test_the_same_read_twice_is_a_duplicate_read_with_both_lines(
     assert logged == [
         f"perfmw: duplicate read on /profile/{{user_id}}: find on users sent 2 times with the "
         f"same values, again at {again} via pymongo.asynchronous.collection.AsyncCollection."
-        "find_one (first at an earlier line): read it once and pass it down"
+        f"find_one (first at {first}): read it once and pass it down"
     ]
 
 
@@ -716,14 +715,15 @@ def test_a_failed_command_is_still_a_query(mongo_uri: str) -> None:
     )
 
 
-def test_commands_of_background_tasks_are_not_the_requests(
+def test_commands_of_background_tasks_count_under_the_route_that_scheduled_them(
     mongo_uri: str, db_name: str, registry: Any
 ) -> None:
     clients: dict[str, Any] = {}
     app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients))
 
     async def audit() -> None:
-        await clients["async"][db_name].audit.insert_one({"event": "read"})
+        for i in range(6):
+            await clients["async"][db_name].audit.find_one({"event": i})  # background loop
 
     @app.get("/with-audit")
     async def with_audit(tasks: BackgroundTasks) -> int:
@@ -731,28 +731,45 @@ def test_commands_of_background_tasks_are_not_the_requests(
         return 1
 
     perfmw.instrument(app, settings=perfmw.Settings(server_timing=True), registry=registry)
+    background = {"http_request_method": "GET", "http_route": "/with-audit (background)"}
     with serve(app) as server:
         response = httpx.get(server.url + "/with-audit", timeout=30)
         assert 'desc="0 queries"' in response.headers["server-timing"]
-        inserts = {
-            "db_system_name": "mongodb",
-            "db_operation_name": "insert",
-            "db_collection_name": "audit",
-        }
         exposition = wait_for(
             lambda: (
                 text
                 if sample(
                     text := httpx.get(server.url + "/metrics", timeout=10).text,
-                    "db_client_operation_duration_seconds_count",
-                    **inserts,
+                    "perfmw_request_db_queries_count",
+                    **background,
                 )
                 else None
             )
         )
+        found = findings(server.url, "n_plus_one")
     route = {"http_request_method": "GET", "http_route": "/with-audit"}
     assert sample(exposition, "perfmw_request_db_queries_sum", **route) == 0
-    assert sample(exposition, "db_client_operation_duration_seconds_count", **inserts) == 1
+    assert sample(exposition, "perfmw_request_db_queries_sum", **background) == 6
+    assert sample(exposition, "perfmw_request_db_queries_count", **background) == 1
+    assert [(f["route"], f["location"]) for f in found] == [
+        ("/with-audit (background)", line_of(HERE, "# background loop"))
+    ]
+    labels = {
+        "http_route": "/with-audit (background)",
+        "db_collection_name": "audit",
+        "db_operation_name": "find",
+    }
+    assert sample(exposition, "perfmw_n_plus_one_total", **labels) == 1
+    # Not an HTTP request of its own: no request duration under that label.
+    assert (
+        sample(
+            exposition,
+            "http_server_request_duration_seconds_count",
+            http_response_status_code="200",
+            **background,
+        )
+        is None
+    )
 
 
 def test_each_command_counted_once_with_both_registrations(mongo_uri: str) -> None:

@@ -132,3 +132,26 @@ def test_track_works_in_async_code_and_nests(registry: CollectorRegistry) -> Non
 def test_track_needs_a_name() -> None:
     with pytest.raises(ValueError, match="name"):
         perfmw.track("")
+
+
+def test_records_of_perfmws_own_endpoints_count_their_stalls_and_make_no_finding(
+    registry: CollectorRegistry,
+) -> None:
+    from perfmw.record import RequestRecord, Stall
+
+    perf = perfmw.Perf(
+        perfmw.Settings(metrics_path="/m", findings_path="/f", dashboard_path="/d"),
+        registry=registry,
+    )
+    assert perf.own_routes == {"/m", "/f", "/d", "/d/data.json"}
+    for route in [*sorted(perf.own_routes), "/app"]:
+        # "background": a stall settled once its endpoint had answered gets a record of its own.
+        record = RequestRecord(route, "", "", "background", perf)
+        record.stalls.append(Stall(0.256, "bin/uvicorn:8", cause="gc"))
+        perf.finish(record)
+    perf.shutdown()
+    assert [(f.kind, f.route) for f in perf.findings.snapshot()] == [("loop_stall", "/app")]
+    exposition = generate_latest(registry).decode()
+    for route in ("/m", "/f", "/d", "/d/data.json", "/app"):
+        line = f'perfmw_event_loop_stalls_total{{cause="gc",http_route="{route}"}} 1.0'
+        assert line in exposition

@@ -24,6 +24,7 @@ def test_defaults_are_the_contract() -> None:
     assert settings.capture_statement is False
     assert settings.max_routes == 500
     assert settings.exclude_paths == ("/metrics", "/perfmw/findings")
+    assert settings.library_paths == ()
 
 
 def test_settings_are_frozen() -> None:
@@ -47,6 +48,7 @@ def test_from_env_reads_every_field() -> None:
         "PERFMW_MAX_ROUTES": "20",
         "PERFMW_EXCLUDE_PATHS": "/health, /internal/metrics",
         "PERFMW_SILENCED_LOCATIONS": "app/legacy.py",
+        "PERFMW_LIBRARY_PATHS": "tests/support.py, httpx",
     }
     settings = perfmw.Settings.from_env(env)
     assert settings == perfmw.Settings(
@@ -64,6 +66,7 @@ def test_from_env_reads_every_field() -> None:
         max_routes=20,
         exclude_paths=("/health", "/internal/metrics"),
         silenced_locations=("app/legacy.py",),
+        library_paths=("tests/support.py", "httpx"),
     )
 
 
@@ -93,6 +96,7 @@ def test_booleans_accept_the_documented_words(raw: str) -> None:
         ({"PERFMW_METRICS_PATH": "metrics"}, "metrics_path"),
         ({"PERFMW_DASHBOARD_PATH": "perfmw"}, "dashboard_path"),
         ({"PERFMW_EXCLUDE_PATHS": "health"}, "exclude_paths"),
+        ({"PERFMW_LIBRARY_PATHS": "no/such/dir"}, "library_paths"),
     ],
 )
 def test_bad_environment_values_name_the_field_and_variable(
@@ -119,6 +123,9 @@ def test_bad_environment_values_name_the_field_and_variable(
         ({"access_token": ""}, "access_token"),
         ({"exclude_paths": "/metrics"}, "exclude_paths"),
         ({"silenced_locations": [""]}, "silenced_locations"),
+        ({"library_paths": "shared"}, "library_paths"),
+        ({"library_paths": ["no_such_package_anywhere"]}, "library_paths"),
+        ({"library_paths": ["no/such/dir"]}, "library_paths"),
     ],
 )
 def test_bad_values_fail_at_construction(kwargs: dict[str, object], field: str) -> None:
@@ -170,3 +177,12 @@ def test_two_endpoints_on_one_path_are_refused(kwargs: dict[str, str], message: 
     assert str(raised.value) == message
     # Turning one off, or moving it, is the way out.
     assert perfmw.Settings(**{**kwargs, "dashboard_path": None, "findings_path": None})
+
+
+def test_a_library_path_that_names_nothing_says_so() -> None:
+    with pytest.raises(ValueError) as raised:
+        perfmw.Settings(library_paths=("acme_shared_db",))
+    assert str(raised.value) == (
+        "perfmw setting library_paths (PERFMW_LIBRARY_PATHS) names 'acme_shared_db', which is "
+        "neither an existing path nor an importable package, got ('acme_shared_db',)"
+    )

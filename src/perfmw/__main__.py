@@ -1,5 +1,6 @@
-"""The perfmw command line: `perfmw report`.
+"""The perfmw command line: `perfmw report` and `perfmw run`.
 
+    perfmw run uvicorn myapp:app [ARGS...]     # the program with perfmw in it (launcher.py)
     perfmw report --url http://127.0.0.1:8000 [--token T] [--out FILE] [--format md|json]
     perfmw report --prometheus http://prometheus:9090 --job api [--since 1h]
     perfmw report --compare before.json after.json
@@ -27,6 +28,11 @@ from .settings import env_name
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perfmw", description="perfmw command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "run",
+        help="run a server with perfmw in it: perfmw run uvicorn myapp:app",
+        add_help=False,
+    )
     sub = commands.add_parser(
         "report",
         help="write the performance report of a running service",
@@ -150,6 +156,13 @@ def run_report(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:
+        # Everything after `run` is the program's own command line, options included: not
+        # for argparse to read.
+        from . import launcher
+
+        return launcher.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         text = run_report(args)

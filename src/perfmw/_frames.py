@@ -10,14 +10,21 @@ the file lies under it, else relative to the `sys.path` entry that holds it
 (`argon2/low_level.py`), never as an absolute path of the machine.
 
 An application installed into site-packages (`pip install .` in its image) is still the
-application: `instrument()` claims the top-level package of the module that called it.
+application: `instrument()` claims the top-level package of the module that called it. A
+company's own shared packages that live beside the application (a repository layer, a common
+database package) count as library code when the `library_paths` setting names them: findings
+then name the line that called them, with `via` naming their function.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import linecache
 import os
 import sys
 import sysconfig
+from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import NamedTuple
 
@@ -35,7 +42,11 @@ _STDLIB_ROOTS = _stdlib_roots()
 # perfmw itself, wherever it is installed from (an editable install is not in site-packages)
 _PERFMW_ROOT = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
 _app_roots: tuple[str, ...] = ()  # application packages that live in site-packages
-_origin_cache: dict[CodeType, int] = {}
+_library_roots: tuple[str, ...] = ()  # the application's own packages named by library_paths
+# Keyed by id(): a code object's own hash reads its bytecode and constants (0.3 µs and more per
+# lookup, on every frame of every walk). The entry keeps its code object alive, so the id cannot
+# be reused while the entry stands.
+_origin_cache: dict[int, tuple[CodeType, int]] = {}
 _display_cache: dict[str, str] = {}
 
 
@@ -44,9 +55,13 @@ class CallSite(NamedTuple):
 
     location: str | None  # "path:line" of the innermost application frame
     via: str | None  # "module.function" of the library code that line called, if any
+    # With `in_loop`: the application's lines from the innermost one that lies inside a loop
+    # down to `location` (outermost first); empty when no application line is in a loop.
+    chain: tuple[str, ...] = ()
 
 
 NOWHERE = CallSite(None, None)
+_new_site = tuple.__new__  # a NamedTuple's own __new__ is Python code: three times slower
 
 
 _APP, _LIBRARY, _PERFMW = 0, 1, 2
@@ -56,6 +71,8 @@ def _origin_of_file(filename: str) -> int:
     if filename.startswith("<"):  # <frozen importlib>, <string>
         return _APP if filename.startswith("<ipython") else _LIBRARY
     path = os.path.realpath(filename)
+    if path.startswith(_library_roots):
+        return _LIBRARY
     if path.startswith(_app_roots):
         return _APP
     if path.startswith(_PERFMW_ROOT):
@@ -67,13 +84,14 @@ def _origin_of_file(filename: str) -> int:
 
 
 def _origin(code: CodeType) -> int:
-    cached = _origin_cache.get(code)
-    if cached is None:
-        cached = _origin_of_file(code.co_filename)
-        if len(_origin_cache) >= _CACHE_LIMIT:
-            _origin_cache.clear()
-        _origin_cache[code] = cached
-    return cached
+    cached = _origin_cache.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1]
+    origin = _origin_of_file(code.co_filename)
+    if len(_origin_cache) >= _CACHE_LIMIT:
+        _origin_cache.clear()
+    _origin_cache[id(code)] = (code, origin)
+    return origin
 
 
 def is_app_code(code: CodeType) -> bool:
@@ -101,6 +119,37 @@ def claim_application(frame: FrameType | None) -> None:
     if root not in _app_roots:
         _app_roots = (*_app_roots, root)
         _origin_cache.clear()
+
+
+def library_root(entry: str) -> str | None:
+    """Where a `library_paths` entry lives: a directory or file (absolute, or relative to the
+    working directory), else an importable package or module by its dotted name; None when it
+    is neither."""
+    if os.path.exists(entry):
+        path = os.path.realpath(entry)
+        return os.path.join(path, "") if os.path.isdir(path) else path
+    if not all(part.isidentifier() for part in entry.split(".")):
+        return None
+    try:
+        spec = importlib.util.find_spec(entry)  # imports the parents of a dotted name, not it
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return os.path.join(os.path.realpath(next(iter(spec.submodule_search_locations))), "")
+    return os.path.realpath(spec.origin) if spec.origin and os.path.isabs(spec.origin) else None
+
+
+def count_as_library(entries: Iterable[str]) -> None:
+    """Count the code under each `library_paths` entry as library code, process-wide."""
+    global _library_roots
+    roots = [root for root in map(library_root, entries) if root is not None]
+    added = tuple(root for root in dict.fromkeys(roots) if root not in _library_roots)
+    if added:
+        _library_roots = (*_library_roots, *added)
+        _origin_cache.clear()
+        _display_cache.clear()
 
 
 def display_path(filename: str) -> str:
@@ -175,19 +224,25 @@ def function_name(frame: AnyFrame) -> str:
     return f"{module}.{name}" if isinstance(module, str) else name
 
 
-def call_site(frame: AnyFrame | None) -> CallSite:
+def call_site(frame: AnyFrame | None, in_loop: bool = False) -> CallSite:
     """The innermost application frame at or above `frame`, and the library code it called.
 
     With no application frame (a stall in a framework's own code), the location is unknown and
-    `via` names the innermost library function. perfmw's own frames are never named.
+    `via` names the innermost library function. perfmw's own frames are never named. With
+    `in_loop`, `chain` leads from the application line that loops down to `location`.
     """
     innermost: AnyFrame | None = None  # library frames, the innermost one...
     below: AnyFrame | None = None  # ...and the latest one seen, called by the next frame up
+    cached = _origin_cache.get  # inlined `_origin`: this loop runs for every located query
     while frame is not None:
-        origin = _origin(frame.f_code)
+        code = frame.f_code
+        entry = cached(id(code))
+        origin = entry[1] if entry is not None and entry[0] is code else _origin(code)
         if origin == _APP:
             via = None if below is None else function_name(below)
-            return CallSite(format_location(frame.f_code.co_filename, frame.f_lineno), via)
+            location = format_location(code.co_filename, frame.f_lineno)
+            chain = _loop_chain(frame) if in_loop else ()
+            return _new_site(CallSite, (location, via, chain))
         if origin == _LIBRARY:
             below = frame
             if innermost is None:
@@ -196,10 +251,98 @@ def call_site(frame: AnyFrame | None) -> CallSite:
     return CallSite(None, None if innermost is None else function_name(innermost))
 
 
-def chain_site(frames: list[FrameType]) -> CallSite:
+def chain_site(frames: list[FrameType], in_loop: bool = False) -> CallSite:
     """`call_site` of a chain listed outermost first (a suspended task's coroutines)."""
-    site = call_site(snapshot(frames[::-1]))
+    site = call_site(snapshot(frames[::-1]), in_loop)
     return site if site.location is not None else NOWHERE
+
+
+# Loops: which application line repeats the call (an N+1 names the loop, not the helper it calls)
+
+_MAX_CHAIN = 16  # application frames looked at above the innermost one
+_MAX_OUTSIDE = 4  # library frames between two application frames of one chain
+_COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_loop_cache: dict[int, tuple[CodeType, frozenset[int]]] = {}  # by id(), as _origin_cache
+_tree_cache: dict[str, ast.Module | None] = {}
+
+
+def _loop_chain(frame: AnyFrame) -> tuple[str, ...]:
+    """The application frames from the innermost one whose line is inside a loop of its own
+    function down to `frame`, as "path:line" (outermost first); () when none loops."""
+    frames: list[AnyFrame] = []
+    current: AnyFrame | None = frame
+    outside = 0  # library frames in a row: a decorator or a dependency is a few, a framework more
+    while current is not None and len(frames) < _MAX_CHAIN and outside <= _MAX_OUTSIDE:
+        code = current.f_code
+        if _origin(code) != _APP:
+            outside += 1
+        else:
+            outside = 0
+            frames.append(current)
+            if code.co_name in _COMPREHENSIONS or current.f_lineno in loop_lines(code):
+                return tuple(
+                    format_location(f.f_code.co_filename, f.f_lineno) for f in reversed(frames)
+                )
+        current = current.f_back
+    return ()
+
+
+def loop_lines(code: CodeType) -> frozenset[int]:
+    """The lines of `code`'s function that run once per iteration of one of its loops (`for`,
+    `while`, `async for` bodies, comprehensions; a comprehension with a code object of its own
+    is a loop throughout). Read from the source once per code object."""
+    cached = _loop_cache.get(id(code))
+    if cached is not None and cached[0] is code:
+        return cached[1]
+    lines = _read_loop_lines(code)
+    if len(_loop_cache) >= _CACHE_LIMIT:
+        _loop_cache.clear()
+    _loop_cache[id(code)] = (code, lines)
+    return lines
+
+
+def _read_loop_lines(code: CodeType) -> frozenset[int]:
+    tree = _tree(code.co_filename)
+    if tree is None:
+        return frozenset()
+    scope: ast.AST | None = tree if code.co_name == "<module>" else None
+    if scope is None:
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.name == code.co_name
+                and code.co_firstlineno in (node.lineno, *(d.lineno for d in node.decorator_list))
+            ):
+                scope = node
+                break
+    if scope is None:
+        return frozenset()
+    found: set[int] = set()
+    todo = list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, _SCOPES):
+            continue  # its own code object
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)) and node.body:
+            # The body repeats; the header's iterable and the else clause run once.
+            found.update(range(node.body[0].lineno, (node.body[-1].end_lineno or 0) + 1))
+        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            found.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+        todo.extend(ast.iter_child_nodes(node))
+    return frozenset(found)
+
+
+def _tree(filename: str) -> ast.Module | None:
+    if filename not in _tree_cache:
+        if len(_tree_cache) >= 256:
+            _tree_cache.clear()
+        source = "".join(linecache.getlines(filename))
+        try:
+            _tree_cache[filename] = ast.parse(source) if source else None
+        except (SyntaxError, ValueError):
+            _tree_cache[filename] = None
+    return _tree_cache[filename]
 
 
 def app_frame(frame: FrameType | None) -> FrameType | None:

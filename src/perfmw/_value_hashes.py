@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from bson import Binary, Int64, ObjectId
+from bson import Binary, DBRef, Int64, ObjectId
 
 #: Values of one filter or pipeline walked for `read_hash` (a larger one gets no hash).
 MAX_LEAVES = 64
@@ -28,8 +28,9 @@ MAX_LEAVES = 64
 MAX_STAGES = 8
 #: Hashes kept per query, of its filter or of its reply.
 MAX_HASHES = 32
-#: Replies with more documents in their first batch are not hashed (a list, not a lookup).
-MAX_REPLY_DOCUMENTS = 3
+#: Documents of a reply's first batch hashed: the first ones, which a loop over the reply
+#: reads first (the read that could start a consecutive run is its first iteration).
+MAX_REPLY_DOCUMENTS = 8
 # Values that identify something: another read filtering on one probably got it from a reply.
 # Booleans, None, and 0, 1, -1 and "" (their hashes) are in too many documents to say so.
 _IDENTIFYING = frozenset(
@@ -175,19 +176,17 @@ def filter_hashes(name: str, command: Mapping[str, Any]) -> set[int]:
     return found
 
 
-def reply_hashes(documents: list[Any]) -> set[int] | None:
-    """Hashes of the identifying values of a small reply: each document's fields and the
-    fields (or items) of its sub-documents (or lists) one level down, at most MAX_HASHES.
-    None for a reply of more than MAX_REPLY_DOCUMENTS documents.
+def reply_hashes(documents: list[Any]) -> set[int]:
+    """Hashes of the identifying values of a reply's first MAX_REPLY_DOCUMENTS documents: each
+    one's fields and the fields (or items) of its sub-documents (or lists) one level down, and
+    the id a DBRef points at (an ODM's link), at most MAX_HASHES.
 
     This runs for every small read, so it is written for speed: a document of plain values is
     hashed in one C-level pass, and common values are not filtered out here (the filter's side
     leaves them out, so they never match).
     """
-    if len(documents) > MAX_REPLY_DOCUMENTS:
-        return None
     found: set[int] = set()
-    for document in documents:
+    for document in documents[:MAX_REPLY_DOCUMENTS]:
         values = document.values()
         if _FLAT.issuperset(map(type, values)):
             found.update(map(hash, values))
@@ -196,6 +195,8 @@ def reply_hashes(documents: list[Any]) -> set[int] | None:
                 kind = type(value)
                 if kind in _FLAT:
                     found.add(hash(value))
+                elif kind is DBRef:
+                    found.add(hash(value.id))
                 elif kind is dict or kind is list:
                     for item in value.values() if kind is dict else value[:MAX_HASHES]:
                         if type(item) in _FLAT:

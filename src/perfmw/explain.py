@@ -154,11 +154,19 @@ def consider(query: Query, command: Any, frame: FrameType | None) -> None:
         _start_worker()
 
 
+def _async_clients() -> tuple[type, ...]:
+    """(AsyncMongoClient,), or nothing before pymongo 4.10, which has none."""
+    import pymongo
+
+    found = getattr(pymongo, "AsyncMongoClient", None)
+    return (found,) if isinstance(found, type) else ()
+
+
 def _client_from(frame: FrameType | None) -> Any:
     """The MongoClient or AsyncMongoClient sending the command, found on the driver's stack."""
-    from pymongo import AsyncMongoClient, MongoClient
+    from pymongo import MongoClient
 
-    clients = (MongoClient, AsyncMongoClient)
+    clients = (MongoClient, *_async_clients())
     depth = 0
     while frame is not None and depth < 40:
         if "pymongo" in frame.f_code.co_filename:
@@ -225,9 +233,7 @@ def _work() -> None:
 
 
 def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[str, Any]:
-    from pymongo import AsyncMongoClient
-
-    if isinstance(client, AsyncMongoClient):
+    if isinstance(client, _async_clients()):
         client = _sync_twin(client)
     explained: Mapping[str, Any] = client[database].command(
         {"explain": body, "verbosity": "queryPlanner"}
@@ -236,9 +242,7 @@ def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[st
 
 
 def _existing_indexes(client: Any, database: str, collection: str) -> dict[str, list[Any]]:
-    from pymongo import AsyncMongoClient
-
-    if isinstance(client, AsyncMongoClient):
+    if isinstance(client, _async_clients()):
         client = _sync_twin(client)
     information = client[database][collection].index_information()
     return {name: list(spec.get("key", ())) for name, spec in information.items()}

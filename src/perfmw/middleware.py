@@ -73,7 +73,10 @@ class PerfMiddleware:
         path = scope["path"]
         if path in self._special:
             endpoint = self._special[path]
-            await (self.app if endpoint is None else endpoint)(scope, receive, send)
+            if endpoint is None:
+                await self.app(scope, receive, send)
+            else:
+                await _serve_own(endpoint, perf, path, scope, receive, send)
             return
 
         method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
@@ -114,6 +117,8 @@ class PerfMiddleware:
                 exchange.finish()
         finally:
             _leave(token)
+            if record.background is not None:
+                _finish_background(perf, record.background)
             if trace_token is not None:
                 try:  # inline: a call less per traced request
                     _detach_span(trace_token)
@@ -169,7 +174,9 @@ class _Exchange:
         perf = self.perf
         try:  # perfmw's guard, without a context manager's two calls per request
             scope = self.scope
-            record.route = perf.routes.label_for(scope, self.root_path, record.status_code)
+            record.route = perf.routes.label_for(
+                scope, record.path, self.root_path, record.status_code
+            )
             span = record.span
             queries = record.queries
             if (
@@ -199,6 +206,38 @@ class _Exchange:
                 perf.sink.fold()
         except Exception as exc:
             _guard.report_internal_error("finish", exc)
+
+
+def _finish_background(perf: Perf, record: RequestRecord) -> None:
+    """The request's background tasks are done: their record is counted under its own route."""
+    record.duration_seconds = _clock() - record.started_at
+    try:
+        perf.finish(record)
+        perf.sink.observe_background(record)
+    except Exception as exc:
+        _guard.report_internal_error("finish", exc)
+
+
+async def _serve_own(
+    endpoint: Any, perf: Perf, path: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """One of perfmw's own endpoints, in a record of its own named by its path.
+
+    A loop stall while it runs (a collection during a scrape) is then counted on that route,
+    and never reported as the application's: `Perf.finish` runs no detector for it. The
+    request itself is not measured, as before.
+    """
+    method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
+    record = RequestRecord(path, method, path, "perfmw", perf)
+    token = _enter(record)
+    try:
+        await endpoint(scope, receive, send)
+    finally:
+        _leave(token)
+        record.duration_seconds = _clock() - record.started_at
+        record.closed = True
+        if record.stalls or record.blocking_calls:
+            perf.finish(record)  # guarded inside
 
 
 def _flushing_at_shutdown(send: Send, perf: Perf) -> Send:

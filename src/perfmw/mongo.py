@@ -10,23 +10,25 @@ housekeeping is ignored; a getMore adds its time and documents to the query that
 cursor. A client that has these listeners twice (process-wide and `mongo_listeners()`) sees
 every event twice: the in-flight table and the per-connection states make the second a no-op.
 
-The stack is read only when a finding needs a location: at the Nth repetition of a shape, for
-a slow query, for a read that follows another read on a different collection, for a read sent
-again with the same values (and, once a shape has been, the first read of it in a request),
-and for a sync command on the event loop's thread. Reads' values are compared by hash only
+The stack is read for the first query of each shape in a request, and when a finding needs a
+location: from the Nth repetition of a shape on, for a slow query, for a read that follows
+another read on a different collection, for a read sent again with the same values, and for a
+sync command on the event loop's thread. Reads' values are compared by hash only
 (_value_hashes.py). Everything here runs under `_guard.guard("mongo")`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
 import time
 import weakref
 from asyncio.events import _get_running_loop
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from os.path import dirname
 from types import CodeType, FrameType
 from typing import Any
 
@@ -38,7 +40,7 @@ from ._value_hashes import filter_hashes, read_hash, reply_hashes
 from .detectors.mongo import REPLY_HASH_MIN_SECONDS, UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
 from .exporters._families import gauge_from
 from .exporters.prometheus import PrometheusSink, live_sinks
-from .record import BlockingCall, Query, RequestRecord, _current
+from .record import BlockingCall, Query, RequestRecord, _current, after_response
 from .settings import Settings
 from .shapes import shape_of
 
@@ -96,20 +98,22 @@ _cursors: dict[tuple[Any, Any], Query] = {}  # (cursor id, server address) -> op
 # Where the application is.
 
 
-def locate(frame: FrameType | None = None) -> _frames.CallSite:
+def locate(frame: FrameType | None = None, in_loop: bool = False) -> _frames.CallSite:
     """The application's call site for the command being published on this thread.
 
     Motor runs pymongo in a worker thread whose stack holds no application frame; the frame is
     a coroutine suspended on the loop, found through the future the worker is completing.
     """
-    site = _frames.call_site(frame if frame is not None else sys._getframe(1))
+    site = _frames.call_site(frame if frame is not None else sys._getframe(1), in_loop)
     if site.location is not None:
         return site
-    return _suspended_location() or site
+    return _suspended_location(in_loop) or site
 
 
-def _place(query: Query, frame: FrameType | None) -> None:
-    query.location, query.via = locate(frame)
+def _place(query: Query, frame: FrameType | None, in_loop: bool = False) -> None:
+    query.location, query.via, chain = locate(frame, in_loop)
+    if chain:
+        query.loop = chain
 
 
 def _executor_future() -> Any:
@@ -124,14 +128,25 @@ def _executor_future() -> Any:
         return None
     work = frame.f_locals.get("self")
     for callback in getattr(getattr(work, "future", None), "_done_callbacks", ()):
-        for cell in getattr(callback, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
+        for value in _held_by(callback):
             if isinstance(value, asyncio.Future):
                 return value
     return None
+
+
+def _held_by(callback: Any) -> Iterator[Any]:
+    """What a future's done callback holds: its closure, and a functools.partial's arguments
+    (motor chains its futures with `partial(loop.call_soon_threadsafe, callback, *args)`)."""
+    for _depth in range(3):
+        for cell in getattr(callback, "__closure__", None) or ():
+            try:
+                yield cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        if not isinstance(callback, functools.partial):
+            return
+        yield from callback.args
+        callback = callback.args[0] if callback.args else callback.func
 
 
 def _awaiting(future: asyncio.Future[Any]) -> set[int]:
@@ -140,18 +155,14 @@ def _awaiting(future: asyncio.Future[Any]) -> set[int]:
     todo = [future]
     while todo and len(seen) < 16:
         for callback, _context in getattr(todo.pop(), "_callbacks", None) or ():
-            for cell in getattr(callback, "__closure__", None) or ():
-                try:
-                    value = cell.cell_contents
-                except ValueError:
-                    continue
+            for value in _held_by(callback):
                 if isinstance(value, asyncio.Future) and id(value) not in seen:
                     seen.add(id(value))
                     todo.append(value)
     return seen
 
 
-def _suspended_location() -> _frames.CallSite | None:
+def _suspended_location(in_loop: bool = False) -> _frames.CallSite | None:
     """The line awaiting this command in another task: motor's worker threads, gather's tasks."""
     future: Any = _executor_future()
     attempts = 5
@@ -168,7 +179,7 @@ def _suspended_location() -> _frames.CallSite | None:
         for _level in range(4):
             if found is None:
                 break
-            site = _coroutine_location(found.get_coro())
+            site = _coroutine_location(found.get_coro(), in_loop)
             if site is not None:
                 return site
             found = _awaiting_task(loop, found)  # a task awaiting a task awaiting us
@@ -189,7 +200,7 @@ def _awaiting_task(loop: asyncio.AbstractEventLoop, future: Any) -> Any:
     return None
 
 
-def _coroutine_location(coro: Any) -> _frames.CallSite | None:
+def _coroutine_location(coro: Any, in_loop: bool = False) -> _frames.CallSite | None:
     """The call site in a suspended chain of coroutines (its innermost application frame)."""
     frames: list[FrameType] = []
     while coro is not None and len(frames) < 64:
@@ -197,21 +208,45 @@ def _coroutine_location(coro: Any) -> _frames.CallSite | None:
         if frame is not None:
             frames.append(frame)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    site = _frames.chain_site(frames)
+    site = _frames.chain_site(frames, in_loop)
     return site if site.location is not None else None
 
 
 # Sync pymongo on the event loop's thread.
 
 _SYNC, _ASYNC, _NEUTRAL = 1, 2, 0
-_driver_paths: dict[CodeType, int] = {}
+# Keyed by id() (a code object's own hash reads its bytecode: see _frames._origin_cache); the
+# entry keeps the code object alive. Bounded by pymongo's own code objects.
+_driver_paths: dict[int, tuple[CodeType, int]] = {}
+
+
+def _driver_folders() -> tuple[str, str | None]:
+    """The folders of pymongo's synchronous and asynchronous code, found by importing them.
+
+    From pymongo 4.9 each has its package (shared modules such as monitoring.py stay neutral);
+    before it there is no asynchronous driver, and every module of pymongo is synchronous.
+    """
+    try:
+        import pymongo.asynchronous
+        import pymongo.synchronous
+    except ImportError:
+        import pymongo
+
+        return dirname(pymongo.__file__ or ""), None
+    return (
+        dirname(pymongo.synchronous.__file__ or ""),
+        dirname(pymongo.asynchronous.__file__ or ""),
+    )
+
+
+_SYNC_FOLDER, _ASYNC_FOLDER = _driver_folders()
 
 
 def _classify(code: CodeType) -> int:
-    path = code.co_filename.replace("\\", "/")
-    if "/pymongo/synchronous/" in path:
+    folder = dirname(code.co_filename)
+    if folder == _SYNC_FOLDER:
         return _SYNC
-    if "/pymongo/asynchronous/" in path:
+    if folder == _ASYNC_FOLDER:
         return _ASYNC
     return _NEUTRAL
 
@@ -222,9 +257,14 @@ def _from_sync_driver(frame: FrameType | None) -> bool:
         if frame is None:
             return False
         code = frame.f_code
-        kind = _driver_paths.get(code)
-        if kind is None:
-            kind = _driver_paths[code] = _classify(code)
+        entry = _driver_paths.get(id(code))
+        if entry is not None and entry[0] is code:
+            kind = entry[1]
+        else:
+            kind = _classify(code)
+            if len(_driver_paths) >= 10_000:  # code made at run time (exec) passes by too
+                _driver_paths.clear()
+            _driver_paths[id(code)] = (code, kind)
         if kind:
             return kind == _SYNC
         frame = frame.f_back
@@ -278,57 +318,39 @@ def _unbounded(query: Query) -> bool:
 #: Reads hashed per record for duplicate_read (a request sending more reads is not tracked
 #: further: its later reads are compared with these only).
 MAX_READ_HASHES = 1000
-# Shapes once read twice with the same values in a request: in later requests their first
-# read is located too, so that the finding can name both lines (a stack is read only then).
-_duplicated: set[str] = set()
-_MAX_DUPLICATED = 10_000
 
 
-def _hash_read(
-    record: RequestRecord, query: Query, command: Any, repeated: int, previous: Query | None
-) -> None:
+def _hash_read(record: RequestRecord, query: Query, command: Any, previous: Query | None) -> None:
     """A read's values, as hashes: a second read with the same ones, and what a read that may
     continue a consecutive run filters on (see _value_hashes)."""
     shape = query.shape
     hashed = read_hash(query.operation, command, shape)
     if hashed is not None:
         query.values_hash = hashed
-        seen = record.read_hashes
-        if seen is None:
-            if repeated == 1:  # the shape's first read (the hash includes the shape): no twin
-                if shape in _duplicated and query.location is None:
-                    _place(query, sys._getframe(2))
-                _filter_values(query, command, previous)
-                return
-            # A shape read again: from now on the request's reads are compared in a set.
-            seen = record.read_hashes = set()
-            for earlier in record.queries[:MAX_READ_HASHES]:
-                if earlier.values_hash is not None and earlier is not query:
-                    seen.add(earlier.values_hash)
-        if hashed in seen:  # the same read again: duplicate_read needs its line
-            if shape not in _duplicated:
-                if len(_duplicated) >= _MAX_DUPLICATED:
-                    _duplicated.clear()
-                _duplicated.add(shape)
-            if query.location is None:
-                _place(query, sys._getframe(2))
-        elif len(seen) < MAX_READ_HASHES:
-            seen.add(hashed)
-            if repeated == 1 and query.location is None and shape in _duplicated:
-                _place(query, sys._getframe(2))
-    _filter_values(query, command, previous)
-
-
-def _filter_values(query: Query, command: Any, previous: Query | None) -> None:
-    """What a read that may continue a consecutive run filters on: did it take it from an
-    earlier read's reply?"""
+        # The hash includes the shape: the first read of a shape has no twin to look for.
+        if record.read_hashes is not None or record.shape_counts.get(shape) != 1:
+            _compare(record, query, hashed)
     if (
         previous is not None
         and previous.operation in READS
         and previous.collection != query.collection
         and previous.finished_at
-    ):
+    ):  # it may continue a consecutive run: does it filter on what an earlier read returned?
         query.filter_hashes = filter_hashes(query.operation, command)
+
+
+def _compare(record: RequestRecord, query: Query, hashed: int) -> None:
+    seen = record.read_hashes
+    if seen is None:  # a shape read again: from now on the request's reads are in a set
+        seen = record.read_hashes = set()
+        for earlier in record.queries[:MAX_READ_HASHES]:
+            if earlier.values_hash is not None and earlier is not query:
+                seen.add(earlier.values_hash)
+    if hashed in seen:  # the same read again: duplicate_read needs its line (the first
+        if query.location is None:  # one's, as the first of its shape, is known)
+            _place(query, sys._getframe(3))
+    elif len(seen) < MAX_READ_HASHES:
+        seen.add(hashed)
 
 
 def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
@@ -337,7 +359,7 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
         return  # the same event again: this client has perfmw's listeners twice
     record = _current.get()
     if record is not None and record.closed:
-        record = None
+        record = after_response(record)
     if record is None and _internal.get():
         return
     command = event.command
@@ -400,9 +422,11 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
             elif verdict == explain.REPEATED:
                 _place(query, sys._getframe(1))
                 _explain(query, command, sys._getframe(1))
-        if repeated >= threshold:
+        # Located: the first of each shape (what `current_request().queries` show) and each
+        # one from the Nth on (the N+1's); those in between cost no stack walk.
+        if repeated == 1 or repeated >= threshold:
             if query.location is None:
-                _place(query, sys._getframe(1))
+                _place(query, sys._getframe(1), in_loop=True)
         elif (
             previous is not None
             and name in READS
@@ -413,7 +437,7 @@ def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
             # A read after a finished read elsewhere: the start of a consecutive_queries run.
             _place(query, sys._getframe(1))
         if name in READS:
-            _hash_read(record, query, command, repeated, previous)
+            _hash_read(record, query, command, previous)
         loop = _get_running_loop()
         if loop is not None:
             if _from_sync_driver(sys._getframe(1)):
@@ -574,6 +598,16 @@ def _pool_name(address: Any) -> str:
     return name
 
 
+def _waited(event: Any) -> float | None:
+    """The time the check-out took: the event's own duration (pymongo 4.7 and later), else the
+    time since this operation's check-out-started event, published on the same thread."""
+    seconds: float | None = getattr(event, "duration", None)
+    if seconds is None:
+        began = _checkout_started.get()
+        seconds = time.perf_counter() - began if began else None
+    return seconds
+
+
 def _observe_wait(address: Any, seconds: float | None) -> None:
     if seconds is None:
         return
@@ -629,7 +663,7 @@ class PoolListener(monitoring.ConnectionPoolListener):
             if getattr(_last_failure, "event", None) is event:
                 return
             _last_failure.event = event
-            _observe_wait(event.address, event.duration)
+            _observe_wait(event.address, _waited(event))
 
     def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
         if _internal.get():
@@ -639,7 +673,7 @@ class PoolListener(monitoring.ConnectionPoolListener):
             if _connections.get(key) == _USED:
                 return
             _connections[key] = _USED
-            _observe_wait(event.address, event.duration)
+            _observe_wait(event.address, _waited(event))
 
     def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
         with _GUARD:
@@ -684,10 +718,37 @@ def _add_pool_source() -> None:
             _sinks_with_source.add(sink)
 
 
+def driver_notes() -> list[str]:
+    """What the installed pymongo does not report, and what perfmw does about it."""
+    import pymongo
+
+    notes = []
+    if not hasattr(monitoring.ConnectionCheckedOutEvent, "duration"):
+        notes.append(
+            f"pymongo {pymongo.version} reports no duration on connection pool events "
+            "(added in pymongo 4.7): perfmw measures connection wait times from the "
+            "check-out-started event instead"
+        )
+    return notes
+
+
+_noted = False
+
+
+def _note_driver() -> None:
+    """Log the installed driver's notes once per process, when the listeners are set up."""
+    global _noted
+    if not _noted:
+        _noted = True
+        for note in driver_notes():
+            _guard.logger.info("perfmw: %s", note)
+
+
 def register_listeners() -> None:
     """Register the listeners process-wide (clients created from now on are observed)."""
     global _registered
     with _register_lock:
+        _note_driver()
         if not _registered:
             monitoring.register(_commands)
             monitoring.register(_pool)
@@ -702,6 +763,7 @@ def mongo_listeners() -> list[monitoring.CommandListener | monitoring.Connection
     client = MongoClient(uri, event_listeners=perfmw.mongo_listeners())
     """
     with _register_lock:
+        _note_driver()
         explain.register()
         _add_pool_source()
     return [_commands, _pool]

@@ -63,6 +63,12 @@ class Perf:
         self.sink: PrometheusSink = sink_for(self.registry)
         self.findings = FindingsStore(self.settings.max_findings)
         self.routes = RouteLabels(self.settings.max_routes, app)
+        _frames.count_as_library(self.settings.library_paths)
+        from .endpoints import build_endpoints
+
+        # The paths of perfmw's own endpoints: what happens while one runs is counted on its
+        # path, never a finding about the application.
+        self.own_routes = frozenset(build_endpoints(self))
         # None when settings.trace is off: the middleware's only tracing cost is this check.
         self.tracing = tracing_sink.for_perf(self)
         self.loop_started = False
@@ -115,7 +121,8 @@ class Perf:
             if record.queries:
                 for hook in _query_hooks:  # the time each query waited behind a loop stall
                     hook(record)
-            found = detectors.detect(record, self.settings)
+            own = record.route in self.own_routes  # perfmw's endpoint, not the app's code
+            found = [] if own else detectors.detect(record, self.settings)
             if found:
                 self.add_findings(found, record)
             if record.findings or record.stalls or record.blocking_calls:

@@ -49,6 +49,9 @@ class Query:
     on_loop: Any = None
     stall_seconds: float = 0.0
     via: str | None = None  # the library function the application's line called
+    # The application's lines from the one inside a loop down to `location` (outermost first),
+    # read for the queries an N+1 is judged on; () when no application line loops.
+    loop: tuple[str, ...] = ()
     # Hashes of values, never the values (see mongo.py): of the shape and every value that
     # decides the result (a read sent twice with the same values has the same one), of the
     # filter's values (only for a read that may continue a consecutive run), and of the
@@ -88,6 +91,7 @@ class RequestRecord:
 
     __slots__ = (
         "__weakref__",
+        "background",
         "blocking_calls",
         "cache_hits",
         "cache_misses",
@@ -118,7 +122,7 @@ class RequestRecord:
         self.route = route
         self.method = method
         self.path = path
-        self.kind = kind  # "http", or "track" for perfmw.track()
+        self.kind = kind  # "http", "track" for perfmw.track(), "background" (after_response)
         self.owner = owner  # the Perf whose sinks receive this record
         self.status_code: int | None = None
         self.started_at = time.perf_counter()
@@ -140,6 +144,8 @@ class RequestRecord:
         self.span: Any = None
         # Queries per shape so far, kept by the MongoDB listener to spot the Nth repetition.
         self.shape_counts: dict[str, int] = {}
+        # What the request's background tasks send after its response ("<route> (background)").
+        self.background: RequestRecord | None = None
         # Values hashes of the reads so far, kept by the listener to spot a read sent again.
         self.read_hashes: set[int] | None = None
 
@@ -163,6 +169,19 @@ class RequestRecord:
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("perfmw_request", default=None)
+
+
+def after_response(record: RequestRecord) -> RequestRecord | None:
+    """Where work of a finished HTTP request goes (its BackgroundTasks, run after the response):
+    a record of its own, named after the route that scheduled it."""
+    if record.kind != "http" or record.owner is None:
+        return None
+    background = record.background
+    if background is None:
+        background = record.background = RequestRecord(
+            f"{record.route} (background)", record.method, record.path, "background", record.owner
+        )
+    return None if background.closed else background
 
 
 def current_request() -> RequestRecord | None:

@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 ENV_PREFIX = "PERFMW_"
 
@@ -53,6 +53,9 @@ class Settings:
     # The live dashboard, a web page; its JSON at `dashboard_data_path`. Last, so that the
     # fields before it keep their positions.
     dashboard_path: str | None = "/perfmw"
+    # The application's own shared packages (paths, or importable package names) that count
+    # as library code: findings name the line that called them.
+    library_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -141,6 +144,20 @@ def _check_strings(field: str, value: object) -> object:
     return items
 
 
+def _check_library_paths(field: str, value: object) -> object:
+    from ._frames import library_root
+
+    items = cast(tuple[str, ...], _check_strings(field, value))
+    for item in items:
+        if library_root(item) is None:
+            raise _invalid(
+                field,
+                f"names {item!r}, which is neither an existing path nor an importable package",
+                value,
+            )
+    return items
+
+
 def _check_served_paths(settings: Settings) -> None:
     """Each endpoint perfmw serves has a path of its own (the dashboard serves two)."""
     served: dict[str, str] = {}
@@ -177,6 +194,7 @@ _CHECKS = {
     "max_findings": _check_count,
     "exclude_paths": _check_paths,
     "silenced_locations": _check_strings,
+    "library_paths": _check_library_paths,
 }
 
 
@@ -231,4 +249,5 @@ _PARSERS = {
     "max_findings": _parse_int,
     "exclude_paths": _parse_list,
     "silenced_locations": _parse_list,
+    "library_paths": _parse_list,
 }

@@ -6,7 +6,7 @@ Pure functions of a finished record's `queries` (see docs/mongo.md for each rule
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from typing import Any
 
 from ..findings import Finding
 from ..record import Query, RequestRecord
@@ -41,18 +41,13 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
     return found
 
 
-def _by_location(queries: Iterable[Query]) -> dict[str | None, list[Query]]:
-    groups: dict[str | None, list[Query]] = {}
-    for query in queries:
-        groups.setdefault(query.location, []).append(query)
-    return groups
-
-
 def n_plus_one(route: str, queries: list[Query], threshold: int) -> list[Finding]:
-    """The same shape `threshold` times or more: one finding per (shape, location).
+    """The same shape `threshold` times or more: one finding per (shape, loop).
 
-    The listener reads the location from the Nth repetition on; the repetitions before it
-    (no location) are counted with the first location found.
+    A query's loop is the application line inside a loop that led to it (`Query.loop`), else its
+    own line: four loops over one repository method are four findings at four lines. The
+    listener locates the first of a shape and each one from the Nth repetition on; those in
+    between (no location) belong with the next located one, and a line seen once is not a loop.
     """
     by_shape: dict[str, list[Query]] = {}
     for query in queries:
@@ -61,26 +56,36 @@ def n_plus_one(route: str, queries: list[Query], threshold: int) -> list[Finding
     for shape, same in by_shape.items():
         if len(same) < threshold:
             continue
-        groups = _by_location(same)
-        unlocated = groups.pop(None, [])
-        if not groups:
-            groups = {None: unlocated}
-        else:
-            first = next(iter(groups))
-            groups[first] = unlocated + groups[first]
+        groups: dict[str | None, list[Query]] = {}
+        pending: list[Query] = []
+        for query in same:
+            if query.location is None:
+                pending.append(query)
+                continue
+            key = query.loop[0] if query.loop else query.location
+            groups.setdefault(key, []).extend((*pending, query))
+            pending = []
+        if pending:
+            groups.setdefault(next(reversed(groups)) if groups else None, []).extend(pending)
+        if len(groups) > 1:
+            groups = {key: group for key, group in groups.items() if len(group) > 1} or groups
         for location, group in groups.items():
+            detail: dict[str, Any] = {
+                "collection": group[0].collection,
+                "operation": group[0].operation,
+                "shape": shape,
+                "repetitions": len(group),
+            }
+            chain = next((q.loop for q in reversed(group) if q.loop), ())
+            if len(chain) > 1:
+                detail["chain"] = list(chain)  # from the loop down to the query's own line
             found.append(
                 Finding(
                     "n_plus_one",
                     route,
                     location,
                     sum(q.duration_seconds for q in group),
-                    {
-                        "collection": group[0].collection,
-                        "operation": group[0].operation,
-                        "shape": shape,
-                        "repetitions": len(group),
-                    },
+                    detail,
                     via=next((q.via for q in group if q.via), None),
                 )
             )

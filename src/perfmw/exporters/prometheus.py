@@ -270,6 +270,13 @@ class PrometheusSink(Collector):
                 histogram.counts[bisect_left(histogram.bounds, db_seconds)] += 1
                 histogram.sum += db_seconds
 
+    def observe_background(self, record: RequestRecord) -> None:
+        """The queries of a request's background tasks, under `<route> (background)`."""
+        with self._lock:
+            labels = (record.method, record.route)
+            self.request_queries.labels(*labels).observe(record.db_queries)  # type: ignore[union-attr]
+            self.request_db_seconds.labels(*labels).observe(record.db_seconds)  # type: ignore[union-attr]
+
     def _route_metrics(self, key: tuple[str, str, int]) -> _RouteMetrics:
         if self.multiprocess:
             _flusher.ensure_running()  # in a worker forked from a master that built the sink

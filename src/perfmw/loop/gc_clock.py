@@ -70,9 +70,12 @@ def _on_gc(
     if seconds >= _clock.culprit_seconds:
         with _GUARD:
             monitor = loop_threads.get(threading.get_ident())
-            if monitor is not None:
+            if monitor is not None and not sys.is_finalizing():
                 # The collection ran on a loop thread and blocked it: locate it from here.
-                # (At interpreter shutdown a collection may run with no Python frame at all.)
+                # The frame below this one is None, not an error, for a collection that C code
+                # started with no Python frame on the thread (sys._getframe(1) raises "call
+                # stack is not deep enough" there). At interpreter shutdown a stall would never
+                # be reported: nothing is located.
                 monitor.gc_blocked(seconds, sys._getframe(0).f_back)
 
 

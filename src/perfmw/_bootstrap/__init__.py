@@ -1,0 +1,1 @@
+"""The directory `perfmw run` puts first on PYTHONPATH: its `sitecustomize` starts perfmw."""

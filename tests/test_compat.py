@@ -1,0 +1,185 @@
+"""The MongoDB source on the installed pymongo, the oldest supported (4.4) as well as the newest.
+
+`make compat` runs this file in .venv-oldest too, so it uses only what pymongo 4.4 and motor 3.2
+have: MongoClient and motor, no AsyncMongoClient (tests/test_mongo.py covers that one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pymongo
+import pytest
+from fastapi import FastAPI
+from motor.motor_asyncio import AsyncIOMotorClient
+from prometheus_client import CollectorRegistry
+from pymongo import MongoClient, monitoring
+
+import perfmw
+from perfmw import explain, mongo
+from support import label_values, line_of, sample, serve, wait_for
+
+OLD_POOL_EVENTS = not hasattr(monitoring.ConnectionCheckedOutEvent, "duration")
+
+
+@pytest.fixture
+def db_name(mongo_uri: str) -> Iterator[str]:
+    name = "c" + uuid.uuid4().hex[:10]
+    yield name
+    with MongoClient(mongo_uri) as client:
+        client.drop_database(name)
+
+
+def pool_label(mongo_uri: str) -> dict[str, str]:
+    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
+    return {"db_client_connection_pool_name": f"{host}:{port}"}
+
+
+class _Checkouts(monitoring.ConnectionPoolListener):
+    """Counts checkouts as pymongo reports them, to compare with the histogram."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def connection_checked_out(self, event: Any) -> None:
+        self.done += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda event: None
+
+
+def test_pool_waits_are_measured_on_the_installed_pymongo(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    app = FastAPI()
+    checkouts = _Checkouts()
+    perfmw.instrument(app, registry=registry)
+    client: MongoClient[Any] = MongoClient(mongo_uri, maxPoolSize=1, event_listeners=[checkouts])
+    client[db_name].agents.insert_many([{"n": i} for i in range(5000)])
+
+    @app.get("/count")
+    def count() -> int:  # Starlette's threadpool: ten at once queue for the one connection
+        return client[db_name].agents.count_documents({})
+
+    async def run(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            responses = await asyncio.gather(*(http.get("/count") for _ in range(10)))
+        assert [r.json() for r in responses] == [5000] * 10
+
+    with client, serve(app) as server:
+        asyncio.run(run(server.url))
+        exposition = httpx.get(server.url + "/metrics", timeout=10).text
+        done = checkouts.done  # before the client's close checks one out for endSessions
+
+    pool = pool_label(mongo_uri)
+    # Every checkout pymongo reported is one wait: the seeding's (outside any request: to every
+    # live registry) and the ten requests', and none raised inside perfmw.
+    assert done == 11
+    assert sample(exposition, "db_client_connection_wait_time_seconds_count", **pool) == 11
+    commands = sample(
+        exposition,
+        "db_client_operation_duration_seconds_sum",
+        db_system_name="mongodb",
+        db_operation_name="aggregate",
+        db_collection_name="agents",
+    )
+    waited = sample(exposition, "db_client_connection_wait_time_seconds_sum", **pool)
+    assert commands is not None and waited is not None
+    # One at a time: the k-th request waits for the k-1 before it (about 45 commands' time,
+    # against the 10 of the commands themselves).
+    assert waited > commands
+
+
+def test_sync_driver_on_the_loop_is_a_blocking_call_and_motor_is_not(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    app = FastAPI()
+    perfmw.instrument(app, registry=registry)
+    sync: MongoClient[Any] = MongoClient(mongo_uri)
+    motor = AsyncIOMotorClient(mongo_uri)
+
+    @app.get("/sync-on-loop")
+    async def sync_on_loop() -> int:
+        sync[db_name].items.insert_one({"n": 1})  # blocks the loop for the round trip
+        return len(list(sync[db_name].items.find({})))
+
+    @app.get("/sync-in-thread")
+    def sync_in_thread() -> int:
+        return len(list(sync[db_name].items.find({})))
+
+    @app.get("/motor")
+    async def with_motor() -> int:
+        return len(await motor[db_name].items.find({}).to_list(None))
+
+    with sync, serve(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.get("/sync-on-loop").json() == 1
+        assert http.get("/sync-in-thread").json() == 1
+        assert http.get("/motor").json() == 1
+        exposition = http.get("/metrics").text
+        found = http.get("/perfmw/findings").json()["findings"]
+    motor.close()
+
+    assert label_values(exposition, "perfmw_blocking_calls_total", "http_route") == {
+        "/sync-on-loop"
+    }
+    blocking = sample(
+        exposition, "perfmw_blocking_calls_total", http_route="/sync-on-loop", kind="pymongo-sync"
+    )
+    assert blocking == 2
+    assert sorted(
+        (f["route"], f["location"], f["count"]) for f in found if f["kind"] == "blocking_call"
+    ) == [
+        ("/sync-on-loop", line_of(__file__, "blocks the loop for the round trip"), 1),
+        ("/sync-on-loop", line_of(__file__, "return len(list(sync[db_name].items.find({})))"), 1),
+    ]
+
+
+def test_missing_index_advice_with_a_sync_client(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    app = FastAPI()
+    settings = perfmw.Settings(explain_slow_queries=True, slow_query_seconds=0.0)
+    perfmw.instrument(app, settings=settings, registry=registry)
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+    client[db_name].servers.insert_many([{"owner": f"team-{i % 5}"} for i in range(50)])
+
+    @app.get("/by-owner")
+    def by_owner(owner: str) -> int:
+        return len(list(client[db_name].servers.find({"owner": owner})))
+
+    def missing_indexes(url: str) -> list[dict[str, Any]]:
+        found = httpx.get(url + "/perfmw/findings", timeout=10).json()["findings"]
+        return [f for f in found if f["kind"] == "missing_index"]
+
+    with client, serve(app) as server:
+        for owner in ("team-1", "team-2"):
+            assert httpx.get(f"{server.url}/by-owner?owner={owner}", timeout=30).json() == 10
+            wait_for(lambda: not explain._pending and explain._jobs.empty())
+        [found] = wait_for(lambda: missing_indexes(server.url))
+    assert (found["route"], found["detail"]["index"]) == ("/by-owner", [["owner", 1]])
+
+
+def test_what_an_old_pymongo_lacks_is_noted_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = (
+        [
+            f"perfmw: pymongo {pymongo.version} reports no duration on connection pool events "
+            "(added in pymongo 4.7): perfmw measures connection wait times from the "
+            "check-out-started event instead"
+        ]
+        if OLD_POOL_EVENTS
+        else []
+    )
+    assert pymongo.version_tuple >= (4, 7) or OLD_POOL_EVENTS
+    monkeypatch.setattr(mongo, "_noted", False)
+    with caplog.at_level(logging.INFO, logger="perfmw"):
+        perfmw.mongo_listeners()
+        mongo.register_listeners()
+        perfmw.mongo_listeners()
+    assert [r.getMessage() for r in caplog.records if "pymongo" in r.getMessage()] == expected
