@@ -37,6 +37,9 @@ _IDENTIFYING = frozenset(
     {str, int, float, bytes, ObjectId, Int64, Binary, uuid.UUID, datetime.datetime}
 )
 _COMMON_HASHES = frozenset({hash(0), hash(1), hash(-1), hash("")})
+# Values hashed as they are (a document of only these is hashed in one C-level pass). The
+# hashes of booleans and None land in a reply's set too: a filter's never holds them.
+_FLAT = _IDENTIFYING | {bool, type(None)}
 # Markers that keep {"a": [1, 2]} and {"a": 1, "b": 2} apart in the flattened values.
 _MAPPING, _LIST = object(), object()
 
@@ -80,11 +83,12 @@ def read_hash(name: str, command: Mapping[str, Any], shape: str) -> int | None:
     try:
         if type(body) is dict:
             values = tuple(body.values())
-            for value in values:
-                if type(value) is dict or type(value) is list:
-                    return _nested_hash(command, body, shape)
-            # The common filter: its keys are in the shape, its values are all there is.
-            return hash((shape, command.get("skip"), command.get("limit"), values))
+            if _FLAT.issuperset(map(type, values)):
+                # The common filter: its keys are in the shape, its values are all there is.
+                return hash((shape, command.get("skip"), command.get("limit"), values))
+            parts = _spec([shape, command.get("skip"), command.get("limit")], body)
+            if parts is not None:
+                return hash(tuple(parts))
         if type(body) is list and len(body) <= MAX_STAGES:
             stages = _stages(body)
             if stages is not None:
@@ -107,19 +111,36 @@ def _stages(pipeline: list[Any]) -> list[Any] | None:
         for name, spec in stage.items():
             parts.append(name)
             if type(spec) is dict:
-                if len(spec) > MAX_LEAVES:
+                if _spec(parts, spec) is None:
                     return None
-                for key, value in spec.items():
-                    parts.append(key)
-                    kind = type(value)
-                    if kind is dict:
-                        parts.append(tuple(value.items()))  # TypeError if deeper still
-                    elif kind is list:
-                        return None
-                    else:
-                        parts.append(value)
             else:
                 parts.append(spec)
+    return parts
+
+
+def _spec(parts: list[Any], spec: dict[str, Any]) -> list[Any] | None:
+    """`spec`'s keys and values appended to `parts`, an operator's or a sub-document's items
+    as one tuple (hashing fails if they nest deeper), a list as one tuple; None if too large."""
+    if len(spec) > MAX_LEAVES:
+        return None
+    for key, value in spec.items():
+        parts.append(key)
+        kind = type(value)
+        if kind is dict:
+            items = tuple(value.items())
+            for _key, item in items:
+                if type(item) is list:  # {"$in": [...]}
+                    if len(item) > MAX_LEAVES:
+                        return None
+                    items = tuple((k, tuple(v) if type(v) is list else v) for k, v in items)
+                    break
+            parts.append(items)
+        elif kind is list:
+            if len(value) > MAX_LEAVES:
+                return None
+            parts.append(tuple(value))
+        else:
+            parts.append(value)
     return parts
 
 
@@ -160,24 +181,28 @@ def reply_hashes(documents: list[Any]) -> set[int]:
     one's fields and the fields (or items) of its sub-documents (or lists) one level down, and
     the id a DBRef points at (an ODM's link), at most MAX_HASHES.
 
-    This runs for every small read, so it is written for speed: one pass, no filtering of
-    common values (the filter's side leaves those out, so they never match).
+    This runs for every small read, so it is written for speed: a document of plain values is
+    hashed in one C-level pass, and common values are not filtered out here (the filter's side
+    leaves them out, so they never match).
     """
     found: set[int] = set()
-    add = found.add
     for document in documents[:MAX_REPLY_DOCUMENTS]:
-        for value in document.values():
-            kind = type(value)
-            if kind in _IDENTIFYING:
-                add(hash(value))
-                if len(found) >= MAX_HASHES:
-                    return found
-            elif kind is DBRef:
-                add(hash(value.id))
-            elif kind is dict or kind is list:
-                for item in value.values() if kind is dict else value:
-                    if type(item) in _IDENTIFYING:
-                        add(hash(item))
-                        if len(found) >= MAX_HASHES:
-                            return found
+        values = document.values()
+        if _FLAT.issuperset(map(type, values)):
+            found.update(map(hash, values))
+        else:
+            for value in values:
+                kind = type(value)
+                if kind in _FLAT:
+                    found.add(hash(value))
+                elif kind is DBRef:
+                    found.add(hash(value.id))
+                elif kind is dict or kind is list:
+                    for item in value.values() if kind is dict else value[:MAX_HASHES]:
+                        if type(item) in _FLAT:
+                            found.add(hash(item))
+        if len(found) >= MAX_HASHES:
+            break
+    while len(found) > MAX_HASHES:
+        found.pop()
     return found

@@ -327,14 +327,9 @@ def _hash_read(record: RequestRecord, query: Query, command: Any, previous: Quer
     hashed = read_hash(query.operation, command, shape)
     if hashed is not None:
         query.values_hash = hashed
-        seen = record.read_hashes
-        if seen is None:
-            seen = record.read_hashes = set()
-        if hashed in seen:  # the same read again: duplicate_read needs its line (the first
-            if query.location is None:  # one's, as the first of its shape, is known)
-                _place(query, sys._getframe(2))
-        elif len(seen) < MAX_READ_HASHES:
-            seen.add(hashed)
+        # The hash includes the shape: the first read of a shape has no twin to look for.
+        if record.read_hashes is not None or record.shape_counts.get(shape) != 1:
+            _compare(record, query, hashed)
     if (
         previous is not None
         and previous.operation in READS
@@ -342,6 +337,20 @@ def _hash_read(record: RequestRecord, query: Query, command: Any, previous: Quer
         and previous.finished_at
     ):  # it may continue a consecutive run: does it filter on what an earlier read returned?
         query.filter_hashes = filter_hashes(query.operation, command)
+
+
+def _compare(record: RequestRecord, query: Query, hashed: int) -> None:
+    seen = record.read_hashes
+    if seen is None:  # a shape read again: from now on the request's reads are in a set
+        seen = record.read_hashes = set()
+        for earlier in record.queries[:MAX_READ_HASHES]:
+            if earlier.values_hash is not None and earlier is not query:
+                seen.add(earlier.values_hash)
+    if hashed in seen:  # the same read again: duplicate_read needs its line (the first
+        if query.location is None:  # one's, as the first of its shape, is known)
+            _place(query, sys._getframe(3))
+    elif len(seen) < MAX_READ_HASHES:
+        seen.add(hashed)
 
 
 def _started(event: monitoring.CommandStartedEvent, name: str) -> None:
