@@ -6,12 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean prometheus browser compat
 
-# The oldest releases perfmw supports (tests/oldest-constraints.txt), for `make compat`: the main
-# venv has the newest ones. Only the tests that these releases can run: pymongo before 4.10 has
-# no AsyncMongoClient, which tests/test_mongo.py needs.
-OLDEST := .venv-oldest
-OLDEST_STAMP := $(OLDEST)/.installed
-OLDEST_PIP := $(OLDEST)/bin/python -m pip install --quiet -c tests/oldest-constraints.txt
+# The oldest releases perfmw supports (tests/oldest-constraints.txt) and a middle of them
+# (tests/middle-constraints.txt), for `make compat`: the main venv has the newest ones. Only the
+# tests that these releases can run: pymongo before 4.10 has no AsyncMongoClient, which
+# tests/test_mongo.py needs.
+COMPAT_VENVS := .venv-oldest .venv-middle
 COMPAT_TESTS := tests/test_routes.py tests/test_middleware.py tests/test_compat.py
 
 $(STAMP): pyproject.toml
@@ -35,19 +34,25 @@ test: lint prometheus browser compat
 # it is installed without its dependency check. Starlette 0.27 warns about the on_startup
 # argument one test passes to FastAPI: that warning is not an error there. The 10,000-request
 # cap test (a minute on a busy machine) runs in the main venv only: the cap is no release's.
-$(OLDEST_STAMP): pyproject.toml tests/oldest-constraints.txt
-	rm -rf $(OLDEST)
-	$(PYTHON) -m venv $(OLDEST)
-	$(OLDEST_PIP) -e . fastapi motor opentelemetry-proto \
-	  'pytest>=8' 'httpx>=0.27,<1' 'uvicorn>=0.30' 'websockets>=12' s2sphere shapely python-dateutil
-	$(OLDEST_PIP) --no-deps SecantusDB
-	touch $(OLDEST_STAMP)
+.venv-%/.installed: pyproject.toml tests/%-constraints.txt
+	rm -rf .venv-$*
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet -c tests/$*-constraints.txt -e . fastapi motor \
+	  opentelemetry-proto 'pytest>=8' 'httpx>=0.27,<1' 'uvicorn>=0.30' 'websockets>=12' \
+	  s2sphere shapely python-dateutil
+	.venv-$*/bin/python -m pip install --quiet -c tests/$*-constraints.txt --no-deps SecantusDB
+	touch $@
 
-compat: $(OLDEST_STAMP)
-	$(OLDEST)/bin/python -m pytest -p no:cacheprovider \
-	  -W 'ignore:The on_startup and on_shutdown parameters are deprecated:DeprecationWarning' \
-	  --deselect tests/test_middleware.py::test_ten_thousand_raw_paths_stay_within_max_routes \
-	  $(COMPAT_TESTS)
+compat: $(COMPAT_VENVS:%=%/.installed)
+	@for venv in $(COMPAT_VENVS); do \
+	  echo "== $$venv: $$($$venv/bin/python -c 'import fastapi, starlette, pymongo; \
+	    print("fastapi", fastapi.__version__, "starlette", starlette.__version__, \
+	    "pymongo", pymongo.version)')"; \
+	  $$venv/bin/python -m pytest -p no:cacheprovider -q \
+	    -W 'ignore:The on_startup and on_shutdown parameters are deprecated:DeprecationWarning' \
+	    --deselect tests/test_middleware.py::test_ten_thousand_raw_paths_stay_within_max_routes \
+	    $(COMPAT_TESTS) || exit 1; \
+	done
 
 # promtool and prometheus for the alert-rule and end-to-end tests (Debian package, as root).
 prometheus:
@@ -78,4 +83,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENVS) .pytest_cache .mypy_cache .ruff_cache
