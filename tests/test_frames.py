@@ -95,16 +95,16 @@ def test_with_no_application_frame_via_names_the_innermost_library_function(
     site_packages: Path,
 ) -> None:
     frame = vendorlib().entry()
-    saved = dict(_frames._origin_cache)
+    saved = dict(_frames._codes)
     f: FrameType | None = frame.f_back
     while f is not None:  # every frame above the library's counted as library code too
-        _frames._origin_cache[id(f.f_code)] = (f.f_code, _frames._LIBRARY)
+        _frames._code(f.f_code).origin = _frames._LIBRARY
         f = f.f_back
     try:
         assert call_site(frame) == CallSite(None, "vendorlib.low_level.innermost")
     finally:
-        _frames._origin_cache.clear()
-        _frames._origin_cache.update(saved)
+        _frames._codes.clear()
+        _frames._codes.update(saved)
 
 
 def test_paths_are_relative_never_absolute(site_packages: Path) -> None:
@@ -151,7 +151,7 @@ def test_an_application_installed_in_site_packages_is_claimed_by_instrument(
         )
     finally:
         _frames._app_roots = ()
-        _frames._origin_cache.clear()
+        _frames._codes.clear()
         del sys.modules["myservice.main"], sys.modules["myservice"]
 
 
@@ -161,7 +161,7 @@ def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for code in codes:
         assert _frames.is_app_code(code)
         display_path(code.co_filename)
-    assert len(_frames._origin_cache) <= 10
+    assert len(_frames._codes) <= 10
     assert len(_frames._display_cache) <= 10
 
 
@@ -197,4 +197,4 @@ def test_loop_lines_are_the_lines_that_repeat() -> None:
         assert number(repeated) in lines, repeated
     for once in ("# header: runs once", "# else: runs once", "# nested function"):
         assert number(once) not in lines, once
-    assert _frames.loop_lines(_frames.loop_lines.__code__) == frozenset()
+    assert _frames.loop_lines(_frames.display_path.__code__) == frozenset()

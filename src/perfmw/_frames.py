@@ -24,6 +24,7 @@ import linecache
 import os
 import sys
 import sysconfig
+import threading
 from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import NamedTuple
@@ -43,10 +44,6 @@ _STDLIB_ROOTS = _stdlib_roots()
 _PERFMW_ROOT = os.path.join(os.path.realpath(os.path.dirname(__file__)), "")
 _app_roots: tuple[str, ...] = ()  # application packages that live in site-packages
 _library_roots: tuple[str, ...] = ()  # the application's own packages named by library_paths
-# Keyed by id(): a code object's own hash reads its bytecode and constants (0.3 µs and more per
-# lookup, on every frame of every walk). The entry keeps its code object alive, so the id cannot
-# be reused while the entry stands.
-_origin_cache: dict[int, tuple[CodeType, int]] = {}
 _display_cache: dict[str, str] = {}
 
 
@@ -83,15 +80,63 @@ def _origin_of_file(filename: str) -> int:
     return _LIBRARY if any(part in _LIBRARY_DIRS for part in parts) else _APP
 
 
+class _Code:
+    """What the walks need of one code object, worked out once: whose it is, and on first use
+    its path as shown, its "module.function" name and its loops' lines."""
+
+    __slots__ = ("code", "loops", "name", "origin", "path", "sites")
+
+    def __init__(self, code: CodeType) -> None:
+        self.code = code  # keeps the code object alive, so its id() is not reused meanwhile
+        self.origin = _origin_of_file(code.co_filename)
+        self.path: str | None = None
+        self.name: str | None = None
+        self.loops: frozenset[int] | None = None
+        # Instruction offset -> ("path:line", line): reading a frame's f_lineno decodes its
+        # code's line table up to the instruction (0.1 to 0.4 µs in a long function).
+        self.sites: dict[int, tuple[str, int]] = {}
+
+
+# Keyed by id(): a code object's own hash reads its bytecode and constants (0.3 µs and more per
+# lookup, on every frame of every walk).
+_codes: dict[int, _Code] = {}
+
+
+def _code(code: CodeType) -> _Code:
+    known = _codes.get(id(code))
+    if known is not None and known.code is code:
+        return known
+    if len(_codes) >= _CACHE_LIMIT:
+        _codes.clear()
+    known = _codes[id(code)] = _Code(code)
+    return known
+
+
 def _origin(code: CodeType) -> int:
-    cached = _origin_cache.get(id(code))
-    if cached is not None and cached[0] is code:
-        return cached[1]
-    origin = _origin_of_file(code.co_filename)
-    if len(_origin_cache) >= _CACHE_LIMIT:
-        _origin_cache.clear()
-    _origin_cache[id(code)] = (code, origin)
-    return origin
+    return _code(code).origin
+
+
+def _path(known: _Code) -> str:
+    path = known.path
+    if path is None:
+        path = known.path = display_path(known.code.co_filename)
+    return path
+
+
+def _site(known: _Code, frame: AnyFrame) -> tuple[str, int]:
+    """ "path:line" of `frame`, and its line."""
+    site = known.sites.get(frame.f_lasti)
+    if site is None:
+        lineno = frame.f_lineno
+        site = known.sites[frame.f_lasti] = (f"{_path(known)}:{lineno}", lineno)
+    return site
+
+
+def _name(known: _Code, frame: AnyFrame) -> str:
+    name = known.name
+    if name is None:
+        name = known.name = function_name(frame)
+    return name
 
 
 def is_app_code(code: CodeType) -> bool:
@@ -118,7 +163,7 @@ def claim_application(frame: FrameType | None) -> None:
     root = root + ("" if top.endswith(".py") else "/")
     if root not in _app_roots:
         _app_roots = (*_app_roots, root)
-        _origin_cache.clear()
+        _codes.clear()
 
 
 def library_root(entry: str) -> str | None:
@@ -148,7 +193,7 @@ def count_as_library(entries: Iterable[str]) -> None:
     added = tuple(root for root in dict.fromkeys(roots) if root not in _library_roots)
     if added:
         _library_roots = (*_library_roots, *added)
-        _origin_cache.clear()
+        _codes.clear()
         _display_cache.clear()
 
 
@@ -195,10 +240,11 @@ class Still:
     path does): read them first with `snapshot`, make sense of them after.
     """
 
-    __slots__ = ("f_back", "f_code", "f_globals", "f_lineno")
+    __slots__ = ("f_back", "f_code", "f_globals", "f_lasti", "f_lineno")
 
     def __init__(self, frame: FrameType, back: Still | None) -> None:
         self.f_code = frame.f_code
+        self.f_lasti = frame.f_lasti
         self.f_lineno = frame.f_lineno
         self.f_globals = frame.f_globals
         self.f_back = back
@@ -233,18 +279,29 @@ def call_site(frame: AnyFrame | None, in_loop: bool = False) -> CallSite:
     """
     innermost: AnyFrame | None = None  # library frames, the innermost one...
     below: AnyFrame | None = None  # ...and the latest one seen, called by the next frame up
-    cached = _origin_cache.get  # inlined `_origin`: this loop runs for every located query
+    below_code: _Code | None = None
+    codes = _codes.get  # `_code` inlined: this loop runs for every located query
     while frame is not None:
         code = frame.f_code
-        entry = cached(id(code))
-        origin = entry[1] if entry is not None and entry[0] is code else _origin(code)
+        known = codes(id(code))
+        if known is None or known.code is not code:
+            known = _code(code)
+        origin = known.origin
         if origin == _APP:
-            via = None if below is None else function_name(below)
-            location = format_location(code.co_filename, frame.f_lineno)
-            chain = _loop_chain(frame) if in_loop else ()
+            location, lineno = known.sites.get(frame.f_lasti) or _site(known, frame)
+            via = None
+            if below is not None and below_code is not None:
+                via = below_code.name or _name(below_code, below)
+            chain: tuple[str, ...] = ()
+            if in_loop:
+                loops = known.loops
+                if loops is None:
+                    loops = _loops(known)
+                # Most often this line loops itself; else the lines that called it are read.
+                chain = (location,) if lineno in loops else _loop_chain(frame, location)
             return _new_site(CallSite, (location, via, chain))
         if origin == _LIBRARY:
-            below = frame
+            below, below_code = frame, known
             if innermost is None:
                 innermost = frame
         frame = frame.f_back
@@ -263,43 +320,45 @@ _MAX_CHAIN = 16  # application frames looked at above the innermost one
 _MAX_OUTSIDE = 4  # library frames between two application frames of one chain
 _COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-_loop_cache: dict[int, tuple[CodeType, frozenset[int]]] = {}  # by id(), as _origin_cache
 _tree_cache: dict[str, ast.Module | None] = {}
+_parse_lock = threading.Lock()
 
 
-def _loop_chain(frame: AnyFrame) -> tuple[str, ...]:
-    """The application frames from the innermost one whose line is inside a loop of its own
-    function down to `frame`, as "path:line" (outermost first); () when none loops."""
-    frames: list[AnyFrame] = []
-    current: AnyFrame | None = frame
+def _loop_chain(frame: AnyFrame, location: str) -> tuple[str, ...]:
+    """The application frames from the innermost one above `frame` whose line is inside a loop
+    of its own function down to `frame` (at `location`), as "path:line" (outermost first); ()
+    when none loops."""
+    above: list[str] = []
+    current = frame.f_back
     outside = 0  # library frames in a row: a decorator or a dependency is a few, a framework more
-    while current is not None and len(frames) < _MAX_CHAIN and outside <= _MAX_OUTSIDE:
-        code = current.f_code
-        if _origin(code) != _APP:
+    while current is not None and len(above) < _MAX_CHAIN and outside <= _MAX_OUTSIDE:
+        known = _code(current.f_code)
+        if known.origin != _APP:
             outside += 1
         else:
             outside = 0
-            frames.append(current)
-            if code.co_name in _COMPREHENSIONS or current.f_lineno in loop_lines(code):
-                return tuple(
-                    format_location(f.f_code.co_filename, f.f_lineno) for f in reversed(frames)
-                )
+            here, lineno = _site(known, current)
+            above.append(here)
+            if lineno in _loops(known):
+                return (*reversed(above), location)
         current = current.f_back
     return ()
+
+
+def _loops(known: _Code) -> frozenset[int]:
+    loops = known.loops
+    if loops is None:
+        loops = known.loops = loop_lines(known.code)
+    return loops
 
 
 def loop_lines(code: CodeType) -> frozenset[int]:
     """The lines of `code`'s function that run once per iteration of one of its loops (`for`,
     `while`, `async for` bodies, comprehensions; a comprehension with a code object of its own
-    is a loop throughout). Read from the source once per code object."""
-    cached = _loop_cache.get(id(code))
-    if cached is not None and cached[0] is code:
-        return cached[1]
-    lines = _read_loop_lines(code)
-    if len(_loop_cache) >= _CACHE_LIMIT:
-        _loop_cache.clear()
-    _loop_cache[id(code)] = (code, lines)
-    return lines
+    is a loop throughout). Read from the source: `call_site` keeps them per code object."""
+    if code.co_name in _COMPREHENSIONS:
+        return frozenset(line for _start, _end, line in code.co_lines() if line is not None)
+    return _read_loop_lines(code)
 
 
 def _read_loop_lines(code: CodeType) -> frozenset[int]:
@@ -339,7 +398,11 @@ def _tree(filename: str) -> ast.Module | None:
             _tree_cache.clear()
         source = "".join(linecache.getlines(filename))
         try:
-            _tree_cache[filename] = ast.parse(source) if source else None
+            # One parse at a time: CPython 3.11 can fail two parses running in two threads
+            # ("AST constructor recursion depth mismatch"), and queries are located from
+            # motor's and the threadpool's threads too.
+            with _parse_lock:
+                _tree_cache[filename] = ast.parse(source) if source else None
         except (SyntaxError, ValueError):
             _tree_cache[filename] = None
     return _tree_cache[filename]
