@@ -121,6 +121,7 @@ def _first_statement(statements: Any) -> Mapping[str, Any] | None:
 _cached_shapes: dict[tuple[Any, ...], str] = {}
 _MAX_CACHED = 10_000
 _RECURSIVE_OPERATORS = frozenset({"$elemMatch", "$not"})
+_NESTING = frozenset({dict, list})
 
 
 def _filter_key(found: Any) -> tuple[Any, ...] | None:
@@ -133,34 +134,25 @@ def _filter_key(found: Any) -> tuple[Any, ...] | None:
     for key, value in found.items():
         kind = type(value)
         if kind is dict:
-            if value and _is_operator_doc(value):
-                if not _RECURSIVE_OPERATORS.isdisjoint(value):
-                    return None
-                parts.append((key, *value))
-                continue
-        elif kind is list and key in _LOGICAL:
+            for first in value:  # an operator document: {"$gt": 5}
+                if type(first) is str and first[:1] == "$":
+                    if not _RECURSIVE_OPERATORS.isdisjoint(value):
+                        return None
+                    parts.append((key, *value))
+                else:
+                    parts.append(key)
+                break
+            else:
+                parts.append(key)
+            continue
+        if kind is list and key in _LOGICAL:
             return None
         parts.append(key)
     return tuple(parts)
 
 
-def _structure_key(
-    command_name: str, command: Mapping[str, Any], database: str
-) -> tuple[Any, ...] | None:
-    """What decides a find's or an aggregate's shape, or None to build it without the cache."""
-    if command_name == "find":
-        found = _filter_key(command.get("filter"))
-        if found is None:
-            return None
-        sort = command.get("sort")
-        projection = command.get("projection")
-        return (
-            database,
-            command.get("find"),
-            found,
-            tuple(sort.items()) if type(sort) is dict else sort,
-            tuple(projection) if type(projection) is dict else projection,
-        )
+def _pipeline_key(command: Mapping[str, Any], database: str) -> tuple[Any, ...] | None:
+    """What decides an aggregate's shape, or None to build it without the cache."""
     pipeline = command.get("pipeline")
     if type(pipeline) is not list:
         return None
@@ -189,20 +181,40 @@ def shape_of(
     database: str = "",
 ) -> str:
     """The shape of one command: `"{operation} {database}.{collection} {details}"`."""
-    if (command_name == "find" or command_name == "aggregate") and not capture_values:
-        key = _structure_key(command_name, command, database)
-        if key is not None:
-            try:
-                return _cached_shapes[key]
-            except KeyError:
-                pass
-            except TypeError:  # an unhashable part (a $meta sort): no caching
-                return _shape(command_name, command, False, database)
-            shape = _shape(command_name, command, False, database)
-            if len(_cached_shapes) < _MAX_CACHED:
-                _cached_shapes[key] = shape
-            return shape
-    return _shape(command_name, command, capture_values, database)
+    # Finds and aggregates, the commands sent most, are cached by what decides their shape,
+    # worked out here inline: this runs for every command.
+    key: tuple[Any, ...] | None = None
+    if capture_values:
+        pass
+    elif command_name == "find":
+        found = command.get("filter")
+        if type(found) is dict and _NESTING.isdisjoint(map(type, found.values())):
+            keys: tuple[Any, ...] | None = tuple(found)  # equalities only: the common filter
+        else:
+            keys = _filter_key(found)
+        if keys is not None:
+            sort = command.get("sort")
+            projection = command.get("projection")
+            key = (
+                database,
+                command.get("find"),
+                keys,
+                tuple(sort.items()) if type(sort) is dict else sort,
+                tuple(projection) if type(projection) is dict else projection,
+            )
+    elif command_name == "aggregate":
+        key = _pipeline_key(command, database)
+    if key is None:
+        return _shape(command_name, command, capture_values, database)
+    try:
+        return _cached_shapes[key]
+    except KeyError:
+        shape = _shape(command_name, command, False, database)
+        if len(_cached_shapes) < _MAX_CACHED:
+            _cached_shapes[key] = shape
+        return shape
+    except TypeError:  # an unhashable part (a $meta sort): no caching
+        return _shape(command_name, command, False, database)
 
 
 def _shape(
