@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from bson import Regex
+from bson import ObjectId, Regex
 from prometheus_client import CollectorRegistry
 from pymongo import MongoClient
 
@@ -91,14 +91,27 @@ def test_a_request_keeps_the_hashes_of_its_first_reads_only(
 
 def test_what_cannot_be_compared_gets_no_hash() -> None:
     shape = "find db.c {a: ?}"
-    many = {"find": "c", "filter": {"a": {"$in": list(range(100))}}}
+    many = {"find": "c", "filter": {"a": {"$in": [ObjectId() for _ in range(100)]}}}
     pattern = {"find": "c", "filter": {"a": re.compile("^x")}}
-    deep = {"find": "c", "filter": {"$or": [{"a": i} for i in range(40)]}}
+    deep = {"find": "c", "filter": {"$or": [{"a": ObjectId()} for i in range(40)]}}
     assert _value_hashes.read_hash("find", many, shape) is None
     assert _value_hashes.read_hash("find", deep, shape) is None
     assert _value_hashes.read_hash("find", pattern, shape) is not None  # re.Pattern hashes
     regex = {"find": "c", "filter": {"a": {"$regex": Regex("^x")}}}  # unhashable
     assert _value_hashes.read_hash("find", regex, shape) is None
+
+
+def test_plain_values_are_compared_whole_whatever_their_number() -> None:
+    shape = "find db.c {a: {$in: [?]}}"
+
+    def ins(values: list[int]) -> int | None:
+        return _value_hashes.read_hash(
+            "find", {"find": "c", "filter": {"a": {"$in": values}}}, shape
+        )
+
+    assert ins(list(range(1000))) == ins(list(range(1000)))
+    assert ins(list(range(1000))) != ins(list(range(1, 1001)))
+    assert ins([1]) != ins([True])  # not the same BSON value
 
 
 def test_a_filter_keeps_at_most_32_hashes_and_no_common_values() -> None:

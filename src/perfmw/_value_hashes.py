@@ -9,13 +9,17 @@ what they held.
 A value never leaves this module, only `hash()` of it: `read_hash` tells a read sent again with
 the same values (duplicate_read), and a filter hash found among an earlier reply's hashes says
 the later read used what the earlier one returned (so it could not have run beside it, see
-consecutive_queries). Every walk is bounded: a large filter or pipeline gets no hash, a large
-reply none either, and no set holds more than `MAX_HASHES`.
+consecutive_queries). A filter of plain values is hashed as it is; one of documents and lists of
+plain values is serialized whole by `marshal`, in C, at a cost that grows with it as the driver's
+own encoding of it does. Every walk in Python is bounded: a filter or pipeline holding ObjectIds
+or dates past `MAX_LEAVES` values gets no hash, a large reply none either, and no set holds more
+than `MAX_HASHES`.
 """
 
 from __future__ import annotations
 
 import datetime
+import marshal
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -80,12 +84,18 @@ def read_hash(name: str, command: Mapping[str, Any], shape: str) -> int | None:
         body = command.get("pipeline")
     else:
         body = command.get("query")
+    if type(body) is dict:
+        values = tuple(body.values())
+        if _FLAT.issuperset(map(type, values)):
+            # The common filter: its keys are in the shape, its values are all there is.
+            return hash((shape, command.get("skip"), command.get("limit"), values))
+    try:  # documents, lists and plain values only: serialized in one C-level pass
+        serialized = marshal.dumps(body, 2)  # version 2: the same bytes for the same values
+        return hash((shape, command.get("skip"), command.get("limit"), serialized))
+    except ValueError:  # an ObjectId, a datetime, a SON...: walked below
+        pass
     try:
         if type(body) is dict:
-            values = tuple(body.values())
-            if _FLAT.issuperset(map(type, values)):
-                # The common filter: its keys are in the shape, its values are all there is.
-                return hash((shape, command.get("skip"), command.get("limit"), values))
             parts = _spec([shape, command.get("skip"), command.get("limit")], body)
             if parts is not None:
                 return hash(tuple(parts))
