@@ -144,6 +144,8 @@ class PrometheusSink(Collector):
             ("db_system_name", "db_operation_name", "db_collection_name"),
             DB_BUCKETS,
         )
+        # Its children by (operation, collection), looked up on every command.
+        self._commands: dict[tuple[str, str], HistogramChild] = {}
         self.pool_wait = Family(
             "histogram",
             "db_client_connection_wait_time_seconds",
@@ -342,9 +344,13 @@ class PrometheusSink(Collector):
     def observe_command(
         self, operation: str, collection: str, seconds: float, exemplar: dict[str, str] | None
     ) -> None:
-        child = self.db_duration.labels("mongodb", operation, collection)
+        child = self._commands.get((operation, collection))
+        if child is None:  # once per (operation, collection): the family has no more children
+            made = self.db_duration.labels("mongodb", operation, collection)
+            assert isinstance(made, HistogramChild)
+            child = self._commands[(operation, collection)] = made
         with self._lock:
-            child.observe(seconds, exemplar)  # type: ignore[union-attr]
+            child.observe(seconds, exemplar)
 
     def observe_pool_wait(self, pool: str, seconds: float) -> None:
         child = self.pool_wait.labels(pool)
