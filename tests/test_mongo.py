@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bson
 import httpx
 import pytest
+from bson.raw_bson import RawBSONDocument
 from examples.fastapi_app.app import create_app
 from fastapi import BackgroundTasks, FastAPI
 from motor.motor_asyncio import AsyncIOMotorClient
@@ -25,6 +27,7 @@ from pymongo.errors import OperationFailure, WaitQueueTimeoutError
 
 import perfmw
 from perfmw import _guard, explain, mongo
+from perfmw.detectors.mongo import UNBOUNDED_BYTES
 from support import line_of, sample, serve, wait_for
 
 APP_SOURCE = Path("examples/fastapi_app/app.py")
@@ -316,6 +319,37 @@ def test_sequential_dashboard_reads_are_consecutive_queries(example: Any) -> Non
     durations = [q["duration_seconds"] for q in detail["queries"]]
     assert detail["saving_seconds"] == pytest.approx(sum(durations) - max(durations))
     assert found[0]["location"] == line_of(APP_SOURCE, "await db().agents.count_documents({})")
+
+
+def test_reply_bytes_use_a_documents_size_measured_again_when_it_may_matter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mongo, "_document_bytes", {})
+    small, big = {"_id": 1, "name": "x" * 10}, {"_id": 2, "name": "x" * 100_000}
+    small_size, big_size = len(bson.encode(small)), len(bson.encode(big))
+    shape = "find db.items {}"
+    assert mongo._batch_bytes(shape, [small, small]) == 2 * small_size
+    # Later batches of the shape are estimated from that size, measured again every 32nd one...
+    for _ in range(mongo._REMEASURE):
+        assert mongo._batch_bytes(shape, [big, big]) == 2 * small_size
+    assert mongo._batch_bytes(shape, [big, big]) == 2 * big_size
+    # ...and on a batch whose estimate comes within a quarter of an unbounded read's bytes.
+    other = "find db.other {}"
+    assert mongo._batch_bytes(other, [small, small]) == 2 * small_size
+    many = [big] + [small] * (UNBOUNDED_BYTES // 4 // small_size)
+    assert mongo._batch_bytes(other, many) == len(many) * big_size
+    raw = RawBSONDocument(bson.encode(big))
+    assert mongo._batch_bytes(other, [raw, raw]) == 2 * big_size  # a raw reply has its size
+
+
+def test_document_sizes_are_kept_for_a_bounded_number_of_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mongo, "_document_bytes", {})
+    monkeypatch.setattr(mongo, "_MAX_SIZED_SHAPES", 10)
+    for i in range(25):
+        mongo._batch_bytes(f"find db.c{i} {{}}", [{"_id": i}, {"_id": i}])
+    assert 0 < len(mongo._document_bytes) <= 10
 
 
 # The same read twice in one request

@@ -74,6 +74,12 @@ class guard:
     ) -> bool:
         if exc is None or not isinstance(exc, Exception):
             return False  # let cancellation and KeyboardInterrupt through
-        with contextlib.suppress(Exception):  # the reporter itself must never raise
-            report_internal_error(self.component, exc)
+        swallowed(self.component, exc)
         return True
+
+
+def swallowed(component: str, exc: Exception) -> None:
+    """Report an error `guard` would have swallowed, for a hot path's own `try` (entering a
+    `with` block costs about 0.1 µs, a `try` nothing)."""
+    with contextlib.suppress(Exception):  # the reporter itself must never raise
+        report_internal_error(component, exc)
