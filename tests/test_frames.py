@@ -157,12 +157,15 @@ def test_an_application_installed_in_site_packages_is_claimed_by_instrument(
 
 def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_frames, "_CACHE_LIMIT", 10)
+    monkeypatch.setattr(_frames, "_MAX_FILES", 10)
     codes = [compile("x", f"/srv/app/generated_{i}.py", "eval") for i in range(25)]
     for code in codes:
         assert _frames.is_app_code(code)
         display_path(code.co_filename)
+        assert _frames.loop_lines(code) == frozenset()  # no source: no loop known
     assert len(_frames._codes) <= 10
     assert len(_frames._display_cache) <= 10
+    assert 0 < len(_frames._loops_cache) <= 10
 
 
 def _looping(items: list[int]) -> int:
@@ -198,3 +201,5 @@ def test_loop_lines_are_the_lines_that_repeat() -> None:
     for once in ("# header: runs once", "# else: runs once", "# nested function"):
         assert number(once) not in lines, once
     assert _frames.loop_lines(_frames.display_path.__code__) == frozenset()
+    nested = next(c for c in _looping.__code__.co_consts if getattr(c, "co_name", "") == "nested")
+    assert _frames.loop_lines(nested) == {number("# nested function")}  # its loop is its own

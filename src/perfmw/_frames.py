@@ -320,7 +320,8 @@ _MAX_CHAIN = 16  # application frames looked at above the innermost one
 _MAX_OUTSIDE = 4  # library frames between two application frames of one chain
 _COMPREHENSIONS = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-_tree_cache: dict[str, ast.Module | None] = {}
+_loops_cache: dict[str, dict[int, tuple[str, frozenset[int]]]] = {}  # see _file_loops
+_MAX_FILES = 1024
 _parse_lock = threading.Lock()
 
 
@@ -358,25 +359,49 @@ def loop_lines(code: CodeType) -> frozenset[int]:
     is a loop throughout). Read from the source: `call_site` keeps them per code object."""
     if code.co_name in _COMPREHENSIONS:
         return frozenset(line for _start, _end, line in code.co_lines() if line is not None)
-    return _read_loop_lines(code)
+    name, lines = _file_loops(code.co_filename).get(
+        0 if code.co_name == "<module>" else code.co_firstlineno, ("", frozenset())
+    )
+    return lines if name == code.co_name else frozenset()
 
 
-def _read_loop_lines(code: CodeType) -> frozenset[int]:
-    tree = _tree(code.co_filename)
-    if tree is None:
-        return frozenset()
-    scope: ast.AST | None = tree if code.co_name == "<module>" else None
-    if scope is None:
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and node.name == code.co_name
-                and code.co_firstlineno in (node.lineno, *(d.lineno for d in node.decorator_list))
-            ):
-                scope = node
-                break
-    if scope is None:
-        return frozenset()
+def _file_loops(filename: str) -> dict[int, tuple[str, frozenset[int]]]:
+    """Each function of a file and its repeating lines, by the lines its code object may start
+    at (its `def`, its decorators; 0 for the module's own code). The file is parsed
+    once and its tree dropped: a module's tree is megabytes of objects that every full garbage
+    collection would walk again."""
+    found = _loops_cache.get(filename)
+    if found is None:
+        found = _read_file_loops(filename)
+        if len(_loops_cache) >= _MAX_FILES:
+            _loops_cache.clear()
+        _loops_cache[filename] = found
+    return found
+
+
+def _read_file_loops(filename: str) -> dict[int, tuple[str, frozenset[int]]]:
+    source = "".join(linecache.getlines(filename))
+    if not source:
+        return {}
+    try:
+        # One parse at a time: CPython 3.11 can fail two parses running in two threads
+        # ("AST constructor recursion depth mismatch"), and queries are located from
+        # motor's and the threadpool's threads too.
+        with _parse_lock:
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return {}
+    found = {0: ("<module>", _repeating(tree))}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = (node.name, _repeating(node))
+            for first in (node.lineno, *(d.lineno for d in node.decorator_list)):
+                found[first] = function
+    return found
+
+
+def _repeating(scope: ast.AST) -> frozenset[int]:
+    """The lines of `scope`'s own code (not its nested functions and classes) inside a loop."""
     found: set[int] = set()
     todo = list(ast.iter_child_nodes(scope))
     while todo:
@@ -390,22 +415,6 @@ def _read_loop_lines(code: CodeType) -> frozenset[int]:
             found.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         todo.extend(ast.iter_child_nodes(node))
     return frozenset(found)
-
-
-def _tree(filename: str) -> ast.Module | None:
-    if filename not in _tree_cache:
-        if len(_tree_cache) >= 256:
-            _tree_cache.clear()
-        source = "".join(linecache.getlines(filename))
-        try:
-            # One parse at a time: CPython 3.11 can fail two parses running in two threads
-            # ("AST constructor recursion depth mismatch"), and queries are located from
-            # motor's and the threadpool's threads too.
-            with _parse_lock:
-                _tree_cache[filename] = ast.parse(source) if source else None
-        except (SyntaxError, ValueError):
-            _tree_cache[filename] = None
-    return _tree_cache[filename]
 
 
 def app_frame(frame: FrameType | None) -> FrameType | None:
