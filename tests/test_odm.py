@@ -38,8 +38,16 @@ AUTHORS = 6
 
 def findings(url: str, route: str) -> list[dict[str, Any]]:
     found = httpx.get(url + "/perfmw/findings", timeout=10).json()["findings"]
-    # (a slow_query may show up on a loaded machine: the claims here are about query patterns)
-    return [f for f in found if f["route"] == route and f["kind"] != "slow_query"]
+    # The claims here are about query patterns: a slow_query may show up on a loaded machine,
+    # and a full collection of the test process's heap (the suite's size decides it) is a real
+    # gc stall of whichever request runs then.
+    return [
+        f
+        for f in found
+        if f["route"] == route
+        and f["kind"] != "slow_query"
+        and not (f["kind"] == "loop_stall" and f["detail"]["cause"] == "gc")
+    ]
 
 
 def located(record: Any) -> list[str | None]:
