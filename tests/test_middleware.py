@@ -74,6 +74,28 @@ def test_counts_per_route_template_and_unmatched(registry: CollectorRegistry) ->
     assert sample(text, "http_server_active_requests", http_request_method="GET") == 0
 
 
+def test_excluded_paths_exclude_what_lies_below_them(registry: CollectorRegistry) -> None:
+    app = FastAPI()
+
+    @app.get("/{path:path}")
+    async def anything(path: str) -> dict[str, str]:
+        return {"path": path}
+
+    settings = perfmw.Settings(exclude_paths=("/static", "/health/", "/metrics"))
+    perfmw.instrument(app, settings=settings, registry=registry)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        for path in ("/static", "/static/", "/static/css/app.css", "/health", "/health/live"):
+            assert client.get(path).json() == {"path": path.removeprefix("/")}
+        for path in ("/statics", "/healthy", "/api/static/x"):  # not below an excluded path
+            assert client.get(path).status_code == 200
+        text = scrape(client)
+
+    assert request_count(text, "/{path:path}") == 3
+    assert label_values(text, "http_server_request_duration_seconds_count", "http_route") == {
+        "/{path:path}"
+    }
+
+
 def test_ten_thousand_raw_paths_stay_within_max_routes(registry: CollectorRegistry) -> None:
     async def endpoint(request: Any) -> PlainTextResponse:
         return PlainTextResponse("x")

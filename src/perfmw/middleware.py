@@ -57,8 +57,11 @@ class PerfMiddleware:
         self.endpoints = build_endpoints(self.perf)
         # One lookup per request decides: a path perfmw serves (its endpoint), a path excluded
         # from measurement (None), or an ordinary request (absent).
-        self._special: dict[str, Any] = dict.fromkeys(self.perf.settings.exclude_paths)
+        excluded = {path.rstrip("/") or "/" for path in self.perf.settings.exclude_paths}
+        self._special: dict[str, Any] = dict.fromkeys(excluded)
         self._special.update(self.endpoints)
+        # ...or below an excluded path (`/static` excludes `/static/app.css`, not `/statics`).
+        self._excluded_below = tuple(path.rstrip("/") + "/" for path in excluded)
         self._exchange = _TimedExchange if self.perf.settings.server_timing else _Exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,6 +80,9 @@ class PerfMiddleware:
                 await self.app(scope, receive, send)
             else:
                 await _serve_own(endpoint, perf, path, scope, receive, send)
+            return
+        if self._excluded_below and path.startswith(self._excluded_below):
+            await self.app(scope, receive, send)
             return
 
         method = _KNOWN_METHODS.get(scope["method"], "_OTHER")
