@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 
 import perfmw
+from perfmw import settings as settings_module
 from perfmw.settings import env_name
 
 
@@ -186,3 +190,32 @@ def test_a_library_path_that_names_nothing_says_so() -> None:
         "perfmw setting library_paths (PERFMW_LIBRARY_PATHS) names 'acme_shared_db', which is "
         "neither an existing path nor an importable package, got ('acme_shared_db',)"
     )
+
+
+def test_an_unknown_variable_is_logged_once_with_the_closest_setting(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings_module, "_warned", set())
+    env = {"PERFMW_SLOW_QUERY_SECOND": "0.5", "PERFMW_NOTHING_LIKE_IT": "1", "OTHER": "x"}
+    with caplog.at_level(logging.WARNING, logger="perfmw"):
+        for _ in range(3):
+            assert perfmw.Settings.from_env(env) == perfmw.Settings()
+    assert caplog.messages == [
+        "perfmw: PERFMW_SLOW_QUERY_SECOND is not a perfmw setting "
+        "(did you mean PERFMW_SLOW_QUERY_SECONDS?); it is ignored",
+        "perfmw: PERFMW_NOTHING_LIKE_IT is not a perfmw setting; it is ignored",
+    ]
+
+
+def test_instrument_without_settings_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PERFMW_ACCESS_TOKEN", "s3cret")
+    monkeypatch.setenv("PERFMW_N_PLUS_ONE_THRESHOLD", "3")
+    from_env = perfmw.instrument(Starlette(), registry=CollectorRegistry())
+    assert from_env.settings.access_token == "s3cret"
+    assert from_env.settings.n_plus_one_threshold == 3
+    explicit = perfmw.instrument(Starlette(), perfmw.Settings(), registry=CollectorRegistry())
+    assert explicit.settings == perfmw.Settings()  # explicit settings win, whole
+    from_env.shutdown()
+    explicit.shutdown()

@@ -55,7 +55,8 @@ class Perf:
             raise ValueError(
                 f"registry must be a prometheus_client CollectorRegistry, got {registry!r}"
             )
-        self.settings = settings if settings is not None else Settings()
+        # No settings given: the deployment's PERFMW_* variables (all defaults without any).
+        self.settings = settings if settings is not None else Settings.from_env()
         self.registry = registry if registry is not None else REGISTRY
         self.tracer_provider = tracer_provider
         self.app = app

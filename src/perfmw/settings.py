@@ -7,13 +7,16 @@ settings = perfmw.Settings.from_env()   # PERFMW_N_PLUS_ONE_THRESHOLD=3 ...
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 ENV_PREFIX = "PERFMW_"
+logger = logging.getLogger("perfmw")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -22,6 +25,20 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 def env_name(field: str) -> str:
     """The environment variable that sets `field`: PERFMW_<FIELD_NAME_UPPER>."""
     return ENV_PREFIX + field.upper()
+
+
+_warned: set[str] = set()
+
+
+def _warn_unknown(name: str, known: Iterable[str]) -> None:
+    if name in _warned or len(_warned) >= 100:
+        return
+    _warned.add(name)
+    # Compared without the prefix that they all share.
+    fields = {known_name.removeprefix(ENV_PREFIX): known_name for known_name in known}
+    closest = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), fields, n=1, cutoff=0.6)
+    hint = f" (did you mean {fields[closest[0]]}?)" if closest else ""
+    logger.warning("perfmw: %s is not a perfmw setting%s; it is ignored", name, hint)
 
 
 def _invalid(field: str, why: str, value: object) -> ValueError:
@@ -74,13 +91,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Every field from PERFMW_<FIELD_NAME_UPPER>; keyword overrides win over it."""
+        """Every field from PERFMW_<FIELD_NAME_UPPER>; keyword overrides win over it. A PERFMW_
+        variable that names no setting (a typo) is logged once, with the closest name."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(env_name(field.name))
-            if raw is not None:
-                values[field.name] = _PARSERS[field.name](field.name, raw.strip())
+        known = {env_name(field.name): field.name for field in dataclasses.fields(cls)}
+        for name, raw in env.items():
+            field = known.get(name)
+            if field is not None:
+                values[field] = _PARSERS[field](field, raw.strip())
+            elif name.startswith(ENV_PREFIX):
+                _warn_unknown(name, known)
         values.update(overrides)
         return cls(**values)
 
