@@ -4,6 +4,7 @@ against real services (unreachable, refused token, nothing found, json, compare)
 from __future__ import annotations
 
 import html
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -837,3 +838,12 @@ def test_strings_the_real_app_cannot_hold_are_text_too() -> None:
     compared = report.render_compare(before, doc)
     assert_no_html(compared)
     assert f"<td><code>GET {shown(HOSTILE)}</code></td>" in _MARKDOWN.render(compared)
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    installed = importlib.metadata.version("perfmw")
+    done = subprocess.run(
+        [sys.executable, "-m", "perfmw", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"perfmw {installed}\n", "")
+    assert perfmw.__version__ == installed

@@ -17,6 +17,20 @@ from .perf import Perf, instrument, track
 from .record import RequestRecord, current_request
 from .settings import Settings
 
+
+def __getattr__(name: str) -> str:
+    """`perfmw.__version__`: the installed distribution's, read when first asked for."""
+    if name != "__version__":
+        raise AttributeError(f"module 'perfmw' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("perfmw")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        found = "0+unknown"
+    globals()["__version__"] = found
+    return found
+
 __all__ = [
     "Perf",
     "PerfMiddleware",

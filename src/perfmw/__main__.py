@@ -4,6 +4,7 @@
     perfmw report --url http://127.0.0.1:8000 [--token T] [--out FILE] [--format md|json]
     perfmw report --prometheus http://prometheus:9090 --job api [--since 1h]
     perfmw report --compare before.json after.json
+    perfmw --version
     python -m perfmw report ...
 
 A failure is one line on stderr, never a traceback: exit status 2 for a usage error (arguments
@@ -25,8 +26,15 @@ from ._report_escape import visible
 from .settings import env_name
 
 
+def _version() -> str:
+    import perfmw
+
+    return str(perfmw.__version__)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perfmw", description="perfmw command line")
+    parser.add_argument("--version", action="version", version=f"perfmw {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "run",
