@@ -1,15 +1,17 @@
 """The endpoints perfmw serves itself: Prometheus metrics, the JSON findings and the dashboard.
 
 Served by the middleware before routing, so they add no route to the app (or its OpenAPI),
-and protected by `access_token` when one is set. In multiprocess mode they answer for every
-worker of the directory, read from its files in a thread: not on the loop. The dashboard's
-page, its sign-in and its data live in `dashboard/`.
+and protected by `access_token` when one is set; without one, the findings (stacks and file
+paths, as JSON and on the dashboard) are served to this machine only. In multiprocess mode they
+answer for every worker of the directory, read from its files in a thread: not on the loop. The
+dashboard's page, its sign-in and its data live in `dashboard/`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -66,13 +68,38 @@ Accepts = Callable[[Scope, str], bool]
 UNAUTHORIZED = [(b"www-authenticate", b'Bearer realm="perfmw"')]
 
 
+LOCAL_ONLY = (
+    b"perfmw serves its findings (stacks, file paths) to this machine only; set access_token "
+    b"(PERFMW_ACCESS_TOKEN) to serve them to others\n"
+)
+# Headers a reverse proxy adds: a request through one comes from elsewhere, whatever its address.
+_FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip"})
+_IN_PROCESS = frozenset({"testclient"})  # Starlette's TestClient: no network at all
+
+
+def from_this_machine(scope: Scope) -> bool:
+    """Whether the request comes from a loopback address (or a Unix socket), not via a proxy."""
+    client = scope.get("client")
+    if client and client[0] not in _IN_PROCESS:
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+        if not (address.is_loopback or (mapped is not None and mapped.is_loopback)):
+            return False
+    return not any(bytes(key).lower() in _FORWARDING for key, _ in scope.get("headers", ()))
+
+
 def _refusal(
-    scope: Scope, token: str | None, accepts: Accepts
+    scope: Scope, token: str | None, accepts: Accepts, local_only: bool
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
     if scope.get("method") not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")]
     if token is not None and not accepts(scope, token):
         return 401, b"unauthorized\n", UNAUTHORIZED
+    if token is None and local_only and not from_this_machine(scope):
+        return 403, LOCAL_ONLY, []
     return None
 
 
@@ -101,7 +128,7 @@ def build_endpoints(perf: Perf) -> dict[str, Endpoint]:
     if settings.metrics_path is not None:
         served[settings.metrics_path] = protected(metrics, settings.access_token)
     if settings.findings_path is not None:
-        served[settings.findings_path] = protected(findings, settings.access_token)
+        served[settings.findings_path] = protected(findings, settings.access_token, local_only=True)
     from .dashboard import dashboard_endpoints  # it builds on this module's helpers
 
     served.update(dashboard_endpoints(perf))
@@ -115,13 +142,15 @@ def protected(
     accepts: Accepts = bearer,
     component: str = "endpoint",
     headers: list[tuple[bytes, bytes]] | None = None,
+    local_only: bool = False,
 ) -> Endpoint:
     """An endpoint answering GET/HEAD with `render(scope)`, behind the token if set: the
-    request must carry what `accepts` takes (the bearer header unless told otherwise)."""
+    request must carry what `accepts` takes (the bearer header unless told otherwise). With
+    `local_only` and no token, only requests from this machine are answered."""
     extra_headers = headers or []
 
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = _refusal(scope, token, accepts)
+        refusal = _refusal(scope, token, accepts, local_only)
         if refusal is not None:
             status, text, extra = refusal
             await respond(send, status, text, TEXT, [*extra, *extra_headers])

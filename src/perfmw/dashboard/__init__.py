@@ -46,6 +46,7 @@ def dashboard_endpoints(perf: Perf) -> dict[str, Endpoint]:
             accepts=auth.signed_in,
             component="dashboard",
             headers=page.HEADERS,
+            local_only=True,
         ),
     }
 
