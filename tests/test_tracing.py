@@ -368,6 +368,37 @@ def test_async_motor_and_threadpool_sync_clients_parent_to_the_request_span(
         ], path
 
 
+def test_the_drivers_housekeeping_makes_no_span(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider, exporter = memory_provider()
+    clients: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients["async"] = AsyncMongoClient(mongo_uri)
+        await clients["async"].registry.pages.insert_many([{"n": i} for i in range(10)])
+        yield
+        await clients["async"].close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/first")
+    async def first_of_many() -> dict[str, Any]:
+        cursor = clients["async"].registry.pages.find({}, batch_size=2)
+        await cursor.next()
+        await cursor.close()  # the server still holds the cursor: the driver kills it
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/first").status_code == 200
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.kind.name == "SERVER"]
+    assert client_children(spans, request) == ["find registry.pages {}"]  # no killCursors
+    assert [s.name for s in spans if s.kind.name == "CLIENT"] == ["registry.find"]
+
+
 def test_capture_statement_keeps_values(mongo_uri: str, registry: CollectorRegistry) -> None:
     provider, exporter = memory_provider()
     settings = perfmw.Settings(capture_statement=True)

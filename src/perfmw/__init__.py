@@ -31,6 +31,7 @@ def __getattr__(name: str) -> str:
     globals()["__version__"] = found
     return found
 
+
 __all__ = [
     "Perf",
     "PerfMiddleware",

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import Attributes
 
 from .. import _guard
+from ..mongo import HOUSEKEEPING
 from ..record import _current
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ class _RoutingTracer:
     opentelemetry-instrumentation-pymongo registers one listener per process with one tracer;
     several apps (with their own providers) can share the process, so the choice is made per
     command from the current perfmw record. Outside a traced request the global provider is
-    used. The parent is the current span when it belongs to the request's trace (a span the
+    used; the driver's housekeeping commands get no span, as they are no query of the app's. The
+    parent is the current span when it belongs to the request's trace (a span the
     app opened itself), otherwise the request's span: records reach threads (motor,
     run_in_threadpool) that OpenTelemetry's context did not.
     """
@@ -63,6 +65,8 @@ class _RoutingTracer:
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> otel_trace.Span:
+        if name.rpartition(".")[2] in HOUSEKEEPING:  # "<database>.<command>"
+            return otel_trace.INVALID_SPAN  # the driver's own (endSessions, killCursors): no span
         tracer = self._global
         record = _current.get()
         request_span: RequestSpan | None = record.span if record is not None else None
