@@ -98,6 +98,8 @@ class OtlpReceiver:
         self.bytes = 0
         self.decode = decode  # False: accept and count bodies only (a remote collector's cost)
         self.status = 200  # what it answers a well-formed export (500: a failing collector)
+        # Answers given first, one per export, before `status`: (status, Retry-After or None).
+        self.answers: list[tuple[int, str | None]] = []
         self.gate: threading.Event | None = None  # when set: each answer waits for it to open
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
@@ -127,15 +129,21 @@ class OtlpReceiver:
                         self._answer(400, b"")
                         return
                 with receiver._lock:
-                    receiver.spans.extend(spans)
+                    status, after = (
+                        receiver.answers.pop(0) if receiver.answers else (receiver.status, None)
+                    )
+                    if status < 300:  # what a collector refuses is not received
+                        receiver.spans.extend(spans)
                     receiver.requests += 1
                     receiver.bytes += len(body)
                 if receiver.gate is not None:
                     receiver.gate.wait(60)
-                self._answer(receiver.status, ExportTraceServiceResponse().SerializeToString())
+                self._answer(status, ExportTraceServiceResponse().SerializeToString(), after)
 
-            def _answer(self, status: int, body: bytes) -> None:
+            def _answer(self, status: int, body: bytes, after: str | None = None) -> None:
                 self.send_response(status)
+                if after is not None:
+                    self.send_header("Retry-After", after)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
 from starlette.applications import Starlette
@@ -26,6 +27,7 @@ from otlp_receiver import OtlpReceiver
 from perfmw import _guard
 from perfmw.exporters import multiprocess_files
 from perfmw.exporters.multiprocess_files import ReservedFile
+from perfmw.exporters.otlp import RETRY_ATTEMPTS, LoopFriendlySpanProcessor, OtlpHttpSender
 from support import hammer, sample, samples, serve, serve_script, wait_for
 
 #: The app defines one new series per request, as an app with an unbounded label does, so
@@ -255,6 +257,47 @@ def test_a_collector_answering_500_costs_the_spans_not_the_requests(
     provider.shutdown()
 
 
+def test_a_collector_asking_for_a_batch_again_gets_it_after_its_retry_after(
+    receiver: OtlpReceiver, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.answers = [(503, "0"), (429, "0")]
+    app, perf = traced_app(registry)
+    provider = perf.tracer_provider
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        assert [client.get("/").status_code for _ in range(3)] == [200] * 3
+    assert provider.force_flush() is False  # answered 503: sent again by the export thread
+    wait_for(lambda: len(receiver.spans) == 3, 10, what="the batch to be sent again")
+    assert receiver.requests == 3  # 503, 429, then accepted: each span received once
+    assert [span.name for span in receiver.spans] == ["GET /"] * 3
+    assert [r.getMessage() for r in caplog.records if r.name == "perfmw"] == []
+    provider.shutdown()
+
+
+def test_a_batch_refused_six_times_is_dropped_with_one_warning(
+    receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.status = 502
+    sender = OtlpHttpSender(receiver.endpoint + "/v1/traces")
+    processor = LoopFriendlySpanProcessor(sender, retry_first_seconds=0.001)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    with provider.get_tracer("faults").start_as_current_span("job"):
+        pass
+    assert provider.force_flush() is False
+    wait_for(
+        lambda: any("attempts" in r.getMessage() for r in caplog.records),
+        10,
+        what="the batch to be given up",
+    )
+    assert receiver.requests == RETRY_ATTEMPTS == 6  # backed off 1, 2, 4, 8, 16 ms
+    assert [r.getMessage() for r in caplog.records if r.name == "perfmw"] == [
+        f"OTLP endpoint {receiver.endpoint}/v1/traces answered 502 to 6 attempts; spans dropped"
+    ]
+    assert receiver.spans == []
+    provider.shutdown()
+    assert receiver.requests == 6  # nothing was left to send at shutdown
+
+
 def test_a_route_with_line_breaks_cannot_forge_a_log_line() -> None:
     from perfmw.exporters.logs import describe
     from perfmw.findings import Finding
@@ -271,3 +314,37 @@ def test_a_route_with_line_breaks_cannot_forge_a_log_line() -> None:
         "app.py:3\\nfake.py:1",
         "    app.py:3 in f\\nx",
     ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "protocol"),
+    [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+    ],
+)
+def test_an_otlp_protocol_perfmw_does_not_speak_fails_at_configure_tracing(
+    monkeypatch: pytest.MonkeyPatch, variable: str, protocol: str
+) -> None:
+    monkeypatch.setenv(variable, protocol)
+    with pytest.raises(ValueError) as raised:
+        perfmw.configure_tracing("faults", set_global=False)
+    assert str(raised.value) == (
+        f"{variable}={protocol!r}: perfmw.configure_tracing() sends OTLP over HTTP as protobuf "
+        "('http/protobuf'); for another protocol, build a TracerProvider with OpenTelemetry's "
+        "exporter for it and pass it to perfmw.instrument(app, tracer_provider=...)"
+    )
+
+
+def test_http_protobuf_is_the_protocol_spoken(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "HTTP/Protobuf")
+    provider = perfmw.configure_tracing("faults", set_global=False)
+    with provider.get_tracer("faults").start_as_current_span("job"):
+        pass
+    assert provider.force_flush() is True
+    assert [(span.name, span.resource["service.name"]) for span in receiver.spans] == [
+        ("job", "faults")
+    ]
+    provider.shutdown()

@@ -16,9 +16,12 @@ from __future__ import annotations
 import gzip
 import http.client
 import logging
+import math
 import os
+import random
 import ssl
 import threading
+import time
 import urllib.parse
 import weakref
 from collections.abc import Mapping
@@ -45,7 +48,8 @@ def configure_tracing(service_name: str | None = None, *, set_global: bool = Tru
     """A TracerProvider exporting to an OTLP/HTTP endpoint (Jaeger, a collector), set globally.
 
     `service_name` is used unless OTEL_SERVICE_NAME is set. OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT,
-    _HEADERS, _TIMEOUT, _COMPRESSION, _CERTIFICATE, OTEL_TRACES_SAMPLER(_ARG),
+    _HEADERS, _TIMEOUT, _COMPRESSION, _CERTIFICATE, _PROTOCOL (http/protobuf only: any other
+    raises ValueError here rather than being ignored), OTEL_TRACES_SAMPLER(_ARG),
     OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_EXPORTER (otlp or none) and OTEL_BSP_SCHEDULE_DELAY,
     _MAX_QUEUE_SIZE, _MAX_EXPORT_BATCH_SIZE are honoured. Spans are encoded and sent by perfmw
     itself: OpenTelemetry's OTLP exporter package is not needed.
@@ -59,6 +63,17 @@ def configure_tracing(service_name: str | None = None, *, set_global: bool = Tru
         raise ValueError(
             f"OTEL_TRACES_EXPORTER={exporter!r}: perfmw.configure_tracing() exports with "
             "'otlp' (or 'none'); build your own TracerProvider for other exporters"
+        )
+    protocol_variable = next(
+        (name for name in _variables("PROTOCOL") if os.environ.get(name, "").strip()), None
+    )
+    protocol = os.environ[protocol_variable].strip().lower() if protocol_variable else ""
+    if exporter == "otlp" and protocol not in ("", "http/protobuf"):
+        raise ValueError(
+            f"{protocol_variable}={protocol!r}: perfmw.configure_tracing() sends OTLP over HTTP "
+            "as protobuf ('http/protobuf'); for another protocol, build a TracerProvider with "
+            "OpenTelemetry's exporter for it and pass it to "
+            "perfmw.instrument(app, tracer_provider=...)"
         )
     attributes: dict[str, str] = {}
     if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
@@ -92,12 +107,47 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def _variables(name: str) -> tuple[str, str]:
+    """The variables that set `name`, the traces' own first."""
+    return f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"
+
+
 def _env(name: str) -> str | None:
     """OTEL_EXPORTER_OTLP_TRACES_<name>, else OTEL_EXPORTER_OTLP_<name>."""
-    value = os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(
-        f"OTEL_EXPORTER_OTLP_{name}"
-    )
+    traces, general = _variables(name)
+    value = os.environ.get(traces) or os.environ.get(general)
     return value.strip() if value else None
+
+
+#: Answers after which the OTLP specification says to send the same batch again, later.
+RETRYABLE = frozenset({429, 502, 503, 504})
+#: The first wait before sending a batch again, doubled at each attempt (with jitter) up to the
+#: longest; after the last attempt the batch is dropped.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_LONGEST_SECONDS = 32.0
+RETRY_ATTEMPTS = 6
+
+
+class Retryable(Exception):
+    """The collector answered `status`: send the batch again, after `after` seconds if it
+    said (Retry-After)."""
+
+    def __init__(self, status: int, after: float | None) -> None:
+        super().__init__(f"answered {status}")
+        self.status = status
+        self.after = after
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (a date instead is ignored), at most the longest
+    wait."""
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    if seconds is None or not 0 <= seconds < math.inf:
+        return None
+    return min(seconds, RETRY_LONGEST_SECONDS)
 
 
 class OtlpHttpSender:
@@ -151,7 +201,9 @@ class OtlpHttpSender:
         return cls(endpoint, headers, timeout, compression, _env("CERTIFICATE"))
 
     def send(self, body: bytes) -> bool:
-        """One POST (retried once on a dropped keep-alive connection); True when accepted."""
+        """One POST (retried once on a dropped keep-alive connection); True when accepted,
+        False when refused. An answer the OTLP specification calls retryable (429, 502, 503,
+        504) raises `Retryable`, with the wait its Retry-After header asks for."""
         if self._compression == "gzip":
             body = gzip.compress(body, compresslevel=6)
         for attempt in (1, 2):
@@ -166,6 +218,8 @@ class OtlpHttpSender:
                 if attempt == 2:
                     raise
                 continue
+            if response.status in RETRYABLE:
+                raise Retryable(response.status, _seconds(response.getheader("Retry-After")))
             if response.status >= 300:
                 logger.warning(
                     "OTLP endpoint %s answered %d; spans dropped", self.endpoint, response.status
@@ -202,7 +256,10 @@ class LoopFriendlySpanProcessor(SpanProcessor):
     The encoded spans are wrapped into one request (resource and scope headers, done once)
     and posted by a background thread, which otherwise only does network I/O (that releases
     the GIL), every `schedule_delay_millis` or once `max_export_batch_size` spans wait. Spans
-    beyond `max_queue_size` are dropped and counted in `dropped_spans`.
+    beyond `max_queue_size` are dropped and counted in `dropped_spans`. A batch the collector
+    answers 429, 502, 503 or 504 is sent again later, as the OTLP specification says: after
+    the Retry-After it gives, else after 1 s doubling to 32 s (with jitter), up to 6 attempts;
+    new spans wait meanwhile in the bounded queue.
     """
 
     def __init__(
@@ -212,8 +269,10 @@ class LoopFriendlySpanProcessor(SpanProcessor):
         max_queue_size: int = 2048,
         max_export_batch_size: int = 512,
         schedule_delay_millis: int = 5000,
+        retry_first_seconds: float = RETRY_FIRST_SECONDS,
     ) -> None:
         self.sender = sender
+        self.retry_first_seconds = retry_first_seconds
         self.max_queue_size = max_queue_size
         self.max_export_batch_size = min(max_export_batch_size, max_queue_size)
         self.schedule_delay = schedule_delay_millis / 1000.0
@@ -227,6 +286,10 @@ class LoopFriendlySpanProcessor(SpanProcessor):
         self._thread: threading.Thread | None = None  # started by the first span, per process
         self._closed = False
         self._warned = False
+        # A batch the collector asked for again (429, 502, 503, 504): sent when it is due.
+        self._retry: bytes | None = None
+        self._retry_at = 0.0
+        self._attempts = 0
         _processors.add(self)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -271,43 +334,78 @@ class LoopFriendlySpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._groups, self._queued = {}, 0
+        self._retry, self._attempts = None, 0
 
     def _run(self) -> None:
         while not self._closed:
-            self._wake.wait(self.schedule_delay)
+            retry = self._retry is not None
+            self._wake.wait(
+                max(0.0, self._retry_at - time.monotonic()) if retry else self.schedule_delay
+            )
             self._wake.clear()
             with _EXPORT_GUARD:
                 self._export()
 
-    def _export(self) -> bool:
-        """Send every span encoded so far, as one request."""
+    def _export(self, now: bool = False) -> bool:
+        """Send the batch the collector asked for again, once it is due (at once with `now`),
+        then every span encoded so far, as one request."""
         with self._send_lock:
+            if self._retry is not None:
+                if not now and time.monotonic() < self._retry_at:
+                    return False
+                if not self._send(self._retry) or self._retry is not None:
+                    return False
             with self._lock:
                 groups, self._groups = self._groups, {}
                 self._queued = 0
             if not groups:
                 return True
-            try:
-                return self.sender.send(encode_request(groups.values()))
-            except Exception as exc:  # the collector is unreachable: drop these, say so once
-                if not self._warned:
-                    self._warned = True
-                    logger.warning(
-                        "perfmw could not send spans to %s (%r); dropping them until it "
-                        "answers (logged once)",
-                        self.sender.endpoint,
-                        exc,
-                    )
+            return self._send(encode_request(groups.values()))
+
+    def _send(self, body: bytes) -> bool:
+        self._retry = None
+        try:
+            accepted = self.sender.send(body)
+        except Retryable as answer:
+            self._attempts += 1
+            if self._attempts >= RETRY_ATTEMPTS:
+                logger.warning(
+                    "OTLP endpoint %s answered %d to %d attempts; spans dropped",
+                    self.sender.endpoint,
+                    answer.status,
+                    self._attempts,
+                )
+                self._attempts = 0
                 return False
+            backoff = self.retry_first_seconds * 2 ** (self._attempts - 1)
+            wait = answer.after
+            if wait is None:
+                wait = min(backoff, RETRY_LONGEST_SECONDS) * random.uniform(0.5, 1.0)
+            self._retry, self._retry_at = body, time.monotonic() + wait
+            self._wake.set()  # the export thread waits for it from now on
+            return False
+        except Exception as exc:  # the collector is unreachable: drop these, say so once
+            self._attempts = 0
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "perfmw could not send spans to %s (%r); dropping them until it "
+                    "answers (logged once)",
+                    self.sender.endpoint,
+                    exc,
+                )
+            return False
+        self._attempts = 0
+        return accepted
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Send everything queued, now, on the calling thread."""
-        return self._export()
+        return self._export(now=True)
 
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._export()
+        self._export(now=True)
         self._closed = True
         self._wake.set()
         thread = self._thread
