@@ -312,6 +312,46 @@ def test_otel_asgi_middleware_inside_perfmw_adds_no_second_server_span(
         assert inner
 
 
+def test_next_to_fastapi_instrumentor_one_server_span_has_the_children(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    provider, exporter = memory_provider()
+    clients: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients["async"] = AsyncMongoClient(mongo_uri)
+        yield
+        await clients["async"].close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/servers/{server_id}")
+    async def server(server_id: int) -> dict[str, Any]:
+        await clients["async"].registry.servers.find_one({"_id": server_id})
+        return {}
+
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)  # before perfmw, as usual
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/servers/1").status_code == 200
+        assert client.get("/servers/2").status_code == 200
+    spans = exporter.get_finished_spans()
+    assert sorted((s.name, s.kind.name) for s in spans) == [
+        ("GET /servers/{server_id}", "SERVER"),
+        ("GET /servers/{server_id}", "SERVER"),
+        ("registry.find", "CLIENT"),
+        ("registry.find", "CLIENT"),
+    ]
+    for request in (s for s in spans if s.kind.name == "SERVER"):
+        assert request.instrumentation_scope is not None
+        assert request.instrumentation_scope.name == "perfmw"
+        assert client_children(spans, request) == ["find registry.servers {_id: ?}"]
+    FastAPIInstrumentor.uninstrument_app(app)
+
+
 def client_children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> list[str]:
     return sorted(
         str((s.attributes or {}).get("db.statement"))

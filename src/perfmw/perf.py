@@ -7,6 +7,7 @@ with perfmw.track("nightly-job"): ...   # work outside HTTP gets a record too
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from .record import RequestRecord, _current
 from .routes import RouteLabels
 from .settings import Settings
 
+logger = logging.getLogger("perfmw")
 _FINISH = _guard.guard("finish")
 _STATE_KEY = "_perfmw_perf"
 
@@ -185,7 +187,10 @@ def instrument(
 
     def build_middleware_stack() -> Any:
         # Outside Starlette's ServerErrorMiddleware, so even its 500 responses are measured.
-        return PerfMiddleware(build(), perf=perf)
+        stack = build()
+        if perf.tracing is not None:
+            stack = _without_fastapi_instrumentor(stack)
+        return PerfMiddleware(stack, perf=perf)
 
     app.build_middleware_stack = build_middleware_stack
     app.middleware_stack = None  # rebuilt with perfmw at the next call
@@ -194,6 +199,29 @@ def instrument(
 
     mongo.register_listeners()
     return perf
+
+
+def _without_fastapi_instrumentor(stack: Any) -> Any:
+    """The stack without the server span FastAPIInstrumentor.instrument_app() wrapped it in
+    (a bare ServerErrorMiddleware > OpenTelemetryMiddleware > the app's own stack, which starts
+    with its ServerErrorMiddleware): perfmw's span is the request's server span, and
+    OpenTelemetry's would be a second one, with its own send spans. An OpenTelemetryMiddleware
+    the app lists among its middleware stays (its span becomes a child of perfmw's)."""
+    try:
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from starlette.middleware.errors import ServerErrorMiddleware
+    except ImportError:
+        return stack
+    if (
+        type(stack) is ServerErrorMiddleware
+        and type(stack.app) is OpenTelemetryMiddleware
+        and type(stack.app.app) is ServerErrorMiddleware
+    ):
+        logger.info(
+            "perfmw: FastAPIInstrumentor's span left out, perfmw's is the request's server span"
+        )
+        return stack.app.app
+    return stack
 
 
 class track(SyncAndAsync[RequestRecord]):
