@@ -33,4 +33,5 @@ class SyncAndAsync(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        __tracebackhide__ = True  # pytest: only a step between the `async with` and __exit__
         self.__exit__(exc_type, exc, tb)

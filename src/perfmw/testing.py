@@ -56,6 +56,7 @@ class assert_max_queries(SyncAndAsync["assert_max_queries"]):
     ) -> None:
         from . import mongo
 
+        __tracebackhide__ = True  # pytest: the failure is the test's line, not this one
         with contextlib.suppress(ValueError):
             mongo._watchers.remove(self._seen)
         if exc_type is not None or len(self._seen) <= self.max_queries:
