@@ -318,15 +318,7 @@ def test_next_to_fastapi_instrumentor_one_server_span_has_the_children(
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     provider, exporter = memory_provider()
-    clients: dict[str, Any] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        clients["async"] = AsyncMongoClient(mongo_uri)
-        yield
-        await clients["async"].close()
-
-    app = FastAPI(lifespan=lifespan)
+    app, clients = app_with_clients(mongo_uri, "async")
 
     @app.get("/servers/{server_id}")
     async def server(server_id: int) -> dict[str, Any]:
@@ -352,6 +344,25 @@ def test_next_to_fastapi_instrumentor_one_server_span_has_the_children(
     FastAPIInstrumentor.uninstrument_app(app)
 
 
+def app_with_clients(mongo_uri: str, *kinds: str) -> tuple[FastAPI, dict[str, Any]]:
+    """A FastAPI app whose lifespan opens (and closes) the MongoDB clients named by `kinds`:
+    "async" (AsyncMongoClient), "motor", "sync" (MongoClient)."""
+    makers = {"async": AsyncMongoClient, "motor": AsyncIOMotorClient, "sync": MongoClient}
+    clients: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for kind in kinds:
+            clients[kind] = makers[kind](mongo_uri)
+        yield
+        for kind in kinds:
+            closed = clients[kind].close()
+            if inspect.isawaitable(closed):
+                await closed
+
+    return FastAPI(lifespan=lifespan), clients
+
+
 def client_children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> list[str]:
     return sorted(
         str((s.attributes or {}).get("db.statement"))
@@ -367,19 +378,7 @@ def test_async_motor_and_threadpool_sync_clients_parent_to_the_request_span(
     mongo_uri: str, registry: CollectorRegistry
 ) -> None:
     provider, exporter = memory_provider()
-    clients: dict[str, Any] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        clients["async"] = AsyncMongoClient(mongo_uri)
-        clients["motor"] = AsyncIOMotorClient(mongo_uri)
-        clients["sync"] = MongoClient(mongo_uri)
-        yield
-        await clients["async"].close()
-        clients["motor"].close()
-        clients["sync"].close()
-
-    app = FastAPI(lifespan=lifespan)
+    app, clients = app_with_clients(mongo_uri, "async", "motor", "sync")
 
     @app.get("/async")
     async def with_async() -> dict[str, Any]:
@@ -412,16 +411,9 @@ def test_the_drivers_housekeeping_makes_no_span(
     mongo_uri: str, registry: CollectorRegistry
 ) -> None:
     provider, exporter = memory_provider()
-    clients: dict[str, Any] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        clients["async"] = AsyncMongoClient(mongo_uri)
-        await clients["async"].registry.pages.insert_many([{"n": i} for i in range(10)])
-        yield
-        await clients["async"].close()
-
-    app = FastAPI(lifespan=lifespan)
+    with MongoClient(mongo_uri) as setup:  # outside any request: no span of the provider's
+        setup.registry.pages.insert_many([{"n": i} for i in range(10)])
+    app, clients = app_with_clients(mongo_uri, "async")
 
     @app.get("/first")
     async def first_of_many() -> dict[str, Any]:
