@@ -222,3 +222,24 @@ def serve_script(
     finally:
         stop_process(process)
         log.close()
+
+
+def pool_label(mongo_uri: str) -> dict[str, str]:
+    """The connection-pool label of the embedded server's `mongodb://host:port` URI."""
+    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
+    return {"db_client_connection_pool_name": f"{host}:{port}"}
+
+
+def waited_and_spent(exposition: str, pool: dict[str, str]) -> tuple[float, float]:
+    """Seconds waited for the pool's connections, and spent in the aggregates on `agents` that
+    the pool-wait tests send one at a time through a one-connection pool."""
+    waited = sample(exposition, "db_client_connection_wait_time_seconds_sum", **pool)
+    spent = sample(
+        exposition,
+        "db_client_operation_duration_seconds_sum",
+        db_system_name="mongodb",
+        db_operation_name="aggregate",
+        db_collection_name="agents",
+    )
+    assert waited is not None and spent is not None
+    return waited, spent

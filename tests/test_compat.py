@@ -22,7 +22,7 @@ from pymongo import MongoClient, monitoring
 
 import perfmw
 from perfmw import explain, mongo
-from support import label_values, line_of, sample, serve, wait_for
+from support import label_values, line_of, pool_label, sample, serve, wait_for, waited_and_spent
 
 OLD_POOL_EVENTS = not hasattr(monitoring.ConnectionCheckedOutEvent, "duration")
 
@@ -33,11 +33,6 @@ def db_name(mongo_uri: str) -> Iterator[str]:
     yield name
     with MongoClient(mongo_uri) as client:
         client.drop_database(name)
-
-
-def pool_label(mongo_uri: str) -> dict[str, str]:
-    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
-    return {"db_client_connection_pool_name": f"{host}:{port}"}
 
 
 class _Checkouts(monitoring.ConnectionPoolListener):
@@ -81,15 +76,7 @@ def test_pool_waits_are_measured_on_the_installed_pymongo(
     # live registry) and the ten requests', and none raised inside perfmw.
     assert done == 11
     assert sample(exposition, "db_client_connection_wait_time_seconds_count", **pool) == 11
-    commands = sample(
-        exposition,
-        "db_client_operation_duration_seconds_sum",
-        db_system_name="mongodb",
-        db_operation_name="aggregate",
-        db_collection_name="agents",
-    )
-    waited = sample(exposition, "db_client_connection_wait_time_seconds_sum", **pool)
-    assert commands is not None and waited is not None
+    waited, commands = waited_and_spent(exposition, pool)
     # One at a time: the k-th request waits for the k-1 before it (about 45 commands' time,
     # against the 10 of the commands themselves).
     assert waited > commands

@@ -28,7 +28,7 @@ from pymongo.errors import OperationFailure, WaitQueueTimeoutError
 import perfmw
 from perfmw import _guard, explain, mongo
 from perfmw.detectors.mongo import UNBOUNDED_BYTES
-from support import line_of, sample, serve, wait_for
+from support import line_of, pool_label, sample, serve, wait_for, waited_and_spent
 
 APP_SOURCE = Path("examples/fastapi_app/app.py")
 HERE = Path(__file__).relative_to(Path.cwd()) if Path(__file__).is_absolute() else Path(__file__)
@@ -630,7 +630,10 @@ def test_a_server_that_cannot_explain_is_not_an_internal_error(
 # Pool
 
 
-def test_pool_wait_with_one_connection_and_ten_requests(mongo_uri: str, registry: Any) -> None:
+def test_pool_wait_with_one_connection_and_ten_requests(
+    example: Any, mongo_uri: str, registry: Any
+) -> None:
+    # (the example service seeded registry.agents with the 5,000 agents counted here)
     clients: dict[str, Any] = {}
     app = FastAPI(lifespan=lambda app: clients_for(mongo_uri, clients, maxPoolSize=1))
 
@@ -649,18 +652,9 @@ def test_pool_wait_with_one_connection_and_ten_requests(mongo_uri: str, registry
     with serve(app) as server:
         asyncio.run(run(server.url))
         exposition = httpx.get(server.url + "/metrics", timeout=10).text
-    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
-    pool = {"db_client_connection_pool_name": f"{host}:{port}"}
+    pool = pool_label(mongo_uri)
     assert sample(exposition, "db_client_connection_wait_time_seconds_count", **pool) == 10
-    commands = sample(
-        exposition,
-        "db_client_operation_duration_seconds_sum",
-        db_system_name="mongodb",
-        db_operation_name="aggregate",
-        db_collection_name="agents",
-    )
-    waited = sample(exposition, "db_client_connection_wait_time_seconds_sum", **pool)
-    assert commands is not None and waited is not None
+    waited, commands = waited_and_spent(exposition, pool)
     # One at a time: the k-th request waits for the k-1 before it (about 45 commands' time).
     assert waited > 2 * commands
     used = sample(
@@ -686,8 +680,8 @@ class _Checkouts(monitoring.ConnectionPoolListener):
         return lambda event: None
 
 
-def test_failed_checkouts_are_waits_too(mongo_uri: str, registry: Any) -> None:
-    perf = perfmw.Perf(registry=registry)
+def test_failed_checkouts_are_waits_too(example: Any, mongo_uri: str, registry: Any) -> None:
+    perf = perfmw.Perf(registry=registry)  # (counting the example's 5,000 agents takes a while)
     mongo.register_listeners()
     checkouts = _Checkouts()
     options = {"maxPoolSize": 1, "waitQueueTimeoutMS": 5, "event_listeners": [checkouts]}
@@ -707,10 +701,8 @@ def test_failed_checkouts_are_waits_too(mongo_uri: str, registry: Any) -> None:
                 agents.find_one({"_id": 0})
             time.sleep(0.002)
         holder.join()
-    host, port = mongo_uri.removeprefix("mongodb://").split("/")[0].split(":")
     waits = registry.get_sample_value(
-        "db_client_connection_wait_time_seconds_count",
-        {"db_client_connection_pool_name": f"{host}:{port}"},
+        "db_client_connection_wait_time_seconds_count", pool_label(mongo_uri)
     )
     assert checkouts.failed > 0
     assert waits == checkouts.done + checkouts.failed
