@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +35,7 @@ from prometheus_client import CollectorRegistry
 
 import perfmw
 from benchmarks._asgi import SCOPE, _receive, _send
+from benchmarks._callgrind import probe_instructions
 from perfmw import loop as loop_monitor
 from perfmw.loop.requests import TASK_HAS_CONTEXT
 
@@ -233,13 +232,9 @@ def probe(workload: str, loop_kind: str, n: int, monitor: bool) -> None:
 
 
 def _instructions(workload: str, loop_kind: str, n: int, monitor: bool) -> int:
-    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    command += [sys.executable, "-m", "benchmarks.loop_monitor", "--probe", workload, loop_kind]
-    command += [str(n), "on" if monitor else "off"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    assert found is not None, done.stderr[-2000:]
-    return int(found[1])
+    return probe_instructions(
+        "loop_monitor", workload, loop_kind, str(n), "on" if monitor else "off"
+    )
 
 
 def instructions() -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
-import re
 import shutil
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
 import perfmw
+from benchmarks._callgrind import probe_instructions
 from perfmw import mongo
 from perfmw.record import RequestRecord, _current
 
@@ -197,13 +197,7 @@ def probe(listener: str, rounds: int, events: str) -> None:
 
 
 def _instructions(listener: str, rounds: int, events: str) -> int:
-    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    command += [sys.executable, "-m", "benchmarks.mongo_listeners", "--probe", listener]
-    command += [str(rounds), events]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    assert found is not None, done.stderr[-2000:]
-    return int(found[1])
+    return probe_instructions("mongo_listeners", listener, str(rounds), events)
 
 
 def instructions(pairs: list[tuple[Any, Any]]) -> tuple[float, float]:

@@ -21,10 +21,8 @@ would: an instruction count within budget is within it for real.
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 import perfmw
 from benchmarks._asgi import items_app, run_requests, table
+from benchmarks._callgrind import probe_instructions
 from perfmw.loop.kernel import ThreadStat
 
 REQUESTS = 20_000
@@ -125,13 +124,7 @@ def probe(variant: str, n: int, yield_every: int | None) -> None:
 
 
 def _instructions(variant: str, n: int, yield_every: int | None) -> int:
-    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    command += [sys.executable, "-m", "benchmarks.saturated_loop", "--probe", variant, str(n)]
-    command.append(str(yield_every or 0))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    assert found is not None, done.stderr[-2000:]
-    return int(found[1])
+    return probe_instructions("saturated_loop", variant, str(n), str(yield_every or 0))
 
 
 def instructions() -> str:
