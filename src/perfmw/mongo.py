@@ -98,19 +98,12 @@ _cursors: dict[tuple[Any, Any], Query] = {}  # (cursor id, server address) -> op
 # Where the application is.
 
 
-def locate(frame: FrameType | None = None, in_loop: bool = False) -> _frames.CallSite:
-    """The application's call site for the command being published on this thread.
+def _place(query: Query, frame: FrameType | None, in_loop: bool = False) -> None:
+    """Locate `query` at the application's call site for the command being published.
 
     Motor runs pymongo in a worker thread whose stack holds no application frame; the frame is
     a coroutine suspended on the loop, found through the future the worker is completing.
     """
-    site = _frames.call_site(frame if frame is not None else sys._getframe(1), in_loop)
-    if site[0] is not None:
-        return site
-    return _suspended_location(in_loop) or site
-
-
-def _place(query: Query, frame: FrameType | None, in_loop: bool = False) -> None:
     site = _frames.call_site(frame, in_loop)
     if site[0] is None:
         site = _suspended_location(in_loop) or site
