@@ -78,7 +78,7 @@ def mongo_children(app: FastAPI, route: str) -> list[str]:
         return []
     server = servers[-1]
     return [
-        str((s.attributes or {}).get("db.mongodb.collection"))
+        str((s.attributes or {}).get("db.collection.name"))
         for s in spans
         if s.kind.name == "CLIENT"
         and s.parent is not None

@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import OperationFailure
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -126,7 +127,7 @@ def test_n_plus_one_request_is_one_trace_in_the_otlp_receiver(
     assert len(children) == 21 == len(receiver.spans) - 1
     assert {s.kind for s in children} == {"CLIENT"}
     assert {s.trace_id for s in receiver.spans} == {span.trace_id}
-    statements = sorted(s.attributes["db.statement"] for s in children)
+    statements = sorted(s.attributes["db.query.text"] for s in children)
     assert statements == sorted(
         ["find registry.agents {server_id: ?} projection=[_id]"] * 20
         + ["find registry.servers {} sort={_id: 1} projection=[name]"]
@@ -160,7 +161,7 @@ def test_client_traceparent_is_continued(
     assert span.name == "GET /servers/{server_id}/uncached"
     (child,) = [s for s in receiver.spans if s.kind == "CLIENT"]
     assert (child.trace_id, child.parent_span_id) == (TRACE_ID, span.span_id)
-    assert child.attributes["db.statement"] == "find registry.servers {_id: ?}"
+    assert child.attributes["db.query.text"] == "find registry.servers {_id: ?}"
 
 
 def test_unsampled_requests_export_nothing_and_carry_no_exemplar(
@@ -365,7 +366,7 @@ def app_with_clients(mongo_uri: str, *kinds: str) -> tuple[FastAPI, dict[str, An
 
 def client_children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> list[str]:
     return sorted(
-        str((s.attributes or {}).get("db.statement"))
+        str((s.attributes or {}).get("db.query.text"))
         for s in spans
         if s.kind.name == "CLIENT"
         and s.parent is not None
@@ -441,7 +442,7 @@ def test_capture_statement_keeps_values(mongo_uri: str, registry: CollectorRegis
         assert client.get("/servers/7/uncached").status_code == 200
     (child,) = [s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"]
     assert child.attributes is not None
-    assert child.attributes["db.statement"] == "find registry.servers {_id: 7}"
+    assert child.attributes["db.query.text"] == "find registry.servers {_id: 7}"
 
 
 def test_server_errors_mark_the_span_and_record_the_exception(
@@ -813,7 +814,7 @@ def test_global_provider_set_after_instrument_is_used(
     assert span.resource["service.name"] == "registry"
     (find,) = [s for s in receiver.spans if s.name == "registry.find"]
     assert find.trace_id == TRACE_ID
-    assert find.attributes["db.statement"] == "find registry.servers {_id: ?}"
+    assert find.attributes["db.query.text"] == "find registry.servers {_id: ?}"
 
 
 class AlternatingIds(RandomIdGenerator):
@@ -967,3 +968,153 @@ def test_a_global_provider_set_while_serving_is_used_within_a_second(
 ) -> None:
     run_script(tmp_path, LATE_PROVIDER_SCRIPT)
     assert [span.name for span in servers(receiver.spans)] == ["GET /after"]
+
+
+STABLE_NAMES = {
+    "db.system.name",
+    "db.namespace",
+    "db.collection.name",
+    "db.operation.name",
+    "db.query.text",
+    "server.address",
+    "server.port",
+}
+OLD_NAMES = {
+    "db.system",
+    "db.name",
+    "db.statement",
+    "db.mongodb.collection",
+    "net.peer.name",
+    "net.peer.port",
+}
+
+
+def mongo_address(mongo_uri: str) -> tuple[str, int]:
+    host, _, port = mongo_uri.removeprefix("mongodb://").split("/")[0].rpartition(":")
+    return host, int(port)
+
+
+def test_mongodb_spans_follow_the_stable_database_conventions(
+    receiver: OtlpReceiver, mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider = perfmw.configure_tracing("registry", set_global=False)
+    app, clients = app_with_clients(mongo_uri, "async")
+
+    @app.get("/servers/{server_id}")
+    async def server(server_id: int) -> dict[str, Any]:
+        await clients["async"].registry.servers.find_one({"_id": server_id})
+        return {}
+
+    @app.get("/broken")
+    async def broken() -> dict[str, Any]:
+        with pytest.raises(OperationFailure):
+            await clients["async"].registry.command("noSuchCommand", 1)
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/servers/7").status_code == 200
+        assert client.get("/broken").status_code == 200  # the failure is the app's to handle
+        assert provider.force_flush()
+    provider.shutdown()
+
+    host, port = mongo_address(mongo_uri)
+    (find,) = [s for s in receiver.spans if s.name == "registry.find"]
+    assert find.kind == "CLIENT"
+    assert find.attributes == {
+        "db.system.name": "mongodb",
+        "db.namespace": "registry",
+        "db.collection.name": "servers",
+        "db.operation.name": "find",
+        "db.query.text": "find registry.servers {_id: ?}",
+        "server.address": host,
+        "server.port": port,
+    }
+    assert find.status_code == 0
+    (failed,) = [s for s in receiver.spans if s.name == "registry.noSuchCommand"]
+    assert failed.attributes == {
+        "db.system.name": "mongodb",
+        "db.namespace": "registry",
+        "db.operation.name": "noSuchCommand",
+        "db.query.text": "noSuchCommand registry.",
+        "server.address": host,
+        "server.port": port,
+        "error.type": "CommandNotFound",
+    }
+    assert failed.status_code == 2  # ERROR
+
+
+def test_capture_statement_puts_the_values_in_db_query_text(
+    receiver: OtlpReceiver, mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    provider = perfmw.configure_tracing("registry", set_global=False)
+    app, clients = app_with_clients(mongo_uri, "async")
+
+    @app.get("/servers/{server_id}")
+    async def server(server_id: int) -> dict[str, Any]:
+        await clients["async"].registry.servers.find_one({"_id": server_id})
+        return {}
+
+    settings = perfmw.Settings(capture_statement=True)
+    perfmw.instrument(app, settings=settings, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/servers/7").status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+    (find,) = [s for s in receiver.spans if s.name == "registry.find"]
+    assert find.attributes["db.query.text"] == "find registry.servers {_id: 7}"
+    assert set(find.attributes) == STABLE_NAMES
+
+
+OPT_IN_SCRIPT = """
+import sys
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+import perfmw
+from examples.fastapi_app.app import create_app
+from support import serve
+
+provider = perfmw.configure_tracing("registry")
+app = create_app(sys.argv[1], registry=CollectorRegistry())
+with serve(app) as server:
+    assert httpx.get(server.url + "/servers/3/uncached").status_code == 200
+assert provider.force_flush()
+"""
+
+
+@pytest.mark.parametrize(
+    ("opt_in", "names"),
+    [
+        ("database", STABLE_NAMES),
+        ("http, database", STABLE_NAMES),
+        ("database/dup", STABLE_NAMES | OLD_NAMES),
+        ("database,database/dup", STABLE_NAMES | OLD_NAMES),  # dup wins, as in the contrib
+        ("http", STABLE_NAMES),  # no database entry: perfmw's default
+    ],
+)
+def test_otel_semconv_stability_opt_in_chooses_the_names(
+    opt_in: str,
+    names: set[str],
+    receiver: OtlpReceiver,
+    mongo_uri: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", opt_in)
+    run_script(tmp_path, OPT_IN_SCRIPT, mongo_uri)
+    (find,) = [s for s in receiver.spans if s.name == "registry.find"]
+    assert set(find.attributes) == names
+    assert find.attributes["db.query.text"] == "find registry.servers {_id: ?}"
+    if "db.statement" in names:  # the old names hold the same values as the stable ones
+        host, port = mongo_address(mongo_uri)
+        old = {name: find.attributes[name] for name in OLD_NAMES}
+        assert old == {
+            "db.system": "mongodb",
+            "db.name": "registry",
+            "db.statement": "find registry.servers {_id: ?}",
+            "db.mongodb.collection": "servers",
+            "net.peer.name": host,
+            "net.peer.port": port,
+        }
