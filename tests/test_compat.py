@@ -170,3 +170,51 @@ def test_what_an_old_pymongo_lacks_is_noted_once(
         mongo.register_listeners()
         perfmw.mongo_listeners()
     assert [r.getMessage() for r in caplog.records if "pymongo" in r.getMessage()] == expected
+
+
+def test_mongodb_spans_have_the_stable_names_on_the_installed_instrumentation(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    """opentelemetry-instrumentation-pymongo 0.46b0 sets only the old names (`db.statement`,
+    `net.peer.name`), later releases the stable ones with the bare command in `db.query.text`:
+    on each, the span has perfmw's stable names and nothing else."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = FastAPI()
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    client: MongoClient[Any] = MongoClient(mongo_uri)
+
+    @app.get("/servers/{server_id}")
+    def server(server_id: int) -> int:  # the threadpool, with the sync driver
+        client[db_name].servers.find_one({"_id": server_id})
+        with pytest.raises(pymongo.errors.OperationFailure):
+            client[db_name].command("noSuchCommand", 1)
+        return server_id
+
+    with client, serve(app) as server_:
+        assert httpx.get(server_.url + "/servers/7", timeout=30).json() == 7
+        host, port = client.address or ("", 0)
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"}
+    common = {
+        "db.system.name": "mongodb",
+        "db.namespace": db_name,
+        "server.address": host,
+        "server.port": port,
+    }
+    assert dict(spans[f"{db_name}.find"].attributes or {}) == {
+        **common,
+        "db.collection.name": "servers",
+        "db.operation.name": "find",
+        "db.query.text": f"find {db_name}.servers {{_id: ?}}",
+    }
+    assert dict(spans[f"{db_name}.noSuchCommand"].attributes or {}) == {
+        **common,
+        "db.operation.name": "noSuchCommand",
+        "db.query.text": f"noSuchCommand {db_name}.",
+        "error.type": "CommandNotFound",
+    }
