@@ -31,6 +31,9 @@ _PARENT_BASED_RATIO = re.compile(
 _W3C_FIELDS = ({"traceparent", "tracestate"}, {"traceparent", "tracestate", "baggage"})
 W3C_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
 TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
+# W3C's random-trace-id flag (0x02): older OpenTelemetry APIs (1.25, the oldest
+# supported) have no such flag, and perfmw sets none there.
+RANDOM_TRACE_ID: int = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
 # A version-00 traceparent with non-zero ids whose parent was not sampled (flags' low bit 0):
 # everything the fast path needs to know, in one match. Anything else (a sampled parent, other
 # versions, spaces, upper case) goes to the SDK's propagator, which decides as before.
@@ -58,7 +61,9 @@ class PresetIds(IdGenerator):
         return self.inner.generate_trace_id()
 
     def is_trace_id_random(self) -> bool:
-        return self.inner.is_trace_id_random()
+        # Older SDKs' generators (1.25, the oldest supported) have no such method.
+        method = getattr(self.inner, "is_trace_id_random", None)
+        return bool(method()) if method is not None else False
 
 
 class UnsampledSpan(NonRecordingSpan):
@@ -96,7 +101,7 @@ class UnsampledSpan(NonRecordingSpan):
                 trace_id = raw
             else:  # the header, validated: 00-<trace id>-<parent id>-<flags>
                 trace_id = int(raw[3:35], 16)
-                flags = int(raw[53:55], 16) & TraceFlags.RANDOM_TRACE_ID
+                flags = int(raw[53:55], 16) & RANDOM_TRACE_ID
             state = TraceState.from_header(self._trace_state) if self._trace_state else None
             context = self._context = SpanContext(
                 trace_id,

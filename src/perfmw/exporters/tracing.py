@@ -25,13 +25,14 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk import trace as otel_sdk_trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
 from .. import _guard
 from ..record import OTHER, UNMATCHED, RequestRecord
 from ._mongo_spans import instrument_pymongo
 from ._sampling import (
+    RANDOM_TRACE_ID,
     TRACE_ID_LIMIT,
     W3C_HEADERS,
     PresetIds,
@@ -197,7 +198,7 @@ class RatioTracing(Tracing):
         super().__init__(provider, tracer)
         self._ids = ids
         self._bound = bound
-        self._random_flag = TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0
+        self._random_flag = RANDOM_TRACE_ID if ids.is_trace_id_random() else 0
         self._random_bits = random_trace_ids(ids)
         self._textmap: Any = None  # the global propagator, once known to be W3C only
 
