@@ -145,6 +145,7 @@ def _started_hook(span: otel_trace.Span, event: Any) -> None:
         return
     with _MONGO:
         from ..shapes import shape_of
+        from .tracing import _set_attributes
 
         record = _current.get()
         perf = record.owner if record is not None else None
@@ -175,7 +176,7 @@ def _started_hook(span: otel_trace.Span, event: Any) -> None:
             if address is not None:
                 attributes["net.peer.name"] = str(address[0])
                 attributes["net.peer.port"] = int(address[1])
-        getattr(span, "__wrapped__", span).set_attributes(attributes)
+        _set_attributes(getattr(span, "__wrapped__", span), attributes)  # valid by construction
 
 
 def _failed_hook(span: otel_trace.Span, event: Any) -> None:
