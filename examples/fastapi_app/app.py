@@ -189,10 +189,13 @@ def create_app(
     async def export_agents() -> list[dict[str, Any]]:
         return await db().agents.find({}, {"_id": 0}).to_list()
 
+    # Fixed: a page at a time, from the name the client saw last (a range on the indexed sort
+    # key: a skip would still walk every agent before the page).
     @app.get("/agents")
-    async def list_agents(limit: int = 100, skip: int = 0) -> list[dict[str, Any]]:
-        cursor = db().agents.find({}, {"_id": 0, "name": 1, "server_id": 1})
-        return await cursor.sort("name").skip(skip).limit(limit).to_list()
+    async def list_agents(limit: int = 100, after: str = "") -> list[dict[str, Any]]:
+        page = {"name": {"$gt": after}}
+        cursor = db().agents.find(page, {"_id": 0, "name": 1, "server_id": 1})
+        return await cursor.sort("name").limit(min(limit, 1000)).to_list()
 
     async def load_server(server_id: int) -> dict[str, Any]:
         server = await db().servers.find_one({"_id": server_id})

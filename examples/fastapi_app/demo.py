@@ -68,7 +68,7 @@ def endpoints(n: int = REQUESTS_PER_ENDPOINT) -> list[tuple[str, list[str]]]:
         ("/servers/by-owner", [f"/servers/by-owner?owner=team-{i % 20}" for i in range(n)]),
         ("/servers/by-region", [f"/servers/by-region?region={REGIONS[i % 4]}" for i in range(n)]),
         ("/agents/export", ["/agents/export"] * n),
-        ("/agents?limit=100", [f"/agents?limit=100&skip={100 * (i % 10)}" for i in range(n)]),
+        ("/agents?limit=100", [f"/agents?limit=100&after=agent-{i % 10}" for i in range(n)]),
         ("/health", ["/health"] * n),
     ]
 
