@@ -117,6 +117,54 @@ def test_every_anti_pattern_is_named_with_its_kind_and_line(
     assert f"on `{route}` at `{location}`" in recommendations
 
 
+def test_the_findings_are_exactly_the_anti_patterns_on_every_run(run: Run) -> None:
+    expected = {
+        (route, kind, line_of(example.__file__, source)) for route, kind, source in ANTI_PATTERNS
+    }
+    assert run.bottlenecks() == expected
+
+
+def test_perfmw_logged_one_sentence_per_finding(run: Run) -> None:
+    logged = run.progress.split("perfmw logged a warning per finding site (first line of each):\n")
+    assert len(logged) == 2
+    lines = [line for line in logged[1].splitlines() if line.startswith("  perfmw: ")]
+    sites = {
+        "n_plus_one": "N+1 queries on /servers-with-agents: find on agents repeated 20 times at ",
+        "consecutive_queries": "independent queries awaited one after another on /dashboard "
+        "(servers, agents, incidents) at ",
+        "loop_stall": "event loop stalled ",
+        "blocking_call": "blocking call on /servers/legacy: pymongo-sync (find on servers) on "
+        "the event loop's thread for ",
+        "missing_index": "missing index on /servers/by-owner: find on servers scans the "
+        "collection at ",
+        "unbounded_read": "unbounded read on /agents/export: find on agents returned 5000 "
+        "documents with no limit at ",
+        "large_response": "large response on /agents/export: ",
+    }
+    assert len(lines) == len(ANTI_PATTERNS)
+    for route, kind, source in ANTI_PATTERNS:
+        [line] = [line for line in lines if line.startswith("  perfmw: " + sites[kind])]
+        assert f"{route}" in line and line_of(example.__file__, source) in line, line
+        assert "{'" not in line and "':" not in line  # a sentence, no raw dict
+
+
+def test_every_fix_is_printed_beside_its_anti_pattern_measured_and_expected(run: Run) -> None:
+    table = run.progress.split("Each fix against its anti-pattern")[1]
+    rows = {
+        match[0]: match[1:]
+        for match in re.findall(
+            r"^  (\S+) -> \S+ +([\d.]+) ms +([\d.]+) ms +(-?[\d.]+) ms +(-|[\d.]+ ms) +(\S+)$",
+            table,
+            re.MULTILINE,
+        )
+    }
+    assert list(rows) == [anti for anti, _, _ in demo.PAIRS]
+    for anti, _, kind in demo.PAIRS:
+        before, after, measured, expected, _ratio = rows[anti]
+        assert float(measured) == pytest.approx((float(before) - float(after)) * 20, abs=2.5)
+        assert (expected == "-") == (kind is None)
+
+
 def test_no_fixed_endpoint_is_named_as_a_problem(run: Run) -> None:
     named = {route for route, _, _ in run.bottlenecks()}
     # Work outside requests (startup) may stall the loop too; it is no endpoint.
