@@ -47,7 +47,7 @@ async def seed(db: Any) -> None:
             "_id": i,
             "name": f"srv-{i:04d}",
             "region": REGIONS[i % len(REGIONS)],
-            "owner": f"team-{i % 20}",
+            "owner": f"team-{i % 4}",  # 50 servers each, as many as a region has
             "status": "up" if i % 7 else "down",
         }
         for i in range(SERVERS)
