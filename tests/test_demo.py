@@ -163,6 +163,19 @@ def test_every_fix_is_printed_beside_its_anti_pattern_measured_and_expected(run:
         before, after, measured, expected, _ratio = rows[anti]
         assert float(measured) == pytest.approx((float(before) - float(after)) * 20, abs=2.5)
         assert (expected == "-") == (kind is None)
+    # These fixes save a fifth or more of the request whatever the shared machine does
+    # (measured: 0.35 to 0.75 of the anti-pattern's time). The dashboard's gather (1-10 ms
+    # of 15-30) and the index on 200 servers (about 1 ms of 10) are faster on most runs, by
+    # less than this machine's noise: not asserted.
+    for anti in (
+        "/servers-with-agents",
+        "/reports/blocking",
+        "/servers/legacy",
+        "/servers/{id}/uncached",
+        "/agents/export",
+    ):
+        before, after = float(rows[anti][0]), float(rows[anti][1])
+        assert after < 0.8 * before, (anti, before, after)
 
 
 def test_no_fixed_endpoint_is_named_as_a_problem(run: Run) -> None:
