@@ -159,3 +159,33 @@ def test_this_machines_cgroup_is_found_and_read() -> None:
     assert all(path.endswith("cpu.stat") and os.path.exists(path) for path in reader.paths)
     readings = reader.read()
     assert readings and all(isinstance(r, Throttling) for r in readings)
+
+
+@linux
+def test_the_process_clock_counts_every_thread_and_tasks_are_read_up_to_a_cap() -> None:
+    from perfmw.loop.kernel import Tasks, process_cpu
+
+    stop = threading.Event()
+    idle = [threading.Thread(target=stop.wait) for _ in range(6)]
+    for thread in idle:
+        thread.start()
+    busy = threading.Thread(target=burn_cpu, args=(0.15,))
+    try:
+        before, clock = Tasks.read(), process_cpu()
+        busy.start()
+        busy.join()
+        # The kernel reaps a joined thread's task a moment after Python's join returns.
+        deadline = time.monotonic() + 10
+        while busy.native_id in Tasks.read() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        after, spent = Tasks.read(), process_cpu() - clock
+        assert len(Tasks.read(limit=3)) == 3  # a process with more threads is read in part
+        assert threading.get_native_id() not in Tasks.read((threading.get_native_id(),))
+    finally:
+        stop.set()
+        for thread in idle:
+            thread.join()
+    assert spent >= 0.15  # the dead thread's time included
+    # Born and gone between the readings: not seen; the idle ones computed nothing.
+    assert Tasks.busiest(before, after, 3, 0.01) == []
+    assert len(after) >= 7

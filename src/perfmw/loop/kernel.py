@@ -5,6 +5,9 @@
   schedstat) the thread's CPU clock alone, with the run-queue delay unknown (0).
 - `CgroupCpu`: CPU throttling of the process's cgroup and its ancestors (`cpu.stat`:
   `nr_throttled` with `throttled_usec` on cgroup v2, `throttled_time` in nanoseconds on v1).
+- `process_cpu()`: the CPU time of all the process's threads (one clock read, under 1 µs), and
+  `Tasks`: the process's threads by their CPU time (`/proc/self/task`), read only while a stall
+  is followed, to name the threads that computed beside the loop.
 - `KernelTimer`: a timerfd the watchdog sleeps on without the GIL.
 
 Readings are cheap to take and parsed only when a stall is being settled.
@@ -80,6 +83,78 @@ def delta(
     if before is None or after is None:
         return 0.0, 0.0
     return max(0.0, after[0] - before[0]), max(0.0, after[1] - before[1])
+
+
+# --- The process's other threads ---
+
+#: Threads read from /proc/self/task while a stall is followed: a process with more is read
+#: for the first ones only (the process's CPU clock still counts them all).
+MAX_TASKS = 256
+
+
+def process_cpu() -> float:
+    """Seconds on a CPU of all the process's threads, the dead ones included."""
+    return time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+class Tasks:
+    """The process's threads' CPU seconds by native id, from /proc/self/task (Linux)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def read(exclude: tuple[int, ...] = (), limit: int = MAX_TASKS) -> dict[int, float]:
+        """{native id: seconds on a CPU} of at most `limit` threads; {} where there is none."""
+        try:
+            names = os.listdir("/proc/self/task")
+        except OSError:
+            return {}
+        found: dict[int, float] = {}
+        for name in names:
+            if len(found) >= limit:
+                break
+            if not name.isdigit() or int(name) in exclude:
+                continue
+            try:
+                with open(f"/proc/self/task/{name}/schedstat", "rb") as f:
+                    times = parse_schedstat(f.read(64))
+            except OSError:  # the thread ended meanwhile
+                continue
+            if times is not None:
+                found[int(name)] = times[0]
+        return found
+
+    @staticmethod
+    def busiest(
+        before: dict[int, float], after: dict[int, float], n: int, at_least: float
+    ) -> list[tuple[int, float]]:
+        """The `n` threads that computed most between two readings (at least `at_least` s).
+
+        A thread born in between counts all its time; one that ended in between is not seen.
+        """
+        spent = [(tid, cpu - before.get(tid, 0.0)) for tid, cpu in after.items()]
+        spent = [item for item in spent if item[1] >= at_least]
+        spent.sort(key=lambda item: item[1], reverse=True)
+        return spent[:n]
+
+    @staticmethod
+    def comm(native_id: int) -> str:
+        """The kernel's name of a thread (`comm`), or its id."""
+        try:
+            with open(f"/proc/self/task/{native_id}/comm", encoding="utf-8") as f:
+                return f.read().strip() or str(native_id)
+        except OSError:
+            return str(native_id)
 
 
 # --- The cgroup's CPU quota ---

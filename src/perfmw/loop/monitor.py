@@ -1,8 +1,8 @@
 """The monitor of one event loop: a heartbeat on the loop and a watchdog thread beside it.
 
 - A heartbeat callback on the loop every 20 ms notes when it ran, snapshots the loop thread's
-  scheduler counters (one `pread` of its schedstat, parsed only if a stall follows) and pushes
-  back the watchdog's timer.
+  scheduler counters (one `pread` of its schedstat, parsed only if a stall follows) and the
+  process's CPU clock, and pushes back the watchdog's timer.
 - The watchdog sleeps on that timer: while the loop is healthy it never wakes. When a beat is
   overdue by the stall threshold, the loop is stalled: the watchdog looks every 10 ms until the
   loop comes back (noting how long it waited for the GIL itself), and samples the loop thread's
@@ -11,7 +11,9 @@
   from. The request whose code was running gets the stall in its record; no other request in
   flight does.
 - When the loop comes back, the stall's whole duration is settled, and its cause is decided
-  from the loop thread's counters over the stall (`causes.classify`). A stall of the machine
+  from the loop thread's counters over the stall (`causes.classify`), and from the process's
+  other threads: their CPU time, and the busiest of them by name (read from /proc/self/task
+  when the watchdog first looks and when the stall settles). A stall of the machine
   (`starved`, `throttled`) or of no single callback (`saturation`) is reported apart from any
   request, on `<background>`.
 """
@@ -32,8 +34,17 @@ from .. import _guard
 from .._frames import NOWHERE, CallSite, call_site, format_stack, snapshot
 from ..record import BACKGROUND, RequestRecord, Stall, _current
 from . import gc_clock, requests
-from .causes import CODE_CAUSES, Signals, classify
-from .kernel import CgroupCpu, KernelTimer, ThreadStat, Throttling, delta
+from .causes import CODE_CAUSES, BusyThread, Signals, classify
+from .kernel import (
+    CgroupCpu,
+    KernelTimer,
+    Tasks,
+    ThreadStat,
+    Throttling,
+    available_cpus,
+    delta,
+    process_cpu,
+)
 
 if TYPE_CHECKING:
     from ..perf import Perf
@@ -53,6 +64,9 @@ SATURATION_SAMPLES = 4
 MIN_THRESHOLD_SECONDS = 0.05
 MAX_SITES = 32  # distinct culprit call sites kept (with their stacks) during one stall
 RECENT_STALLS = 64  # settled stall intervals kept per loop, for the queries that waited on them
+BUSY_THREADS = 3  # the process's other threads named in a stall's evidence, busiest first
+BUSY_SECONDS = 0.01  # a thread that computed less during the stall is not named
+UNNAMED = "<unnamed>"  # CPU of threads that ended meanwhile, or computed before the first look
 
 _GUARD = _guard.guard("loop")
 _cgroup: CgroupCpu | None = None  # found at the first stall
@@ -92,7 +106,10 @@ class _StallState:
     __slots__ = (
         "beat_at",
         "beat_gc",
+        "beat_process",
         "beat_stat",
+        "busy_site",
+        "busy_stack",
         "done",
         "last_sample",
         "next_sample",
@@ -106,6 +123,7 @@ class _StallState:
         "stacks",
         "stall",
         "start",
+        "tasks",
         "throttling",
         "watch_base",
         "watched_from",
@@ -118,12 +136,19 @@ class _StallState:
         beat_stat: bytes | float,
         beat_gc: float,
         throttling: tuple[Throttling | None, ...],
+        beat_process: float = 0.0,
     ) -> None:
         self.start = start  # estimated moment the loop stopped answering
         self.beat_at = beat_at
         self.beat_stat = beat_stat
         self.beat_gc = beat_gc
+        self.beat_process = beat_process
         self.throttling = throttling
+        # The other threads' CPU when the watchdog first looked (None: it never did), and the
+        # application line the busiest Python one was at when the stall settled.
+        self.tasks: dict[int, float] | None = None
+        self.busy_site = NOWHERE
+        self.busy_stack: tuple[str, ...] = ()
         # The watchdog's own time from `watched_from` (when it was due to follow the stall) on:
         # its counters then, and the time it chose to sleep between samples. The rest of that
         # time it was neither on a CPU nor queued for one: it waited for the GIL.
@@ -190,8 +215,9 @@ def settle_record(record: RequestRecord) -> None:
 class LoopMonitor:
     """Heartbeat on one loop plus its watchdog thread.
 
-    `clock` and `stat` (the loop thread's counters) can be given, so that tests settle stalls
-    on synthetic time and synthetic kernel readings.
+    `clock`, `stat` (the loop thread's counters), `process` (the process's CPU clock) and
+    `tasks` (the other threads' CPU, by native id) can be given, so that tests settle stalls on
+    synthetic time and synthetic kernel readings.
     """
 
     def __init__(
@@ -200,6 +226,8 @@ class LoopMonitor:
         owner: Perf,
         clock: Any = time.perf_counter,
         stat: ThreadStat | None = None,
+        process: Any = process_cpu,
+        tasks: Any = Tasks.read,
     ) -> None:
         self._loop_ref = weakref.ref(loop)
         self.perfs: list[Perf] = [owner]
@@ -210,6 +238,9 @@ class LoopMonitor:
         self.stat = (
             stat if stat is not None else ThreadStat(threading.get_native_id(), self.thread_id)
         )
+        self.process_cpu = process
+        self.read_tasks = tasks
+        self.cpus = available_cpus()
         self.lag = 0.0
         self.stopped = False
         self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_STALLS)
@@ -228,6 +259,7 @@ class LoopMonitor:
         # The watchdog's own counters, and their reading before it last slept on the timer.
         self._watch_stat: ThreadStat | None = None
         self._watch_base: tuple[float, float] | None = None
+        self._own_threads: tuple[int, ...] = (threading.get_native_id(),)
         self._mark(self.now())
         self._due = self._beat_at + self.interval
         self._watchdog = threading.Thread(
@@ -286,6 +318,7 @@ class LoopMonitor:
         self._beat_at = now
         self._beat_stat = self.stat.raw()
         self._beat_gc = gc_clock.clock.cpu
+        self._beat_process = self.process_cpu()
 
     def _beat(self) -> None:
         if self.stopped:
@@ -321,6 +354,7 @@ class LoopMonitor:
             self._beat_stat,
             self._beat_gc,
             self._throttling,
+            self._beat_process,
         )
 
     def _loop_came_back(self, now: float) -> None:
@@ -387,6 +421,8 @@ class LoopMonitor:
         """The loop thread's counters over the stall, from the beat before it to `end`."""
         duration = end - state.start
         cpu, runqueue = delta(ThreadStat.times(state.beat_stat), self.stat.now())
+        tasks = None if state.tasks is None else self.read_tasks(self._own_threads)
+        threads = self._threads_cpu(state, cpu, tasks, duration)
         cpu, runqueue = min(cpu, duration), min(runqueue, duration)
         throttling = cgroup().read()
         throttled = min(runqueue, CgroupCpu.throttled(state.throttling, throttling))
@@ -405,7 +441,59 @@ class LoopMonitor:
             gc_seconds,
             state.samples,
             state.dominant_share(),
+            threads,
+            float(self.cpus),
+            self._busy(state, tasks, threads),
         )
+
+    def _threads_cpu(
+        self,
+        state: _StallState,
+        loop_cpu: float,
+        tasks: dict[int, float] | None,
+        duration: float,
+    ) -> float:
+        """CPU seconds of the process's other threads since the beat before the stall.
+
+        The process's clock counts the threads that ended meanwhile (a C library's workers),
+        but the kernel brings a running thread's share of it up to date only at its ticks,
+        which a CPU busy with one thread can skip for up to a second: the live threads' own
+        counters (read from the watchdog's first look on) are exact, and the larger is kept.
+        """
+        spent: float = self.process_cpu() - state.beat_process - loop_cpu
+        stat = self._watch_stat
+        if stat is not None and state.watch_base is not None:
+            spent -= delta(state.watch_base, stat.now())[0]  # the watchdog's own
+        if tasks is not None and state.tasks is not None:
+            before = state.tasks
+            live = sum(max(0.0, cpu - before.get(tid, 0.0)) for tid, cpu in tasks.items())
+            spent = max(spent, live)
+        return min(max(0.0, spent), self.cpus * max(0.0, duration))
+
+    def _busy(
+        self, state: _StallState, tasks: dict[int, float] | None, threads: float
+    ) -> tuple[BusyThread, ...]:
+        """The threads that computed most since the watchdog first looked, named."""
+        if state.tasks is None or tasks is None or threads < BUSY_SECONDS:
+            return ()
+        busiest = Tasks.busiest(state.tasks, tasks, BUSY_THREADS, BUSY_SECONDS)
+        python = {t.native_id: t for t in threading.enumerate() if t.native_id is not None}
+        frames = sys._current_frames() if any(tid in python for tid, _ in busiest) else {}
+        found: list[BusyThread] = []
+        for tid, seconds in busiest:
+            thread = python.get(tid)
+            frame = frames.get(thread.ident) if thread is not None and thread.ident else None
+            if thread is None:
+                found.append(BusyThread(Tasks.comm(tid), seconds))
+                continue
+            stack = format_stack(frame)
+            found.append(BusyThread(thread.name, seconds, stack))
+            if state.busy_site.location is None:
+                state.busy_site, state.busy_stack = call_site(frame), stack
+        unnamed = threads - sum(t.cpu_seconds for t in found)
+        if unnamed >= BUSY_SECONDS and len(found) < BUSY_THREADS:
+            found.append(BusyThread(UNNAMED, unnamed))
+        return tuple(found)
 
     def _finalize(
         self, state: _StallState, end: float, culprit: _GcCulprit | None
@@ -435,6 +523,9 @@ class LoopMonitor:
         else:
             site = state.site()
             stack = state.stacks.get(site, ())
+            if site.location is None and state.busy_site.location is not None:
+                # Nothing of the application's on the loop: the line the computing thread ran.
+                site, stack = state.busy_site, state.busy_stack
         if cause not in CODE_CAUSES or cause == "saturation":
             record = None  # the machine's doing, or many callbacks: no request to blame
         if stall is None:
@@ -505,6 +596,7 @@ class LoopMonitor:
 
     def _watch(self) -> None:
         own = self._watch_stat = ThreadStat(threading.get_native_id(), threading.get_ident())
+        self._own_threads = (*self._own_threads[:1], threading.get_native_id())
         try:
             while not self.stopped:
                 loop = self._loop_ref()
@@ -535,6 +627,8 @@ class LoopMonitor:
                 with _GUARD:
                     state = self._overdue_beat(loop, seq, deadline)
                     if state is not None:
+                        if state.tasks is None:
+                            state.tasks = self.read_tasks(self._own_threads)
                         self._follow_stall(loop, seq, state)
                 idle = state is None and not loop.is_running()
                 del loop, state
