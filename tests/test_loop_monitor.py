@@ -498,3 +498,33 @@ def test_a_loop_queued_behind_its_own_threads_is_the_codes_with_the_threads_name
     assert stall.location == line_of(__file__, "# the hasher's line")
     assert line_of(__file__, "# the hasher's line") + " in hasher_waits" in stall.stack
     assert stall.signals.busy[0].stack == stall.stack
+
+
+# --- The race between a stall's placing and its request's end ---
+
+
+def test_a_collection_attaches_its_stall_to_the_request_when_the_watchdog_opened_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A collection holds the GIL: the watchdog gets it as the collection ends, at the first
+    # check before the GC callback runs, and opens the stall without having located it.
+    from perfmw.loop import gc_clock
+
+    record = RequestRecord("/gc", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    rig.beat()
+    state = rig.stall()  # opened by the watchdog, no sample yet
+    assert not state.record_known
+    rig.clock.t += 0.25
+    rig.stat.cpu += 0.24
+    monkeypatch.setattr(gc_clock.clock, "cpu", state.beat_gc + 0.24)
+    token = perfmw.record._current.set(record)
+    try:
+        rig.monitor.gc_blocked(0.24, sampled_here())  # the collecting line
+    finally:
+        perfmw.record._current.reset(token)
+    assert [s.cause for s in record.stalls] == ["blocking"]  # provisional, in its record
+    rig.perf.finish(record)
+    assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in record.stalls] == [
+        ("gc", 0.24, line_of(__file__, "# the collecting line"))
+    ]

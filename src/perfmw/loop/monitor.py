@@ -586,8 +586,11 @@ class LoopMonitor:
             state = self._stall
             if state is None and not self.stopped:
                 state = self._stall = self._open()
-                state.record, state.record_known = record, True
             if state is not None and not state.done:
+                if not state.record_known:
+                    # The watchdog gets the GIL at the first check after the collection, before
+                    # this callback runs: it may have opened the stall without locating it yet.
+                    state.record, state.record_known = record, True
                 self._update(state)
         finally:
             self._lock.release()
