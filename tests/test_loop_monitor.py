@@ -503,6 +503,55 @@ def test_a_loop_queued_behind_its_own_threads_is_the_codes_with_the_threads_name
 # --- The race between a stall's placing and its request's end ---
 
 
+def test_a_request_that_ends_while_the_watchdog_reads_the_threads_keeps_its_stall(
+    rig: Rig,
+) -> None:
+    # Reading the process's threads lets the GIL go at each thread's file, and the loop thread,
+    # which had to give the GIL up to the watchdog, takes it back at once and may finish its
+    # request meanwhile: the watchdog puts the stall in the request's record before it reads.
+    found: list[RequestRecord] = []
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    blocked, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    async def handler() -> None:
+        perfmw.record._current.set(record)
+        # One line: wherever the watchdog samples from `set()` on, the request is on it.
+        blocked.set() or release.wait(timeout=10)  # the request's blocking line
+        rig.perf.finish(record)  # its response is sent: the loop runs again
+        finished.set()
+
+    def reading_while_the_request_ends(exclude: Any) -> dict[int, float]:
+        if not release.is_set():
+            release.set()
+            assert finished.wait(timeout=10)
+        return {}
+
+    def watchdog() -> None:
+        assert blocked.wait(timeout=10)
+        rig.monitor._watch()  # its loop, from waking past the deadline until stopped
+
+    def hook(perf: Any, finished_record: RequestRecord) -> None:
+        found.append(finished_record)
+
+    rig.monitor.read_tasks = reading_while_the_request_ends
+    rig.beat()
+    rig.clock.t += 0.2  # the watchdog wakes 200 ms on, past the threshold
+    follower = threading.Thread(target=watchdog)
+    perf_module._finish_hooks.append(hook)
+    try:
+        follower.start()
+        rig.loop.run_until_complete(handler())
+    finally:
+        rig.monitor.stop()
+        follower.join(timeout=10)
+        perf_module._finish_hooks.remove(hook)
+    assert [(r.route, r.kind) for r in found] == [("/r", "http")]
+    assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in record.stalls] == [
+        ("blocking", 0.19, line_of(__file__, "# the request's blocking line"))
+    ]
+
+
 def test_a_collection_attaches_its_stall_to_the_request_when_the_watchdog_opened_it(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,7 @@
 - When the loop comes back, the stall's whole duration is settled, and its cause is decided
   from the loop thread's counters over the stall (`causes.classify`), and from the process's
   other threads: their CPU time, and the busiest of them by name (read from /proc/self/task
-  when the watchdog first looks and when the stall settles). A stall of the machine
+  once the stall is in its request's record, and when it settles). A stall of the machine
   (`starved`, `throttled`) or of no single callback (`saturation`) is reported apart from any
   request, on `<background>`.
 """
@@ -144,7 +144,7 @@ class _StallState:
         self.beat_gc = beat_gc
         self.beat_process = beat_process
         self.throttling = throttling
-        # The other threads' CPU when the watchdog first looked (None: it never did), and the
+        # The other threads' CPU when the watchdog first read it (None: it never did), and the
         # application line the busiest Python one was at when the stall settled.
         self.tasks: dict[int, float] | None = None
         self.busy_site = NOWHERE
@@ -182,6 +182,15 @@ class _StallState:
         self.last_sample = now
         self.next_sample = now + max(SAMPLE_SECONDS, (now - self.start) * SAMPLE_BACKOFF)
         return stands_for
+
+    def placed(self) -> bool:
+        """Whether the stall is where it will be reported: in its request's record, or known
+        to have none (the loop ran no request, or the request finished before the threshold)."""
+        if self.stall is not None:
+            return True
+        if self.record_known:
+            return self.record is None or self.record.closed
+        return self.samples >= SATURATION_SAMPLES  # the loop's own code, sample after sample
 
     def dominant_share(self) -> float:
         if not self.samples:
@@ -630,8 +639,6 @@ class LoopMonitor:
                 with _GUARD:
                     state = self._overdue_beat(loop, seq, deadline)
                     if state is not None:
-                        if state.tasks is None:
-                            state.tasks = self.read_tasks(self._own_threads)
                         self._follow_stall(loop, seq, state)
                 idle = state is None and not loop.is_running()
                 del loop, state
@@ -690,6 +697,8 @@ class LoopMonitor:
                     self._sample(state, frame, loop)
                 self._update(state)
             frame = None
+            if state.tasks is None and state.placed():
+                self._first_look_at_threads(state)
             if not loop.is_running():
                 # The callback returned and the loop stopped before the next beat.
                 with self._lock:
@@ -707,6 +716,18 @@ class LoopMonitor:
                 if state.sleep_started is not None:
                     state.slept += min(SAMPLE_SECONDS, woke - state.sleep_started)
                 state.sleep_started = None
+
+    def _first_look_at_threads(self, state: _StallState) -> None:
+        """The other threads' CPU now: the baseline of the ones named when the stall settles.
+
+        Taken only once the stall is in its request's record (`placed`): the reading lets the
+        GIL go at each thread's file, and a loop thread that computes takes a switch interval
+        to give it back each time, so the request could finish meanwhile and lose its stall.
+        """
+        tasks = self.read_tasks(self._own_threads)
+        with self._lock:
+            if state.tasks is None:
+                state.tasks = tasks
 
     def _sample(
         self, state: _StallState, frame: FrameType, loop: asyncio.AbstractEventLoop
