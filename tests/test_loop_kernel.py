@@ -189,3 +189,37 @@ def test_the_process_clock_counts_every_thread_and_tasks_are_read_up_to_a_cap() 
     # Born and gone between the readings: not seen; the idle ones computed nothing.
     assert Tasks.busiest(before, after, 3, 0.01) == []
     assert len(after) >= 7
+
+
+@linux
+def test_the_threads_are_read_without_letting_the_gil_go() -> None:
+    # A stalled loop thread waiting for the GIL must not run on while the watchdog reads: the
+    # counting thread never counts during a read. Switches are forced only after 0.5 s, far
+    # longer than any read, so that the count stays still only if no call lets the GIL go.
+    from perfmw.loop.kernel import Tasks
+
+    counted, stop = [0], threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            counted[0] += 1
+
+    switch_interval = sys.getswitchinterval()
+    counter = threading.Thread(target=count)
+    sys.setswitchinterval(0.5)
+    try:
+        counter.start()
+        time.sleep(0.01)  # the counter takes the GIL; this thread gets it back by a forced switch
+        before = counted[0]
+        readings = [Tasks.read() for _ in range(20)]
+        after = counted[0]
+    finally:
+        sys.setswitchinterval(switch_interval)
+        stop.set()
+        counter.join()
+    assert Tasks.holds_gil()
+    assert after == before
+    assert counter.native_id in readings[0] and threading.get_native_id() in readings[0]
+    cpu, queued = readings[-1][threading.get_native_id()]
+    own = ThreadStat(threading.get_native_id()).now()
+    assert own is not None and 0.0 < cpu <= own[0] and 0.0 <= queued <= own[1]

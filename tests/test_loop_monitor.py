@@ -70,7 +70,7 @@ class Rig:
         self.clock, self.stat = Clock(), Stat()
         self.process = Clock()  # the process's CPU clock: the loop thread's plus the others'
         self.process.t = 0.0
-        self.tasks: dict[int, float] = {}  # the other threads' CPU, by native id
+        self.tasks: dict[int, tuple[float, float]] = {}  # the other threads' (CPU, run queue)
         self.cgroup_file = cgroup_file
         self.throttle(0, 0.0)
         monitor_module._cgroup = CgroupCpu([str(cgroup_file)])
@@ -479,9 +479,9 @@ def test_a_loop_queued_behind_its_own_threads_is_the_codes_with_the_threads_name
         rig.monitor.cpus = 2
         rig.beat()
         state = rig.stall()
-        rig.tasks = {hasher.native_id: 5.0, 4242: 1.0}
+        rig.tasks = {hasher.native_id: (5.0, 1.0), 4242: (1.0, 1.0)}
         state.tasks = dict(rig.tasks)  # as the watchdog reads them when it first looks
-        rig.tasks = {hasher.native_id: 5.4, 4242: 1.15, 4243: 0.005}
+        rig.tasks = {hasher.native_id: (5.4, 1.0), 4242: (1.15, 1.0), 4243: (0.005, 0.0)}
         # Queued 250 ms while the process's threads used both CPUs (600 ms in 300 ms).
         closed, stall = rig.settle(state, 0.31, cpu=0.02, queued=0.25, others=0.6)
     finally:
@@ -521,7 +521,7 @@ def test_a_request_that_ends_while_the_watchdog_reads_the_threads_keeps_its_stal
         rig.perf.finish(record)  # its response is sent: the loop runs again
         finished.set()
 
-    def reading_while_the_request_ends(exclude: Any) -> dict[int, float]:
+    def reading_while_the_request_ends(exclude: Any) -> dict[int, tuple[float, float]]:
         if not release.is_set():
             release.set()
             assert finished.wait(timeout=10)

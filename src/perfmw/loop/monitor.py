@@ -146,7 +146,7 @@ class _StallState:
         self.throttling = throttling
         # The other threads' CPU when the watchdog first read it (None: it never did), and the
         # application line the busiest Python one was at when the stall settled.
-        self.tasks: dict[int, float] | None = None
+        self.tasks: dict[int, tuple[float, float]] | None = None
         self.busy_site = NOWHERE
         self.busy_stack: tuple[str, ...] = ()
         # The watchdog's own time from `watched_from` (when it was due to follow the stall) on:
@@ -249,6 +249,8 @@ class LoopMonitor:
         )
         self.process_cpu = process
         self.read_tasks = tasks
+        # Else the first look waits until the stall is in its request's record (`placed`).
+        self._reads_holding_gil = tasks is Tasks.read and Tasks.holds_gil()
         self.cpus = available_cpus()
         self.lag = 0.0
         self.stopped = False
@@ -459,7 +461,7 @@ class LoopMonitor:
         self,
         state: _StallState,
         loop_cpu: float,
-        tasks: dict[int, float] | None,
+        tasks: dict[int, tuple[float, float]] | None,
         duration: float,
     ) -> float:
         """CPU seconds of the process's other threads since the beat before the stall.
@@ -475,12 +477,12 @@ class LoopMonitor:
             spent -= delta(state.watch_base, stat.now())[0]  # the watchdog's own
         if tasks is not None and state.tasks is not None:
             before = state.tasks
-            live = sum(max(0.0, cpu - before.get(tid, 0.0)) for tid, cpu in tasks.items())
+            live = sum(Tasks.spent(before, tasks, tid)[0] for tid in tasks)
             spent = max(spent, live)
         return min(max(0.0, spent), self.cpus * max(0.0, duration))
 
     def _busy(
-        self, state: _StallState, tasks: dict[int, float] | None, threads: float
+        self, state: _StallState, tasks: dict[int, tuple[float, float]] | None, threads: float
     ) -> tuple[BusyThread, ...]:
         """The threads that computed most since the watchdog first looked, named."""
         if state.tasks is None or tasks is None or threads < BUSY_SECONDS:
@@ -697,7 +699,7 @@ class LoopMonitor:
                     self._sample(state, frame, loop)
                 self._update(state)
             frame = None
-            if state.tasks is None and state.placed():
+            if state.tasks is None and (self._reads_holding_gil or state.placed()):
                 self._first_look_at_threads(state)
             if not loop.is_running():
                 # The callback returned and the loop stopped before the next beat.
@@ -718,11 +720,13 @@ class LoopMonitor:
                 state.sleep_started = None
 
     def _first_look_at_threads(self, state: _StallState) -> None:
-        """The other threads' CPU now: the baseline of the ones named when the stall settles.
+        """The other threads' counters now: the baseline of their CPU and run-queue time, and
+        of the ones named when the stall settles.
 
-        Taken only once the stall is in its request's record (`placed`): the reading lets the
-        GIL go at each thread's file, and a loop thread that computes takes a switch interval
-        to give it back each time, so the request could finish meanwhile and lose its stall.
+        Taken as soon as the watchdog follows the stall where `Tasks.read` keeps the GIL held;
+        else only once the stall is in its request's record (`placed`): a read that lets the
+        GIL go lets the loop thread run on, and its request could finish meanwhile and lose its
+        stall.
         """
         tasks = self.read_tasks(self._own_threads)
         with self._lock:
