@@ -73,6 +73,15 @@ def test_kept_off_counts_the_gil_only_while_the_thread_was_off_the_cpu() -> None
     assert Signals(0.2, runqueue=0.5).kept_off == 0.2  # never more than the stall
 
 
+def test_a_gil_wait_is_the_threads_computing_then_their_preemption_then_the_loops_own() -> None:
+    signals = Signals(0.5, cpu=0.05, gil=0.4, threads=0.1, threads_queued=0.2)
+    assert signals.by_threads == pytest.approx(0.1)
+    assert signals.by_machine == pytest.approx(0.2)
+    assert signals.own == pytest.approx(0.2)  # 100 ms of the GIL wait, and its own 50 ms CPU
+    # Queued longer than the GIL wait left: the machine's part stops at the wait.
+    assert Signals(0.5, gil=0.4, threads=0.1, threads_queued=0.9).by_machine == pytest.approx(0.3)
+
+
 def test_evidence_names_every_measurement_in_seconds() -> None:
     signals = Signals(0.3, cpu=0.1, runqueue=0.05, throttled=0.01, gil=0.02, gc=0.03)
     assert signals.evidence() == {
@@ -82,6 +91,7 @@ def test_evidence_names_every_measurement_in_seconds() -> None:
         "gil_seconds": 0.02,
         "gc_seconds": 0.03,
         "threads_seconds": 0.0,
+        "threads_queued_seconds": 0.0,
         "cpus": 1.0,
         "threads": [],
     }
@@ -114,6 +124,17 @@ def test_every_cause_is_the_codes_or_the_machines() -> None:
         (Signals(0.3, cpu=0.001, runqueue=0.01, gil=0.28, threads=0.25, cpus=2), "cpu"),
         # The threads computed 10 ms only: the loop thread held the GIL itself, off the CPU.
         (Signals(0.3, cpu=0.001, runqueue=0.01, gil=0.28, threads=0.01, cpus=2), "blocking"),
+        # They computed 10 ms and were queued 270 ms: the kernel had preempted the thread that
+        # held the GIL, the machine's doing.
+        (
+            Signals(0.3, cpu=0.001, runqueue=0.01, gil=0.28, threads=0.01, threads_queued=0.27),
+            "starved",
+        ),
+        # Queued 100 ms only: the other 170 ms of the GIL wait the loop thread held it itself.
+        (
+            Signals(0.3, cpu=0.001, runqueue=0.01, gil=0.28, threads=0.01, threads_queued=0.1),
+            "blocking",
+        ),
     ],
 )
 def test_the_loop_kept_off_is_the_codes_when_its_own_threads_took_the_cpu(

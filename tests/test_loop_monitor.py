@@ -238,6 +238,22 @@ def test_a_gil_nobody_else_computed_with_was_held_by_the_loop_thread_itself(rig:
     assert (stall.cause, stall.signals.threads) == ("blocking", pytest.approx(0.003))
 
 
+def test_a_gil_held_by_a_thread_the_kernel_preempted_is_the_machines(rig: Rig) -> None:
+    # The thread that held the GIL barely computed: it was runnable but not run (two other
+    # processes took the CPUs), by its own counters since the watchdog first read them.
+    watchdog_of(rig)
+    rig.beat()
+    state = rig.stall()
+    with rig.monitor._lock:
+        rig.monitor._watched(state, rig.monitor._deadline())
+    rig.tasks = {4242: (1.0, 2.0), 4243: (3.0, 0.5)}
+    state.tasks = dict(rig.tasks)  # as the watchdog reads them when it first looks
+    rig.tasks = {4242: (1.002, 2.4), 4243: (3.001, 0.55), 4244: (0.0, 0.01)}
+    _closed, stall = rig.settle(state, 0.5, cpu=0.001, others=0.003)
+    assert stall.signals.threads_queued == pytest.approx(0.46)
+    assert (stall.cause, stall.signals.threads) == ("starved", pytest.approx(0.003))
+
+
 def test_the_watchdogs_own_sleeps_between_samples_are_not_gil_waits(rig: Rig) -> None:
     watchdog_of(rig)
     rig.beat()

@@ -6,14 +6,17 @@ Over a stall the loop thread was, by the kernel's and the interpreter's own coun
   cgroup's CPU quota ran out (`throttled`, from `cpu.stat`);
 - off the CPU: waiting for the GIL while another thread held it (`gil`, the watchdog's own wait
   for the GIL), or waiting for what the code called (sleep, I/O, a lock, a C call's threads).
-Beside it the process's other threads computed `threads` seconds on its `cpus` CPUs.
+Beside it the process's other threads computed `threads` seconds on its `cpus` CPUs, and were
+runnable but not run for `threads_queued` seconds.
 
 Who kept the loop thread from running decides whose stall it is:
 - the process's own threads (`by_threads`): the GIL is only ever held by a thread of this
-  process, so a GIL wait is theirs when they computed (else the loop thread held the GIL
-  itself, in C code that blocks without releasing it: its own doing); and of its run-queue
-  time, the share of the CPUs they used;
-- the machine (`by_machine`): the rest of the run-queue time, other processes' or the quota's.
+  process, so a GIL wait is theirs as far as they computed; and of its run-queue time, the
+  share of the CPUs they used;
+- the machine (`by_machine`): the rest of the run-queue time, other processes' or the quota's,
+  and the rest of the GIL wait as far as the other threads were queued (the kernel had
+  preempted the thread that held it). What is left of the GIL wait, the loop thread held the
+  GIL itself, in C code that blocks without releasing it: its own doing.
 
 Taking the machine's part away leaves what the stall would have lasted on an idle machine.
 When that would not have been a stall (under the threshold, by more than the duration's
@@ -69,6 +72,7 @@ class Signals:
     threads: float = 0.0  # the process's other threads computed (CPU seconds, all CPUs)
     cpus: float = 1.0  # CPUs the process may run on
     busy: tuple[BusyThread, ...] = ()  # the busiest of those threads, named
+    threads_queued: float = 0.0  # those threads were runnable but not run (seconds, summed)
 
     @property
     def threads_share(self) -> float:
@@ -84,8 +88,11 @@ class Signals:
         off_cpu = max(0.0, duration - self.cpu - runqueue)
         queued = runqueue - throttled  # behind other runnable threads, this process's or not
         share = self.threads_share
-        by_threads = min(self.gil, off_cpu, self.threads) + queued * share
-        by_machine = throttled + queued * (1.0 - share)
+        gil = min(self.gil, off_cpu)
+        gil_by_threads = min(gil, self.threads)
+        preempted = min(gil - gil_by_threads, self.threads_queued)
+        by_threads = gil_by_threads + queued * share
+        by_machine = throttled + queued * (1.0 - share) + preempted
         return min(duration, by_threads), min(duration, by_machine)
 
     @property
@@ -117,6 +124,7 @@ class Signals:
             "gil": self.gil,
             "gc": self.gc,
             "threads": self.threads,
+            "threads_queued": self.threads_queued,
         }
         found: dict[str, Any] = {f"{name}_seconds": round(v, 6) for name, v in seconds.items()}
         found["cpus"] = self.cpus

@@ -434,6 +434,10 @@ class LoopMonitor:
         cpu, runqueue = delta(ThreadStat.times(state.beat_stat), self.stat.now())
         tasks = None if state.tasks is None else self.read_tasks(self._own_threads)
         threads = self._threads_cpu(state, cpu, tasks, duration)
+        queued = 0.0  # the other threads' run-queue time (the live ones, from the first look)
+        if tasks is not None and state.tasks is not None:
+            before = state.tasks
+            queued = sum(Tasks.spent(before, tasks, tid)[1] for tid in tasks)
         cpu, runqueue = min(cpu, duration), min(runqueue, duration)
         throttling = cgroup().read()
         throttled = min(runqueue, CgroupCpu.throttled(state.throttling, throttling))
@@ -455,6 +459,7 @@ class LoopMonitor:
             threads,
             float(self.cpus),
             self._busy(state, tasks, threads),
+            min(queued, self.cpus * max(0.0, duration)),
         )
 
     def _threads_cpu(
