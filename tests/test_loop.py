@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
+import dataclasses
 import gc
 import inspect
 import json
@@ -211,6 +212,24 @@ def stalls_of(records: list[RequestRecord]) -> list[tuple[str, str, str | None]]
     ]
 
 
+def described(records: list[RequestRecord]) -> str:
+    """Every stall with what was measured of it: a failure's message, whole."""
+    return "\n".join(
+        f"{r.route} {s.cause} {s.location} "
+        + str(
+            {
+                k: round(v, 4) if isinstance(v, float) else v
+                for k, v in dataclasses.asdict(s.signals).items()
+                if k != "busy"
+            }
+            if s.signals
+            else None
+        )
+        for r in records
+        for s in r.stalls
+    )
+
+
 def machine_stalls_are_background(records: list[RequestRecord]) -> None:
     for record in records:
         for stall in record.stalls:
@@ -330,7 +349,7 @@ def test_only_the_blocking_request_among_50_in_flight_gets_the_stall(
     perf.shutdown()
     assert stalls_of(finished) == [
         ("/sleep/{ms}", "blocking", line_of(__file__, "# blocks the loop"))
-    ]
+    ], described(finished)
     assert [r.stalls for r in finished if r.route == "/wait"] == [[]] * 50
     machine_stalls_are_background(finished)
     assert (

@@ -92,6 +92,7 @@ def test_evidence_names_every_measurement_in_seconds() -> None:
         "gc_seconds": 0.03,
         "threads_seconds": 0.0,
         "threads_queued_seconds": 0.0,
+        "slices": 0,
         "cpus": 1.0,
         "threads": [],
     }
@@ -171,3 +172,41 @@ def test_throttling_and_other_processes_split_at_half_of_the_machines_part() -> 
     assert signals(0.05).by_machine == pytest.approx(0.05 + 0.10 * 2 / 3)
     assert classify(signals(0.05), T) == "starved"  # 50 of 117 ms: under half
     assert classify(signals(0.07), T) == "throttled"  # 70 of 123 ms: over half
+
+
+def test_unread_threads_leave_the_loop_threads_wakes_to_tell_who_held_the_gil() -> None:
+    # The watchdog never got the GIL: the other threads' run queue is unknown. A loop thread
+    # that woke every switch interval was waiting for the GIL, held by a thread that did not
+    # compute: one the kernel kept off a CPU.
+    waited = Signals(0.3, cpu=0.001, gil=0.29, threads=0.002, threads_queued=None, slices=58)
+    assert classify(waited, 0.1) == "starved"
+    assert waited.by_machine == pytest.approx(0.288)
+    assert waited.evidence()["threads_queued_seconds"] is None
+    # Woken a few times only: it held the GIL itself, blocked in C code.
+    held = Signals(0.3, cpu=0.001, gil=0.29, threads=0.002, threads_queued=None, slices=6)
+    assert classify(held, 0.1) == "blocking"
+    assert held.by_machine == pytest.approx(6 * 0.005 - 0.002)  # its 6 wakes, at most
+    # Read and not queued, the wakes do not count: the holder was blocked, not preempted.
+    read = Signals(0.3, cpu=0.001, gil=0.29, threads=0.002, threads_queued=0.0, slices=58)
+    assert classify(read, 0.1) == "blocking"
+
+
+def test_the_loop_threads_own_wakes_count_as_gil_waits_the_watchdog_missed() -> None:
+    # Measured under four CPU hogs: the watchdog, itself queued, saw a third of it; the loop
+    # thread woke 31 times in its 155 ms off the CPU. The thread it waited for (the watchdog,
+    # preempted) was queued 111 ms: the machine's, not a blocking call of the code's.
+    signals = Signals(
+        0.2289,
+        cpu=0.0007,
+        runqueue=0.0734,
+        gil=0.069,
+        threads=0.0082,
+        threads_queued=0.1112,
+        slices=31,
+    )
+    assert classify(signals, 0.1) == "starved"
+    # Asleep in a call for 290 ms (time.sleep), woken 4 times: blocking.
+    asleep = Signals(0.2962, cpu=0.0011, runqueue=0.0042, threads=0.0011, slices=4)
+    assert classify(asleep, 0.1) == "blocking"
+    # Its own part: all but its run queue and the GIL the sleeping-off thread computed with.
+    assert asleep.own == pytest.approx(0.2962 - 0.0042 - 0.0011, abs=1e-4)

@@ -50,9 +50,10 @@ class Stat:
     def __init__(self) -> None:
         self.cpu = 0.0
         self.queued = 0.0
+        self.slices = 1
 
     def raw(self) -> bytes:
-        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} 1\n".encode()
+        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} {self.slices}\n".encode()
 
     def now(self) -> tuple[float, float] | None:
         return ThreadStat.times(self.raw())
@@ -252,6 +253,34 @@ def test_a_gil_held_by_a_thread_the_kernel_preempted_is_the_machines(rig: Rig) -
     _closed, stall = rig.settle(state, 0.5, cpu=0.001, others=0.003)
     assert stall.signals.threads_queued == pytest.approx(0.46)
     assert (stall.cause, stall.signals.threads) == ("starved", pytest.approx(0.003))
+
+
+@pytest.mark.parametrize(("slices", "cause"), [(60, "starved"), (6, "blocking")])
+def test_a_stall_the_watchdog_never_saw_is_told_by_the_loop_threads_wakes(
+    rig: Rig, slices: int, cause: str
+) -> None:
+    # Another thread held the GIL all along: the watchdog never ran, nor read the threads.
+    # Waiting for the GIL, the loop thread woke every switch interval (60 times in 300 ms);
+    # holding it itself, blocked in C code, hardly ever.
+    found: list[RequestRecord] = []
+    perf_module._finish_hooks.append(lambda perf, record: found.append(record))
+    try:
+        watchdog_of(rig)
+        rig.monitor._due = T0 + HEARTBEAT_SECONDS
+        rig.beat()
+        rig.clock.t += 0.3
+        rig.stat.cpu += 0.002
+        rig.stat.slices += slices
+        rig.process.t += 0.004
+        rig.monitor._beat()
+    finally:
+        perf_module._finish_hooks.pop()
+    (record,) = found
+    (stall,) = record.stalls
+    assert (record.route, stall.cause) == (BACKGROUND, cause)
+    assert stall.signals is not None
+    assert (stall.signals.slices, stall.signals.threads_queued) == (slices, None)
+    assert stall.signals.gil == pytest.approx(0.3 - HEARTBEAT_SECONDS / 2 - 0.002)
 
 
 def test_the_watchdogs_own_sleeps_between_samples_are_not_gil_waits(rig: Rig) -> None:

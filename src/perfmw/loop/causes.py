@@ -7,7 +7,7 @@ Over a stall the loop thread was, by the kernel's and the interpreter's own coun
 - off the CPU: waiting for the GIL while another thread held it (`gil`, the watchdog's own wait
   for the GIL), or waiting for what the code called (sleep, I/O, a lock, a C call's threads).
 Beside it the process's other threads computed `threads` seconds on its `cpus` CPUs, and were
-runnable but not run for `threads_queued` seconds.
+runnable but not run for `threads_queued` seconds (None: they could not be read during the stall).
 
 Who kept the loop thread from running decides whose stall it is:
 - the process's own threads (`by_threads`): the GIL is only ever held by a thread of this
@@ -17,6 +17,12 @@ Who kept the loop thread from running decides whose stall it is:
   and the rest of the GIL wait as far as the other threads were queued (the kernel had
   preempted the thread that held it). What is left of the GIL wait, the loop thread held the
   GIL itself, in C code that blocks without releasing it: its own doing.
+  The GIL wait is the larger of the watchdog's and the loop thread's own: a thread waiting for
+  the GIL wakes every switch interval to ask for it again (measured: 40 to 70 times in 300 ms),
+  one blocked in a call, holding the GIL or not, hardly ever (2 to 7 times), so each of its
+  `slices` off the CPU stands for a switch interval of waiting. When the other threads could
+  not be read (the watchdog never got the GIL), the loop thread's own wait beyond what they
+  computed was behind a thread the kernel kept off a CPU: the machine's.
 
 Taking the machine's part away leaves what the stall would have lasted on an idle machine.
 When that would not have been a stall (under the threshold, by more than the duration's
@@ -72,7 +78,9 @@ class Signals:
     threads: float = 0.0  # the process's other threads computed (CPU seconds, all CPUs)
     cpus: float = 1.0  # CPUs the process may run on
     busy: tuple[BusyThread, ...] = ()  # the busiest of those threads, named
-    threads_queued: float = 0.0  # those threads were runnable but not run (seconds, summed)
+    threads_queued: float | None = 0.0  # those threads were runnable but not run (summed)
+    slices: int = 0  # times the loop thread was put on a CPU (its schedstat's third field)
+    switch_interval: float = 0.005  # sys.getswitchinterval(): how often a GIL waiter wakes
 
     @property
     def threads_share(self) -> float:
@@ -88,9 +96,15 @@ class Signals:
         off_cpu = max(0.0, duration - self.cpu - runqueue)
         queued = runqueue - throttled  # behind other runnable threads, this process's or not
         share = self.threads_share
-        gil = min(self.gil, off_cpu)
+        # Waiting for the GIL, the loop thread wakes every switch interval to ask for it again.
+        waited = min(off_cpu, self.slices * self.switch_interval)
+        gil = max(min(self.gil, off_cpu), waited)
         gil_by_threads = min(gil, self.threads)
-        preempted = min(gil - gil_by_threads, self.threads_queued)
+        left = gil - gil_by_threads
+        if self.threads_queued is not None:
+            preempted = min(left, self.threads_queued)
+        else:  # unread: as far as the loop thread itself waited for it
+            preempted = min(left, max(0.0, waited - gil_by_threads))
         by_threads = gil_by_threads + queued * share
         by_machine = throttled + queued * (1.0 - share) + preempted
         return min(duration, by_threads), min(duration, by_machine)
@@ -124,9 +138,11 @@ class Signals:
             "gil": self.gil,
             "gc": self.gc,
             "threads": self.threads,
-            "threads_queued": self.threads_queued,
         }
         found: dict[str, Any] = {f"{name}_seconds": round(v, 6) for name, v in seconds.items()}
+        queued = self.threads_queued
+        found["threads_queued_seconds"] = None if queued is None else round(queued, 6)
+        found["slices"] = self.slices
         found["cpus"] = self.cpus
         found["threads"] = [
             {"name": t.name, "cpu_seconds": round(t.cpu_seconds, 6), "stack": list(t.stack)}

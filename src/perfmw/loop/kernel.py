@@ -59,6 +59,12 @@ class ThreadStat:
             return raw, 0.0
         return parse_schedstat(raw)
 
+    @staticmethod
+    def slices(raw: bytes | float) -> int | None:
+        """Times the thread was put on a CPU, of a snapshot; None if unknown."""
+        fields = raw.split() if isinstance(raw, bytes) else ()
+        return int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else None
+
     def now(self) -> tuple[float, float] | None:
         return self.times(self.raw())
 

@@ -431,41 +431,52 @@ class LoopMonitor:
     def signals(self, state: _StallState, end: float) -> Signals:
         """The loop thread's counters over the stall, from the beat before it to `end`."""
         duration = end - state.start
-        cpu, runqueue = delta(ThreadStat.times(state.beat_stat), self.stat.now())
+        raw = self.stat.raw()
+        cpu, runqueue = delta(ThreadStat.times(state.beat_stat), ThreadStat.times(raw))
+        before, after = ThreadStat.slices(state.beat_stat), ThreadStat.slices(raw)
+        watchdog = (0.0, 0.0)  # its own CPU is perfmw's; its run queue the machine's
+        if self._watch_stat is not None and state.watch_base is not None:
+            watchdog = delta(state.watch_base, self._watch_stat.now())
         tasks = None if state.tasks is None else self.read_tasks(self._own_threads)
-        threads = self._threads_cpu(state, cpu, tasks, duration)
-        queued = 0.0  # the other threads' run-queue time (the live ones, from the first look)
+        threads = self._threads_cpu(state, cpu + watchdog[0], tasks, duration)
+        # Collections are timed process-wide: the loop thread's are on its own CPU, the rest
+        # were the other threads' computing.
+        collected = gc_clock.clock.cpu - state.beat_gc
+        gc_seconds = min(collected, cpu, duration)
+        threads = min(max(threads, collected - gc_seconds), self.cpus * max(0.0, duration))
+        queued = None  # the other threads' run-queue time (the live ones, from the first look)
         if tasks is not None and state.tasks is not None:
-            before = state.tasks
-            queued = sum(Tasks.spent(before, tasks, tid)[1] for tid in tasks)
+            first = state.tasks
+            queued = watchdog[1] + sum(Tasks.spent(first, tasks, tid)[1] for tid in tasks)
+            queued = min(queued, self.cpus * max(0.0, duration))
         cpu, runqueue = min(cpu, duration), min(runqueue, duration)
         throttling = cgroup().read()
         throttled = min(runqueue, CgroupCpu.throttled(state.throttling, throttling))
         self._throttling = throttling
-        gc_seconds = min(gc_clock.clock.cpu - state.beat_gc, duration)
         # The share of its time the watchdog could not get the GIL, applied to the time the loop
         # thread was off the CPU: the part another thread held the GIL.
-        gil_share = self._gil_share(state, end)
         off_cpu = max(0.0, duration - cpu - runqueue)
         return Signals(
             duration,
-            cpu,
-            runqueue,
-            throttled,
-            gil_share * off_cpu,
-            gc_seconds,
-            state.samples,
-            state.dominant_share(),
-            threads,
-            float(self.cpus),
-            self._busy(state, tasks, threads),
-            min(queued, self.cpus * max(0.0, duration)),
+            cpu=cpu,
+            runqueue=runqueue,
+            throttled=throttled,
+            gil=self._gil_share(state, end) * off_cpu,
+            gc=gc_seconds,
+            samples=state.samples,
+            dominant_share=state.dominant_share(),
+            threads=threads,
+            cpus=float(self.cpus),
+            busy=self._busy(state, tasks, threads),
+            threads_queued=queued,
+            slices=after - before if before is not None and after is not None else 0,
+            switch_interval=sys.getswitchinterval(),
         )
 
     def _threads_cpu(
         self,
         state: _StallState,
-        loop_cpu: float,
+        ours: float,
         tasks: dict[int, tuple[float, float]] | None,
         duration: float,
     ) -> float:
@@ -476,10 +487,7 @@ class LoopMonitor:
         which a CPU busy with one thread can skip for up to a second: the live threads' own
         counters (read from the watchdog's first look on) are exact, and the larger is kept.
         """
-        spent: float = self.process_cpu() - state.beat_process - loop_cpu
-        stat = self._watch_stat
-        if stat is not None and state.watch_base is not None:
-            spent -= delta(state.watch_base, stat.now())[0]  # the watchdog's own
+        spent: float = self.process_cpu() - state.beat_process - ours  # the loop's, the watchdog's
         if tasks is not None and state.tasks is not None:
             before = state.tasks
             live = sum(Tasks.spent(before, tasks, tid)[0] for tid in tasks)
