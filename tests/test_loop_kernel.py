@@ -35,6 +35,9 @@ def test_schedstat_is_nanoseconds_on_cpu_then_waiting() -> None:
     assert parse_schedstat(b"533198144 124330 23\n") == (0.533198144, 0.00012433)
     assert parse_schedstat(b"") is None
     assert parse_schedstat(b"garbage here\n") is None
+    assert ThreadStat.slices(b"533198144 124330 23\n") == 23
+    assert ThreadStat.slices(b"533198144 124330\n") is None
+    assert ThreadStat.slices(0.5) is None  # a CPU clock reading: no schedstat
     assert delta((1.0, 0.5), (1.25, 0.75)) == (0.25, 0.25)
     assert delta(None, (1.0, 1.0)) == (0.0, 0.0)
 
@@ -159,3 +162,67 @@ def test_this_machines_cgroup_is_found_and_read() -> None:
     assert all(path.endswith("cpu.stat") and os.path.exists(path) for path in reader.paths)
     readings = reader.read()
     assert readings and all(isinstance(r, Throttling) for r in readings)
+
+
+@linux
+def test_the_process_clock_counts_every_thread_and_tasks_are_read_up_to_a_cap() -> None:
+    from perfmw.loop.kernel import Tasks, process_cpu
+
+    stop = threading.Event()
+    idle = [threading.Thread(target=stop.wait) for _ in range(6)]
+    for thread in idle:
+        thread.start()
+    busy = threading.Thread(target=burn_cpu, args=(0.15,))
+    try:
+        before, clock = Tasks.read(), process_cpu()
+        busy.start()
+        busy.join()
+        # The kernel reaps a joined thread's task a moment after Python's join returns.
+        deadline = time.monotonic() + 10
+        while busy.native_id in Tasks.read() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        after, spent = Tasks.read(), process_cpu() - clock
+        assert len(Tasks.read(limit=3)) == 3  # a process with more threads is read in part
+        assert threading.get_native_id() not in Tasks.read((threading.get_native_id(),))
+    finally:
+        stop.set()
+        for thread in idle:
+            thread.join()
+    assert spent >= 0.15  # the dead thread's time included
+    # Born and gone between the readings: not seen; the idle ones computed nothing.
+    assert Tasks.busiest(before, after, 3, 0.01) == []
+    assert len(after) >= 7
+
+
+@linux
+def test_the_threads_are_read_without_letting_the_gil_go() -> None:
+    # A stalled loop thread waiting for the GIL must not run on while the watchdog reads: the
+    # counting thread never counts during a read. Switches are forced only after 0.5 s, far
+    # longer than any read, so that the count stays still only if no call lets the GIL go.
+    from perfmw.loop.kernel import Tasks
+
+    counted, stop = [0], threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            counted[0] += 1
+
+    switch_interval = sys.getswitchinterval()
+    counter = threading.Thread(target=count)
+    sys.setswitchinterval(0.5)
+    try:
+        counter.start()
+        time.sleep(0.01)  # the counter takes the GIL; this thread gets it back by a forced switch
+        before = counted[0]
+        readings = [Tasks.read() for _ in range(20)]
+        after = counted[0]
+    finally:
+        sys.setswitchinterval(switch_interval)
+        stop.set()
+        counter.join()
+    assert Tasks.holds_gil()
+    assert after == before
+    assert counter.native_id in readings[0] and threading.get_native_id() in readings[0]
+    cpu, queued = readings[-1][threading.get_native_id()]
+    own = ThreadStat(threading.get_native_id()).now()
+    assert own is not None and 0.0 < cpu <= own[0] and 0.0 <= queued <= own[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,10 @@ class Stat:
     def __init__(self) -> None:
         self.cpu = 0.0
         self.queued = 0.0
+        self.slices = 1
 
     def raw(self) -> bytes:
-        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} 1\n".encode()
+        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} {self.slices}\n".encode()
 
     def now(self) -> tuple[float, float] | None:
         return ThreadStat.times(self.raw())
@@ -67,10 +69,20 @@ class Rig:
             perfmw.Settings(stall_threshold_seconds=threshold), registry=CollectorRegistry()
         )
         self.clock, self.stat = Clock(), Stat()
+        self.process = Clock()  # the process's CPU clock: the loop thread's plus the others'
+        self.process.t = 0.0
+        self.tasks: dict[int, tuple[float, float]] = {}  # the other threads' (CPU, run queue)
         self.cgroup_file = cgroup_file
         self.throttle(0, 0.0)
         monitor_module._cgroup = CgroupCpu([str(cgroup_file)])
-        self.monitor = LoopMonitor(self.loop, self.perf, self.clock, self.stat)  # type: ignore[arg-type]
+        self.monitor = LoopMonitor(
+            self.loop,
+            self.perf,
+            self.clock,
+            self.stat,  # type: ignore[arg-type]
+            self.process,
+            lambda exclude: dict(self.tasks),
+        )
         self.monitor._throttling = monitor_module.cgroup().read()  # as start() does
 
     def throttle(self, periods: int, seconds: float) -> None:
@@ -93,10 +105,14 @@ class Rig:
             monitor._update(state)
         return state
 
-    def settle(self, state: Any, after: float, cpu: float = 0.0, queued: float = 0.0) -> Any:
+    def settle(
+        self, state: Any, after: float, cpu: float = 0.0, queued: float = 0.0, others: float = 0.0
+    ) -> Any:
+        """The stall ends `after` seconds on; the loop thread and the `others` computed."""
         self.clock.t += after
         self.stat.cpu += cpu
         self.stat.queued += queued
+        self.process.t += cpu + others
         with self.monitor._lock:
             report = self.monitor._finalize(state, self.clock(), None)
             self.monitor._stall = None
@@ -199,11 +215,72 @@ def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig
     with rig.monitor._lock:
         rig.monitor._watched(state, deadline)
     watchdog.cpu += 0.002  # it ran 2 ms; off the CPU and not queued for the rest
-    _closed, stall = rig.settle(state, 0.5, cpu=0.001)
+    rig.process.t += 0.002
+    _closed, stall = rig.settle(state, 0.5, cpu=0.001, others=0.45)
     watched = T0 + 0.5 - deadline
     off_cpu = 0.5 - HEARTBEAT_SECONDS / 2 - 0.001
     assert stall.signals.gil == pytest.approx((watched - 0.002) / watched * off_cpu)
-    assert stall.cause == "starved"
+    # The process's other threads computed 450 ms (the watchdog's 2 ms are not theirs): the
+    # GIL was theirs, the code's doing.
+    assert stall.signals.threads == pytest.approx(0.45)
+    assert stall.cause == "cpu"
+
+
+def test_a_gil_nobody_else_computed_with_was_held_by_the_loop_thread_itself(rig: Rig) -> None:
+    # C code on the loop that blocks without releasing the GIL (a ctypes.PyDLL call): the
+    # watchdog waits for the GIL all along, and no other thread computed.
+    watchdog_of(rig)
+    rig.beat()
+    state = rig.stall()
+    with rig.monitor._lock:
+        rig.monitor._watched(state, rig.monitor._deadline())
+    _closed, stall = rig.settle(state, 0.5, cpu=0.001, others=0.003)
+    assert stall.signals.gil > 0.3
+    assert (stall.cause, stall.signals.threads) == ("blocking", pytest.approx(0.003))
+
+
+def test_a_gil_held_by_a_thread_the_kernel_preempted_is_the_machines(rig: Rig) -> None:
+    # The thread that held the GIL barely computed: it was runnable but not run (two other
+    # processes took the CPUs), by its own counters since the watchdog first read them.
+    watchdog_of(rig)
+    rig.beat()
+    state = rig.stall()
+    with rig.monitor._lock:
+        rig.monitor._watched(state, rig.monitor._deadline())
+    rig.tasks = {4242: (1.0, 2.0), 4243: (3.0, 0.5)}
+    state.tasks = dict(rig.tasks)  # as the watchdog reads them when it first looks
+    rig.tasks = {4242: (1.002, 2.4), 4243: (3.001, 0.55), 4244: (0.0, 0.01)}
+    _closed, stall = rig.settle(state, 0.5, cpu=0.001, others=0.003)
+    assert stall.signals.threads_queued == pytest.approx(0.46)
+    assert (stall.cause, stall.signals.threads) == ("starved", pytest.approx(0.003))
+
+
+@pytest.mark.parametrize(("slices", "cause"), [(60, "starved"), (6, "blocking")])
+def test_a_stall_the_watchdog_never_saw_is_told_by_the_loop_threads_wakes(
+    rig: Rig, slices: int, cause: str
+) -> None:
+    # Another thread held the GIL all along: the watchdog never ran, nor read the threads.
+    # Waiting for the GIL, the loop thread woke every switch interval (60 times in 300 ms);
+    # holding it itself, blocked in C code, hardly ever.
+    found: list[RequestRecord] = []
+    perf_module._finish_hooks.append(lambda perf, record: found.append(record))
+    try:
+        watchdog_of(rig)
+        rig.monitor._due = T0 + HEARTBEAT_SECONDS
+        rig.beat()
+        rig.clock.t += 0.3
+        rig.stat.cpu += 0.002
+        rig.stat.slices += slices
+        rig.process.t += 0.004
+        rig.monitor._beat()
+    finally:
+        perf_module._finish_hooks.pop()
+    (record,) = found
+    (stall,) = record.stalls
+    assert (record.route, stall.cause) == (BACKGROUND, cause)
+    assert stall.signals is not None
+    assert (stall.signals.slices, stall.signals.threads_queued) == (slices, None)
+    assert stall.signals.gil == pytest.approx(0.3 - HEARTBEAT_SECONDS / 2 - 0.002)
 
 
 def test_the_watchdogs_own_sleeps_between_samples_are_not_gil_waits(rig: Rig) -> None:
@@ -231,6 +308,7 @@ def test_a_stall_the_watchdog_never_saw_is_settled_from_the_counters(rig: Rig) -
         rig.beat()
         rig.clock.t += 0.6  # no beat, and the watchdog never ran: it waited for the GIL
         rig.stat.cpu += 0.001
+        rig.process.t += 0.001 + 0.55  # held by another thread, computing
         rig.monitor._beat()
         # The watchdog did look at this beat's lateness (and found the loop stopped): nothing.
         rig.monitor._checked_seq = rig.monitor._seq
@@ -239,7 +317,7 @@ def test_a_stall_the_watchdog_never_saw_is_settled_from_the_counters(rig: Rig) -
     finally:
         perf_module._finish_hooks.remove(hook)
     assert [(r.route, r.kind, [s.cause for s in r.stalls]) for r in found] == [
-        (BACKGROUND, "background", ["starved"])
+        (BACKGROUND, "background", ["cpu"])
     ]
     assert found[0].stalls[0].duration_seconds == pytest.approx(
         0.6 - HEARTBEAT_SECONDS / 2, abs=1e-9
@@ -427,3 +505,120 @@ def test_a_collection_with_no_python_frame_below_the_gc_callback_is_located_nowh
     culprit = rig.monitor._gc_culprit
     assert culprit is not None
     assert (culprit.record, culprit.site, culprit.stack) == (None, NOWHERE, ())
+
+
+def hasher_waits(ready: threading.Event, done: threading.Event) -> None:
+    ready.set()
+    done.wait()  # the hasher's line
+
+
+def test_a_loop_queued_behind_its_own_threads_is_the_codes_with_the_threads_named(
+    rig: Rig,
+) -> None:
+    ready, done = threading.Event(), threading.Event()
+    hasher = threading.Thread(target=hasher_waits, args=(ready, done), name="hasher")
+    hasher.start()
+    ready.wait()
+    try:
+        assert hasher.native_id is not None
+        rig.monitor.cpus = 2
+        rig.beat()
+        state = rig.stall()
+        rig.tasks = {hasher.native_id: (5.0, 1.0), 4242: (1.0, 1.0)}
+        state.tasks = dict(rig.tasks)  # as the watchdog reads them when it first looks
+        rig.tasks = {hasher.native_id: (5.4, 1.0), 4242: (1.15, 1.0), 4243: (0.005, 0.0)}
+        # Queued 250 ms while the process's threads used both CPUs (600 ms in 300 ms).
+        closed, stall = rig.settle(state, 0.31, cpu=0.02, queued=0.25, others=0.6)
+    finally:
+        done.set()
+        hasher.join()
+    assert (closed, stall.cause) == (None, "cpu")
+    busy = [(t.name, round(t.cpu_seconds, 6)) for t in stall.signals.busy]
+    # The Python thread by its name, a C thread by the kernel's, the rest unnamed; the one that
+    # computed 5 ms is not named.
+    assert busy[0] == ("hasher", 0.4)
+    assert busy[1][1] == 0.15 and busy[1][0] in ("4242", monitor_module.Tasks.comm(4242))
+    assert busy[2] == (monitor_module.UNNAMED, 0.05)
+    # Nothing of the application's was on the loop: located at the computing thread's line.
+    assert stall.location == line_of(__file__, "# the hasher's line")
+    assert line_of(__file__, "# the hasher's line") + " in hasher_waits" in stall.stack
+    assert stall.signals.busy[0].stack == stall.stack
+
+
+# --- The race between a stall's placing and its request's end ---
+
+
+def test_a_request_that_ends_while_the_watchdog_reads_the_threads_keeps_its_stall(
+    rig: Rig,
+) -> None:
+    # Reading the process's threads lets the GIL go at each thread's file, and the loop thread,
+    # which had to give the GIL up to the watchdog, takes it back at once and may finish its
+    # request meanwhile: the watchdog puts the stall in the request's record before it reads.
+    found: list[RequestRecord] = []
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    blocked, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    async def handler() -> None:
+        perfmw.record._current.set(record)
+        # One line: wherever the watchdog samples from `set()` on, the request is on it.
+        blocked.set() or release.wait(timeout=10)  # the request's blocking line
+        rig.perf.finish(record)  # its response is sent: the loop runs again
+        finished.set()
+
+    def reading_while_the_request_ends(exclude: Any) -> dict[int, tuple[float, float]]:
+        if not release.is_set():
+            release.set()
+            assert finished.wait(timeout=10)
+        return {}
+
+    def watchdog() -> None:
+        assert blocked.wait(timeout=10)
+        rig.monitor._watch()  # its loop, from waking past the deadline until stopped
+
+    def hook(perf: Any, finished_record: RequestRecord) -> None:
+        found.append(finished_record)
+
+    rig.monitor.read_tasks = reading_while_the_request_ends
+    rig.beat()
+    rig.clock.t += 0.2  # the watchdog wakes 200 ms on, past the threshold
+    follower = threading.Thread(target=watchdog)
+    perf_module._finish_hooks.append(hook)
+    try:
+        follower.start()
+        rig.loop.run_until_complete(handler())
+    finally:
+        rig.monitor.stop()
+        follower.join(timeout=10)
+        perf_module._finish_hooks.remove(hook)
+    assert [(r.route, r.kind) for r in found] == [("/r", "http")]
+    assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in record.stalls] == [
+        ("blocking", 0.19, line_of(__file__, "# the request's blocking line"))
+    ]
+
+
+def test_a_collection_attaches_its_stall_to_the_request_when_the_watchdog_opened_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A collection holds the GIL: the watchdog gets it as the collection ends, at the first
+    # check before the GC callback runs, and opens the stall without having located it.
+    from perfmw.loop import gc_clock
+
+    record = RequestRecord("/gc", "GET", owner=rig.perf)
+    record.started_at = T0 - 1.0
+    rig.beat()
+    state = rig.stall()  # opened by the watchdog, no sample yet
+    assert not state.record_known
+    rig.clock.t += 0.25
+    rig.stat.cpu += 0.24
+    monkeypatch.setattr(gc_clock.clock, "cpu", state.beat_gc + 0.24)
+    token = perfmw.record._current.set(record)
+    try:
+        rig.monitor.gc_blocked(0.24, sampled_here())  # the collecting line
+    finally:
+        perfmw.record._current.reset(token)
+    assert [s.cause for s in record.stalls] == ["blocking"]  # provisional, in its record
+    rig.perf.finish(record)
+    assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in record.stalls] == [
+        ("gc", 0.24, line_of(__file__, "# the collecting line"))
+    ]

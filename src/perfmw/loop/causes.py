@@ -6,26 +6,61 @@ Over a stall the loop thread was, by the kernel's and the interpreter's own coun
   cgroup's CPU quota ran out (`throttled`, from `cpu.stat`);
 - off the CPU: waiting for the GIL while another thread held it (`gil`, the watchdog's own wait
   for the GIL), or waiting for what the code called (sleep, I/O, a lock, a C call's threads).
+Beside it the process's other threads computed `threads` seconds on its `cpus` CPUs, and were
+runnable but not run for `threads_queued` seconds (None: they could not be read during the stall).
 
-The time the thread was kept from running (run queue, GIL held elsewhere) is not the code's. What
-is left is the stall's own part: what it would have lasted on an idle machine. When that alone
-would not have been a stall (under the threshold, by more than the duration's precision), the
-stall is the machine's: `throttled` when the cgroup's quota did most of the keeping off, else
-`starved`. Otherwise it is the code's, whatever the machine added to it: `gc` when collections
-computed most of its own part, `cpu` when the thread did (`saturation` when no single callback
-did), else `blocking`.
+Who kept the loop thread from running decides whose stall it is:
+- the process's own threads (`by_threads`): the GIL is only ever held by a thread of this
+  process, so a GIL wait is theirs as far as they computed; and of its run-queue time, the
+  share of the CPUs they used;
+- the machine (`by_machine`): the rest of the run-queue time, other processes' or the quota's,
+  and the rest of the GIL wait as far as the other threads were queued (the kernel had
+  preempted the thread that held it). What is left of the GIL wait, the loop thread held the
+  GIL itself, in C code that blocks without releasing it: its own doing.
+  The GIL wait is the larger of the watchdog's and the loop thread's own: a thread waiting for
+  the GIL wakes every switch interval to ask for it again (measured: 40 to 70 times in 300 ms),
+  one blocked in a call, holding the GIL or not, hardly ever (2 to 7 times), so each of its
+  `slices` off the CPU stands for a switch interval of waiting. When the other threads could
+  not be read (the watchdog never got the GIL), the loop thread's own wait beyond what they
+  computed was behind a thread the kernel kept off a CPU: the machine's.
+
+Taking the machine's part away leaves what the stall would have lasted on an idle machine.
+When that would not have been a stall (under the threshold, by more than the duration's
+precision), the stall is the machine's: `throttled` when the cgroup's quota did most of the
+keeping off, else `starved`. Otherwise it is the code's, whatever the machine added to it:
+`cpu` when the process's own threads did most of it (computing beside the loop is computing on
+it: the advice is the same process pool), else by the loop thread's own part: `gc` when
+collections computed most of it, `cpu` when the thread did (`saturation` when no single
+callback did), else `blocking`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from ..record import CAUSES, CODE_CAUSES, MACHINE_CAUSES
 
-__all__ = ["CAUSES", "CODE_CAUSES", "MACHINE_CAUSES", "PRECISION_SECONDS", "Signals", "classify"]
+__all__ = [
+    "CAUSES",
+    "CODE_CAUSES",
+    "MACHINE_CAUSES",
+    "PRECISION_SECONDS",
+    "BusyThread",
+    "Signals",
+    "classify",
+]
 #: A stall's duration is known within half a heartbeat: an own part this close to the threshold
 #: is not told apart from it.
 PRECISION_SECONDS = 0.01
+
+
+class BusyThread(NamedTuple):
+    """One of the process's other threads that computed during a stall (evidence only)."""
+
+    name: str  # the Python thread's name, else the kernel's (`comm`) for a C thread
+    cpu_seconds: float
+    stack: tuple[str, ...] = ()  # a Python thread's stack as the stall ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,23 +75,80 @@ class Signals:
     gc: float = 0.0  # garbage collections computed (on a CPU)
     samples: int = 0  # stack samples the watchdog took
     dominant_share: float = 1.0  # share of the samples in the most frequent loop callback
+    threads: float = 0.0  # the process's other threads computed (CPU seconds, all CPUs)
+    cpus: float = 1.0  # CPUs the process may run on
+    busy: tuple[BusyThread, ...] = ()  # the busiest of those threads, named
+    threads_queued: float | None = 0.0  # those threads were runnable but not run (summed)
+    slices: int = 0  # times the loop thread was put on a CPU (its schedstat's third field)
+    switch_interval: float = 0.005  # sys.getswitchinterval(): how often a GIL waiter wakes
+
+    @property
+    def threads_share(self) -> float:
+        """Of the CPUs the process may use over the stall, the share its other threads used."""
+        if self.duration <= 0.0 or self.cpus <= 0.0:
+            return 0.0
+        return min(1.0, self.threads / (self.cpus * self.duration))
+
+    def _parts(self) -> tuple[float, float]:
+        duration = self.duration
+        runqueue = min(self.runqueue, duration)
+        throttled = min(self.throttled, runqueue)
+        off_cpu = max(0.0, duration - self.cpu - runqueue)
+        queued = runqueue - throttled  # behind other runnable threads, this process's or not
+        share = self.threads_share
+        # Waiting for the GIL, the loop thread wakes every switch interval to ask for it again.
+        waited = min(off_cpu, self.slices * self.switch_interval)
+        gil = max(min(self.gil, off_cpu), waited)
+        gil_by_threads = min(gil, self.threads)
+        left = gil - gil_by_threads
+        if self.threads_queued is not None:
+            preempted = min(left, self.threads_queued)
+        else:  # unread: as far as the loop thread itself waited for it
+            preempted = min(left, max(0.0, waited - gil_by_threads))
+        by_threads = gil_by_threads + queued * share
+        by_machine = throttled + queued * (1.0 - share) + preempted
+        return min(duration, by_threads), min(duration, by_machine)
+
+    @property
+    def by_threads(self) -> float:
+        """Time the process's other threads kept the loop thread off: GIL, CPUs it queued for."""
+        return self._parts()[0]
+
+    @property
+    def by_machine(self) -> float:
+        """Time other processes or the cgroup's quota kept the loop thread off a CPU."""
+        return self._parts()[1]
 
     @property
     def kept_off(self) -> float:
-        """Time the loop thread could have run but was not let: run queue, GIL held elsewhere."""
-        off_cpu = max(0.0, self.duration - self.cpu - self.runqueue)
-        return min(self.duration, self.runqueue + min(self.gil, off_cpu))
+        """Time the loop thread could have run but was not let, by anyone."""
+        return min(self.duration, sum(self._parts()))
 
     @property
     def own(self) -> float:
-        """The stall's own part: what it would have lasted had nothing kept the thread off."""
+        """The loop thread's own part: what it would have lasted had nothing kept it off."""
         return self.duration - self.kept_off
 
-    def evidence(self) -> dict[str, float]:
+    def evidence(self) -> dict[str, Any]:
         """The measurements, named for a finding's detail (`runqueue_seconds`, ...)."""
-        found = asdict(self)
-        del found["duration"], found["samples"], found["dominant_share"]
-        return {f"{name}_seconds": round(value, 6) for name, value in found.items()}
+        seconds = {
+            "cpu": self.cpu,
+            "runqueue": self.runqueue,
+            "throttled": self.throttled,
+            "gil": self.gil,
+            "gc": self.gc,
+            "threads": self.threads,
+        }
+        found: dict[str, Any] = {f"{name}_seconds": round(v, 6) for name, v in seconds.items()}
+        queued = self.threads_queued
+        found["threads_queued_seconds"] = None if queued is None else round(queued, 6)
+        found["slices"] = self.slices
+        found["cpus"] = self.cpus
+        found["threads"] = [
+            {"name": t.name, "cpu_seconds": round(t.cpu_seconds, 6), "stack": list(t.stack)}
+            for t in self.busy
+        ]
+        return found
 
 
 def classify(signals: Signals, threshold: float) -> str:
@@ -64,10 +156,14 @@ def classify(signals: Signals, threshold: float) -> str:
     duration = signals.duration
     if duration <= 0.0:
         return "blocking"
-    kept_off = signals.kept_off
-    own = duration - kept_off
-    if own + PRECISION_SECONDS < threshold:
-        return "throttled" if kept_off > 0 and signals.throttled >= 0.5 * kept_off else "starved"
+    by_threads, by_machine = signals._parts()
+    code = duration - by_machine  # the stall on an idle machine: the process's own doing
+    if code + PRECISION_SECONDS < threshold:
+        throttled = min(signals.throttled, signals.runqueue)
+        return "throttled" if by_machine > 0 and throttled >= 0.5 * by_machine else "starved"
+    if by_threads >= 0.5 * code:
+        return "cpu"
+    own = code - by_threads
     if signals.gc >= 0.5 * own:
         return "gc"
     if signals.cpu >= 0.5 * own:

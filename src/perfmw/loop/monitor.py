@@ -1,8 +1,8 @@
 """The monitor of one event loop: a heartbeat on the loop and a watchdog thread beside it.
 
 - A heartbeat callback on the loop every 20 ms notes when it ran, snapshots the loop thread's
-  scheduler counters (one `pread` of its schedstat, parsed only if a stall follows) and pushes
-  back the watchdog's timer.
+  scheduler counters (one `pread` of its schedstat, parsed only if a stall follows) and the
+  process's CPU clock, and pushes back the watchdog's timer.
 - The watchdog sleeps on that timer: while the loop is healthy it never wakes. When a beat is
   overdue by the stall threshold, the loop is stalled: the watchdog looks every 10 ms until the
   loop comes back (noting how long it waited for the GIL itself), and samples the loop thread's
@@ -11,7 +11,9 @@
   from. The request whose code was running gets the stall in its record; no other request in
   flight does.
 - When the loop comes back, the stall's whole duration is settled, and its cause is decided
-  from the loop thread's counters over the stall (`causes.classify`). A stall of the machine
+  from the loop thread's counters over the stall (`causes.classify`), and from the process's
+  other threads: their CPU time, and the busiest of them by name (read from /proc/self/task
+  once the stall is in its request's record, and when it settles). A stall of the machine
   (`starved`, `throttled`) or of no single callback (`saturation`) is reported apart from any
   request, on `<background>`.
 """
@@ -32,8 +34,17 @@ from .. import _guard
 from .._frames import NOWHERE, CallSite, call_site, format_stack, snapshot
 from ..record import BACKGROUND, RequestRecord, Stall, _current
 from . import gc_clock, requests
-from .causes import CODE_CAUSES, Signals, classify
-from .kernel import CgroupCpu, KernelTimer, ThreadStat, Throttling, delta
+from .causes import CODE_CAUSES, BusyThread, Signals, classify
+from .kernel import (
+    CgroupCpu,
+    KernelTimer,
+    Tasks,
+    ThreadStat,
+    Throttling,
+    available_cpus,
+    delta,
+    process_cpu,
+)
 
 if TYPE_CHECKING:
     from ..perf import Perf
@@ -53,6 +64,9 @@ SATURATION_SAMPLES = 4
 MIN_THRESHOLD_SECONDS = 0.05
 MAX_SITES = 32  # distinct culprit call sites kept (with their stacks) during one stall
 RECENT_STALLS = 64  # settled stall intervals kept per loop, for the queries that waited on them
+BUSY_THREADS = 3  # the process's other threads named in a stall's evidence, busiest first
+BUSY_SECONDS = 0.01  # a thread that computed less during the stall is not named
+UNNAMED = "<unnamed>"  # CPU of threads that ended meanwhile, or computed before the first look
 
 _GUARD = _guard.guard("loop")
 _cgroup: CgroupCpu | None = None  # found at the first stall
@@ -92,7 +106,10 @@ class _StallState:
     __slots__ = (
         "beat_at",
         "beat_gc",
+        "beat_process",
         "beat_stat",
+        "busy_site",
+        "busy_stack",
         "done",
         "last_sample",
         "next_sample",
@@ -106,6 +123,7 @@ class _StallState:
         "stacks",
         "stall",
         "start",
+        "tasks",
         "throttling",
         "watch_base",
         "watched_from",
@@ -118,12 +136,19 @@ class _StallState:
         beat_stat: bytes | float,
         beat_gc: float,
         throttling: tuple[Throttling | None, ...],
+        beat_process: float = 0.0,
     ) -> None:
         self.start = start  # estimated moment the loop stopped answering
         self.beat_at = beat_at
         self.beat_stat = beat_stat
         self.beat_gc = beat_gc
+        self.beat_process = beat_process
         self.throttling = throttling
+        # The other threads' CPU when the watchdog first read it (None: it never did), and the
+        # application line the busiest Python one was at when the stall settled.
+        self.tasks: dict[int, tuple[float, float]] | None = None
+        self.busy_site = NOWHERE
+        self.busy_stack: tuple[str, ...] = ()
         # The watchdog's own time from `watched_from` (when it was due to follow the stall) on:
         # its counters then, and the time it chose to sleep between samples. The rest of that
         # time it was neither on a CPU nor queued for one: it waited for the GIL.
@@ -158,6 +183,15 @@ class _StallState:
         self.next_sample = now + max(SAMPLE_SECONDS, (now - self.start) * SAMPLE_BACKOFF)
         return stands_for
 
+    def placed(self) -> bool:
+        """Whether the stall is where it will be reported: in its request's record, or known
+        to have none (the loop ran no request, or the request finished before the threshold)."""
+        if self.stall is not None:
+            return True
+        if self.record_known:
+            return self.record is None or self.record.closed
+        return self.samples >= SATURATION_SAMPLES  # the loop's own code, sample after sample
+
     def dominant_share(self) -> float:
         if not self.samples:
             return 1.0
@@ -190,8 +224,9 @@ def settle_record(record: RequestRecord) -> None:
 class LoopMonitor:
     """Heartbeat on one loop plus its watchdog thread.
 
-    `clock` and `stat` (the loop thread's counters) can be given, so that tests settle stalls
-    on synthetic time and synthetic kernel readings.
+    `clock`, `stat` (the loop thread's counters), `process` (the process's CPU clock) and
+    `tasks` (the other threads' CPU, by native id) can be given, so that tests settle stalls on
+    synthetic time and synthetic kernel readings.
     """
 
     def __init__(
@@ -200,6 +235,8 @@ class LoopMonitor:
         owner: Perf,
         clock: Any = time.perf_counter,
         stat: ThreadStat | None = None,
+        process: Any = process_cpu,
+        tasks: Any = Tasks.read,
     ) -> None:
         self._loop_ref = weakref.ref(loop)
         self.perfs: list[Perf] = [owner]
@@ -210,6 +247,11 @@ class LoopMonitor:
         self.stat = (
             stat if stat is not None else ThreadStat(threading.get_native_id(), self.thread_id)
         )
+        self.process_cpu = process
+        self.read_tasks = tasks
+        # Else the first look waits until the stall is in its request's record (`placed`).
+        self._reads_holding_gil = tasks is Tasks.read and Tasks.holds_gil()
+        self.cpus = available_cpus()
         self.lag = 0.0
         self.stopped = False
         self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_STALLS)
@@ -228,6 +270,7 @@ class LoopMonitor:
         # The watchdog's own counters, and their reading before it last slept on the timer.
         self._watch_stat: ThreadStat | None = None
         self._watch_base: tuple[float, float] | None = None
+        self._own_threads: tuple[int, ...] = (threading.get_native_id(),)
         self._mark(self.now())
         self._due = self._beat_at + self.interval
         self._watchdog = threading.Thread(
@@ -286,6 +329,7 @@ class LoopMonitor:
         self._beat_at = now
         self._beat_stat = self.stat.raw()
         self._beat_gc = gc_clock.clock.cpu
+        self._beat_process = self.process_cpu()
 
     def _beat(self) -> None:
         if self.stopped:
@@ -321,6 +365,7 @@ class LoopMonitor:
             self._beat_stat,
             self._beat_gc,
             self._throttling,
+            self._beat_process,
         )
 
     def _loop_came_back(self, now: float) -> None:
@@ -386,26 +431,93 @@ class LoopMonitor:
     def signals(self, state: _StallState, end: float) -> Signals:
         """The loop thread's counters over the stall, from the beat before it to `end`."""
         duration = end - state.start
-        cpu, runqueue = delta(ThreadStat.times(state.beat_stat), self.stat.now())
+        raw = self.stat.raw()
+        cpu, runqueue = delta(ThreadStat.times(state.beat_stat), ThreadStat.times(raw))
+        before, after = ThreadStat.slices(state.beat_stat), ThreadStat.slices(raw)
+        watchdog = (0.0, 0.0)  # its own CPU is perfmw's; its run queue the machine's
+        if self._watch_stat is not None and state.watch_base is not None:
+            watchdog = delta(state.watch_base, self._watch_stat.now())
+        tasks = None if state.tasks is None else self.read_tasks(self._own_threads)
+        threads = self._threads_cpu(state, cpu + watchdog[0], tasks, duration)
+        # Collections are timed process-wide: the loop thread's are on its own CPU, the rest
+        # were the other threads' computing.
+        collected = gc_clock.clock.cpu - state.beat_gc
+        gc_seconds = min(collected, cpu, duration)
+        threads = min(max(threads, collected - gc_seconds), self.cpus * max(0.0, duration))
+        queued = None  # the other threads' run-queue time (the live ones, from the first look)
+        if tasks is not None and state.tasks is not None:
+            first = state.tasks
+            queued = watchdog[1] + sum(Tasks.spent(first, tasks, tid)[1] for tid in tasks)
+            queued = min(queued, self.cpus * max(0.0, duration))
         cpu, runqueue = min(cpu, duration), min(runqueue, duration)
         throttling = cgroup().read()
         throttled = min(runqueue, CgroupCpu.throttled(state.throttling, throttling))
         self._throttling = throttling
-        gc_seconds = min(gc_clock.clock.cpu - state.beat_gc, duration)
         # The share of its time the watchdog could not get the GIL, applied to the time the loop
         # thread was off the CPU: the part another thread held the GIL.
-        gil_share = self._gil_share(state, end)
         off_cpu = max(0.0, duration - cpu - runqueue)
         return Signals(
             duration,
-            cpu,
-            runqueue,
-            throttled,
-            gil_share * off_cpu,
-            gc_seconds,
-            state.samples,
-            state.dominant_share(),
+            cpu=cpu,
+            runqueue=runqueue,
+            throttled=throttled,
+            gil=self._gil_share(state, end) * off_cpu,
+            gc=gc_seconds,
+            samples=state.samples,
+            dominant_share=state.dominant_share(),
+            threads=threads,
+            cpus=float(self.cpus),
+            busy=self._busy(state, tasks, threads),
+            threads_queued=queued,
+            slices=after - before if before is not None and after is not None else 0,
+            switch_interval=sys.getswitchinterval(),
         )
+
+    def _threads_cpu(
+        self,
+        state: _StallState,
+        ours: float,
+        tasks: dict[int, tuple[float, float]] | None,
+        duration: float,
+    ) -> float:
+        """CPU seconds of the process's other threads since the beat before the stall.
+
+        The process's clock counts the threads that ended meanwhile (a C library's workers),
+        but the kernel brings a running thread's share of it up to date only at its ticks,
+        which a CPU busy with one thread can skip for up to a second: the live threads' own
+        counters (read from the watchdog's first look on) are exact, and the larger is kept.
+        """
+        spent: float = self.process_cpu() - state.beat_process - ours  # the loop's, the watchdog's
+        if tasks is not None and state.tasks is not None:
+            before = state.tasks
+            live = sum(Tasks.spent(before, tasks, tid)[0] for tid in tasks)
+            spent = max(spent, live)
+        return min(max(0.0, spent), self.cpus * max(0.0, duration))
+
+    def _busy(
+        self, state: _StallState, tasks: dict[int, tuple[float, float]] | None, threads: float
+    ) -> tuple[BusyThread, ...]:
+        """The threads that computed most since the watchdog first looked, named."""
+        if state.tasks is None or tasks is None or threads < BUSY_SECONDS:
+            return ()
+        busiest = Tasks.busiest(state.tasks, tasks, BUSY_THREADS, BUSY_SECONDS)
+        python = {t.native_id: t for t in threading.enumerate() if t.native_id is not None}
+        frames = sys._current_frames() if any(tid in python for tid, _ in busiest) else {}
+        found: list[BusyThread] = []
+        for tid, seconds in busiest:
+            thread = python.get(tid)
+            frame = frames.get(thread.ident) if thread is not None and thread.ident else None
+            if thread is None:
+                found.append(BusyThread(Tasks.comm(tid), seconds))
+                continue
+            stack = format_stack(frame)
+            found.append(BusyThread(thread.name, seconds, stack))
+            if state.busy_site.location is None:
+                state.busy_site, state.busy_stack = call_site(frame), stack
+        unnamed = threads - sum(t.cpu_seconds for t in found)
+        if unnamed >= BUSY_SECONDS and len(found) < BUSY_THREADS:
+            found.append(BusyThread(UNNAMED, unnamed))
+        return tuple(found)
 
     def _finalize(
         self, state: _StallState, end: float, culprit: _GcCulprit | None
@@ -435,6 +547,9 @@ class LoopMonitor:
         else:
             site = state.site()
             stack = state.stacks.get(site, ())
+            if site.location is None and state.busy_site.location is not None:
+                # Nothing of the application's on the loop: the line the computing thread ran.
+                site, stack = state.busy_site, state.busy_stack
         if cause not in CODE_CAUSES or cause == "saturation":
             record = None  # the machine's doing, or many callbacks: no request to blame
         if stall is None:
@@ -495,8 +610,11 @@ class LoopMonitor:
             state = self._stall
             if state is None and not self.stopped:
                 state = self._stall = self._open()
-                state.record, state.record_known = record, True
             if state is not None and not state.done:
+                if not state.record_known:
+                    # The watchdog gets the GIL at the first check after the collection, before
+                    # this callback runs: it may have opened the stall without locating it yet.
+                    state.record, state.record_known = record, True
                 self._update(state)
         finally:
             self._lock.release()
@@ -505,6 +623,7 @@ class LoopMonitor:
 
     def _watch(self) -> None:
         own = self._watch_stat = ThreadStat(threading.get_native_id(), threading.get_ident())
+        self._own_threads = (*self._own_threads[:1], threading.get_native_id())
         try:
             while not self.stopped:
                 loop = self._loop_ref()
@@ -593,6 +712,8 @@ class LoopMonitor:
                     self._sample(state, frame, loop)
                 self._update(state)
             frame = None
+            if state.tasks is None and (self._reads_holding_gil or state.placed()):
+                self._first_look_at_threads(state)
             if not loop.is_running():
                 # The callback returned and the loop stopped before the next beat.
                 with self._lock:
@@ -610,6 +731,20 @@ class LoopMonitor:
                 if state.sleep_started is not None:
                     state.slept += min(SAMPLE_SECONDS, woke - state.sleep_started)
                 state.sleep_started = None
+
+    def _first_look_at_threads(self, state: _StallState) -> None:
+        """The other threads' counters now: the baseline of their CPU and run-queue time, and
+        of the ones named when the stall settles.
+
+        Taken as soon as the watchdog follows the stall where `Tasks.read` keeps the GIL held;
+        else only once the stall is in its request's record (`placed`): a read that lets the
+        GIL go lets the loop thread run on, and its request could finish meanwhile and lose its
+        stall.
+        """
+        tasks = self.read_tasks(self._own_threads)
+        with self._lock:
+            if state.tasks is None:
+                state.tasks = tasks
 
     def _sample(
         self, state: _StallState, frame: FrameType, loop: asyncio.AbstractEventLoop
