@@ -101,9 +101,13 @@ def _complete(found: dict[str, float], output: str, tool: str) -> dict[str, floa
 
 
 def start_server(
-    setup: str, receiver_port: int, env: dict[str, str] | None = None
+    setup: str,
+    receiver_port: int,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[Any], str]:
-    """uvicorn (one worker) serving benchmarks/_server.py set up as `setup`; its item URL."""
+    """uvicorn (one worker) serving benchmarks/_server.py set up as `setup`, run under `prefix`
+    (valgrind's command line, say); its item URL."""
     port = free_port()
     environment = {
         **os.environ,
@@ -112,7 +116,7 @@ def start_server(
         "PYTHONPATH": str(ROOT),
         **(env or {}),
     }
-    command = [sys.executable, "-m", "uvicorn", "benchmarks._server:app"]
+    command = [*prefix, sys.executable, "-m", "uvicorn", "benchmarks._server:app"]
     options = ["--port", str(port), "--log-level", "warning", "--no-access-log"]
     server = subprocess.Popen([*command, *options], cwd=ROOT, env=environment)
     return server, f"http://127.0.0.1:{port}/items/42"

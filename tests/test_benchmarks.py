@@ -1,4 +1,5 @@
-"""The load benchmark's readers of wrk's and hey's output (outputs as the tools print them)."""
+"""The load benchmark's readers of wrk's and hey's output (outputs as the tools print them), and its
+table of instruction counts."""
 
 from __future__ import annotations
 
@@ -70,3 +71,16 @@ def test_output_without_the_numbers_is_an_error_naming_the_tool(
     tool = "wrk" if parse is parse_wrk else "hey"
     with pytest.raises(ValueError, match=f"no requests/s, p50 and p99 in {tool}'s output"):
         parse(output)
+
+
+def test_instruction_counts_are_reported_against_bare_fastapi() -> None:
+    from benchmarks.end_to_end import BARE, OURS, TRACED, instructions_report
+
+    counts = {BARE: 929_353, OURS: 964_277, TRACED: 1_316_961}
+    assert instructions_report(counts).splitlines() == [
+        "| set-up (instructions) | per request | added to bare | requests/s it allows vs bare |",
+        "|---|---:|---:|---:|",
+        "| bare FastAPI | 929,353 | +0 | 1.00x |",
+        "| perfmw (tracing off) | 964,277 | +34,924 | 0.96x |",
+        "| perfmw + configure_tracing(), ratio 1.0 | 1,316,961 | +387,608 | 0.71x |",
+    ]
