@@ -622,3 +622,23 @@ def test_a_collection_attaches_its_stall_to_the_request_when_the_watchdog_opened
     assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in record.stalls] == [
         ("gc", 0.24, line_of(__file__, "# the collecting line"))
     ]
+
+
+def test_a_loop_whose_thread_ended_before_any_sample_reports_no_stall(rig: Rig) -> None:
+    # A server shutting down: its loop stops and its thread ends between two looks, after the
+    # last beat. Nothing was seen stalled: no stall, no <background> record.
+    found: list[RequestRecord] = []
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    assert ended.ident is not None
+    rig.monitor.thread_id = ended.ident
+    perf_module._finish_hooks.append(lambda perf, record: found.append(record))
+    try:
+        rig.beat()
+        state = rig.stall()
+        rig.clock.t += 0.3
+        rig.monitor._follow_stall(rig.loop, rig.monitor._seq, state)
+    finally:
+        perf_module._finish_hooks.pop()
+    assert (found, state.done, rig.monitor._stall) == ([], True, None)

@@ -20,9 +20,9 @@ Who kept the loop thread from running decides whose stall it is:
   The GIL wait is the larger of the watchdog's and the loop thread's own: a thread waiting for
   the GIL wakes every switch interval to ask for it again (measured: 40 to 70 times in 300 ms),
   one blocked in a call, holding the GIL or not, hardly ever (2 to 7 times), so each of its
-  `slices` off the CPU stands for a switch interval of waiting. When the other threads could
-  not be read (the watchdog never got the GIL), the loop thread's own wait beyond what they
-  computed was behind a thread the kernel kept off a CPU: the machine's.
+  `slices` off the CPU stands for a switch interval of waiting. The loop thread's own wait
+  beyond what the other threads computed was behind a thread that did not run: the kernel kept
+  it off a CPU (the other threads are read only from the watchdog's first look on, if ever).
 
 Taking the machine's part away leaves what the stall would have lasted on an idle machine.
 When that would not have been a stall (under the threshold, by more than the duration's
@@ -101,10 +101,10 @@ class Signals:
         gil = max(min(self.gil, off_cpu), waited)
         gil_by_threads = min(gil, self.threads)
         left = gil - gil_by_threads
-        if self.threads_queued is not None:
-            preempted = min(left, self.threads_queued)
-        else:  # unread: as far as the loop thread itself waited for it
-            preempted = min(left, max(0.0, waited - gil_by_threads))
+        # Held by a thread that neither computed nor ran: one the kernel kept off a CPU, as far
+        # as the other threads were queued (read from the watchdog's first look on only) or the
+        # loop thread itself waited.
+        preempted = min(left, max(self.threads_queued or 0.0, waited - gil_by_threads))
         by_threads = gil_by_threads + queued * share
         by_machine = throttled + queued * (1.0 - share) + preempted
         return min(duration, by_threads), min(duration, by_machine)

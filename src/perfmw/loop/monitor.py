@@ -715,9 +715,12 @@ class LoopMonitor:
             if state.tasks is None and (self._reads_holding_gil or state.placed()):
                 self._first_look_at_threads(state)
             if not loop.is_running():
-                # The callback returned and the loop stopped before the next beat.
+                # The callback returned and the loop stopped before the next beat; never seen
+                # at all (no sample), it is the loop stopping, as a server shutting down does.
                 with self._lock:
-                    report = None if state.done else self._finalize(state, self.now(), None)
+                    seen = not state.done and (state.samples > 0 or state.stall is not None)
+                    report = self._finalize(state, self.now(), None) if seen else None
+                    state.done = True
                     self._stall = None
                 if report is not None:
                     self._report_background(*report)
