@@ -20,7 +20,9 @@ Who kept the loop thread from running decides whose stall it is:
   The GIL wait is the larger of the watchdog's and the loop thread's own: a thread waiting for
   the GIL goes back to sleep every switch interval (measured, idle or under two CPU hogs: 56 to
   58 times in 300 ms), one blocked in a call, holding the GIL or not, hardly ever (3 times), so
-  each of its `waits` (voluntary context switches) stands for a switch interval of waiting.
+  each of its `waits` (voluntary context switches) stands for a switch interval of waiting,
+  when the watchdog waited for the GIL too (`GIL_SEEN`: a C call waiting for its own worker
+  threads, argon2's lanes, also goes to sleep again and again, and lets the GIL go).
   The loop thread's own wait beyond what the other threads computed was behind a thread that
   did not run: the kernel kept it off a CPU (the other threads are read only from the
   watchdog's first look on, if ever).
@@ -54,6 +56,9 @@ __all__ = [
 #: A stall's duration is known within half a heartbeat: an own part this close to the threshold
 #: is not told apart from it.
 PRECISION_SECONDS = 0.01
+#: The share of the loop thread's time off the CPU the watchdog must have waited for the GIL
+#: for the loop thread's own waits to count as GIL waits.
+GIL_SEEN = 0.1
 
 
 class BusyThread(NamedTuple):
@@ -97,9 +102,14 @@ class Signals:
         off_cpu = max(0.0, duration - self.cpu - runqueue)
         queued = runqueue - throttled  # behind other runnable threads, this process's or not
         share = self.threads_share
-        # Waiting for the GIL, the loop thread wakes every switch interval to ask for it again.
-        waited = min(off_cpu, self.waits * self.switch_interval)
-        gil = max(min(self.gil, off_cpu), waited)
+        # Waiting for the GIL, the loop thread wakes every switch interval to ask for it again;
+        # its waits count so when the watchdog waited for the GIL too (else it was waiting for
+        # something else again and again: a C call's worker threads, as argon2's lanes).
+        gil = min(self.gil, off_cpu)
+        waited = 0.0
+        if gil >= GIL_SEEN * off_cpu:
+            waited = min(off_cpu, self.waits * self.switch_interval)
+            gil = max(gil, waited)
         gil_by_threads = min(gil, self.threads)
         left = gil - gil_by_threads
         # Held by a thread that neither computed nor ran: one the kernel kept off a CPU, as far
