@@ -538,7 +538,9 @@ def test_a_thread_holding_the_gil_stalls_the_loop_and_is_named(
     assert {route for route, *_ in code} <= {BACKGROUND}, stalls
     assert {cause for _, cause, _ in code} <= {"cpu", "blocking"}, stalls
     by_threads = [s for _, cause, s in code if cause == "cpu"]
-    assert all(s is not None and s.by_threads >= 0.5 * s.duration for s in by_threads), stalls
+    assert all(s is not None and s.by_threads >= 0.5 * s.duration for s in by_threads), described(
+        finished
+    )
 
 
 libc_holding_the_gil = ctypes.PyDLL(None)  # its calls keep the GIL held
