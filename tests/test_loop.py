@@ -529,14 +529,18 @@ def test_a_thread_holding_the_gil_stalls_the_loop_and_is_named(
     # doing, never the machine's, blamed on no request since the loop ran none. Where the
     # process's clock shows the hog's computing, the cause is `cpu`, the hog's (the clock can
     # lag a running thread's time: then the GIL counts as the loop thread's own, `blocking`).
-    # A loaded machine may add stalls of its own (`starved`, their own part no stall).
+    # A loaded machine may add stalls of its own (`starved`, their own part no stall), and may
+    # keep the hog itself off the CPUs while it holds the GIL: then the stall is the machine's.
     machine_stalls_are_background(finished)
     code = [(route, cause, s) for route, cause, s in stalls if cause not in MACHINE_CAUSES]
-    assert code, stalls
-    assert {route for route, *_ in code} == {BACKGROUND}, stalls
+    computed = [s for _, _, s in stalls if s is not None and s.threads >= 0.5 * s.duration]
+    assert all(s.by_threads >= 0.5 * s.duration for s in computed), stalls
+    assert {route for route, *_ in code} <= {BACKGROUND}, stalls
     assert {cause for _, cause, _ in code} <= {"cpu", "blocking"}, stalls
     by_threads = [s for _, cause, s in code if cause == "cpu"]
-    assert all(s is not None and s.by_threads >= 0.5 * s.duration for s in by_threads), stalls
+    assert all(s is not None and s.by_threads >= 0.5 * s.duration for s in by_threads), described(
+        finished
+    )
 
 
 libc_holding_the_gil = ctypes.PyDLL(None)  # its calls keep the GIL held

@@ -35,9 +35,6 @@ def test_schedstat_is_nanoseconds_on_cpu_then_waiting() -> None:
     assert parse_schedstat(b"533198144 124330 23\n") == (0.533198144, 0.00012433)
     assert parse_schedstat(b"") is None
     assert parse_schedstat(b"garbage here\n") is None
-    assert ThreadStat.slices(b"533198144 124330 23\n") == 23
-    assert ThreadStat.slices(b"533198144 124330\n") is None
-    assert ThreadStat.slices(0.5) is None  # a CPU clock reading: no schedstat
     assert delta((1.0, 0.5), (1.25, 0.75)) == (0.25, 0.25)
     assert delta(None, (1.0, 1.0)) == (0.0, 0.0)
 

@@ -50,10 +50,9 @@ class Stat:
     def __init__(self) -> None:
         self.cpu = 0.0
         self.queued = 0.0
-        self.slices = 1
 
     def raw(self) -> bytes:
-        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} {self.slices}\n".encode()
+        return f"{round(self.cpu * 1e9)} {round(self.queued * 1e9)} 1\n".encode()
 
     def now(self) -> tuple[float, float] | None:
         return ThreadStat.times(self.raw())
@@ -72,6 +71,8 @@ class Rig:
         self.process = Clock()  # the process's CPU clock: the loop thread's plus the others'
         self.process.t = 0.0
         self.tasks: dict[int, tuple[float, float]] = {}  # the other threads' (CPU, run queue)
+        self.switches = Clock()  # the loop thread's voluntary context switches
+        self.switches.t = 0
         self.cgroup_file = cgroup_file
         self.throttle(0, 0.0)
         monitor_module._cgroup = CgroupCpu([str(cgroup_file)])
@@ -82,6 +83,7 @@ class Rig:
             self.stat,  # type: ignore[arg-type]
             self.process,
             lambda exclude: dict(self.tasks),
+            self.switches,
         )
         self.monitor._throttling = monitor_module.cgroup().read()  # as start() does
 
@@ -255,9 +257,9 @@ def test_a_gil_held_by_a_thread_the_kernel_preempted_is_the_machines(rig: Rig) -
     assert (stall.cause, stall.signals.threads) == ("starved", pytest.approx(0.003))
 
 
-@pytest.mark.parametrize(("slices", "cause"), [(60, "starved"), (6, "blocking")])
+@pytest.mark.parametrize(("waits", "cause"), [(60, "starved"), (6, "blocking")])
 def test_a_stall_the_watchdog_never_saw_is_told_by_the_loop_threads_wakes(
-    rig: Rig, slices: int, cause: str
+    rig: Rig, waits: int, cause: str
 ) -> None:
     # Another thread held the GIL all along: the watchdog never ran, nor read the threads.
     # Waiting for the GIL, the loop thread woke every switch interval (60 times in 300 ms);
@@ -270,7 +272,7 @@ def test_a_stall_the_watchdog_never_saw_is_told_by_the_loop_threads_wakes(
         rig.beat()
         rig.clock.t += 0.3
         rig.stat.cpu += 0.002
-        rig.stat.slices += slices
+        rig.switches.t += waits
         rig.process.t += 0.004
         rig.monitor._beat()
     finally:
@@ -279,7 +281,7 @@ def test_a_stall_the_watchdog_never_saw_is_told_by_the_loop_threads_wakes(
     (stall,) = record.stalls
     assert (record.route, stall.cause) == (BACKGROUND, cause)
     assert stall.signals is not None
-    assert (stall.signals.slices, stall.signals.threads_queued) == (slices, None)
+    assert (stall.signals.waits, stall.signals.threads_queued) == (waits, None)
     assert stall.signals.gil == pytest.approx(0.3 - HEARTBEAT_SECONDS / 2 - 0.002)
 
 
@@ -622,3 +624,23 @@ def test_a_collection_attaches_its_stall_to_the_request_when_the_watchdog_opened
     assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in record.stalls] == [
         ("gc", 0.24, line_of(__file__, "# the collecting line"))
     ]
+
+
+def test_a_loop_whose_thread_ended_before_any_sample_reports_no_stall(rig: Rig) -> None:
+    # A server shutting down: its loop stops and its thread ends between two looks, after the
+    # last beat. Nothing was seen stalled: no stall, no <background> record.
+    found: list[RequestRecord] = []
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    assert ended.ident is not None
+    rig.monitor.thread_id = ended.ident
+    perf_module._finish_hooks.append(lambda perf, record: found.append(record))
+    try:
+        rig.beat()
+        state = rig.stall()
+        rig.clock.t += 0.3
+        rig.monitor._follow_stall(rig.loop, rig.monitor._seq, state)
+    finally:
+        perf_module._finish_hooks.pop()
+    assert (found, state.done, rig.monitor._stall) == ([], True, None)

@@ -18,11 +18,14 @@ Who kept the loop thread from running decides whose stall it is:
   preempted the thread that held it). What is left of the GIL wait, the loop thread held the
   GIL itself, in C code that blocks without releasing it: its own doing.
   The GIL wait is the larger of the watchdog's and the loop thread's own: a thread waiting for
-  the GIL wakes every switch interval to ask for it again (measured: 40 to 70 times in 300 ms),
-  one blocked in a call, holding the GIL or not, hardly ever (2 to 7 times), so each of its
-  `slices` off the CPU stands for a switch interval of waiting. When the other threads could
-  not be read (the watchdog never got the GIL), the loop thread's own wait beyond what they
-  computed was behind a thread the kernel kept off a CPU: the machine's.
+  the GIL goes back to sleep every switch interval (measured, idle or under two CPU hogs: 56 to
+  58 times in 300 ms), one blocked in a call, holding the GIL or not, hardly ever (3 times), so
+  each of its `waits` (voluntary context switches) stands for a switch interval of waiting,
+  when the watchdog waited for the GIL too (`GIL_SEEN`: a C call waiting for its own worker
+  threads, argon2's lanes, also goes to sleep again and again, and lets the GIL go).
+  The loop thread's own wait beyond what the other threads computed was behind a thread that
+  did not run: the kernel kept it off a CPU (the other threads are read only from the
+  watchdog's first look on, if ever).
 
 Taking the machine's part away leaves what the stall would have lasted on an idle machine.
 When that would not have been a stall (under the threshold, by more than the duration's
@@ -53,6 +56,9 @@ __all__ = [
 #: A stall's duration is known within half a heartbeat: an own part this close to the threshold
 #: is not told apart from it.
 PRECISION_SECONDS = 0.01
+#: The share of the loop thread's time off the CPU the watchdog must have waited for the GIL
+#: for the loop thread's own waits to count as GIL waits.
+GIL_SEEN = 0.1
 
 
 class BusyThread(NamedTuple):
@@ -79,7 +85,7 @@ class Signals:
     cpus: float = 1.0  # CPUs the process may run on
     busy: tuple[BusyThread, ...] = ()  # the busiest of those threads, named
     threads_queued: float | None = 0.0  # those threads were runnable but not run (summed)
-    slices: int = 0  # times the loop thread was put on a CPU (its schedstat's third field)
+    waits: int = 0  # times the loop thread went to sleep (its voluntary context switches)
     switch_interval: float = 0.005  # sys.getswitchinterval(): how often a GIL waiter wakes
 
     @property
@@ -96,15 +102,20 @@ class Signals:
         off_cpu = max(0.0, duration - self.cpu - runqueue)
         queued = runqueue - throttled  # behind other runnable threads, this process's or not
         share = self.threads_share
-        # Waiting for the GIL, the loop thread wakes every switch interval to ask for it again.
-        waited = min(off_cpu, self.slices * self.switch_interval)
-        gil = max(min(self.gil, off_cpu), waited)
+        # Waiting for the GIL, the loop thread wakes every switch interval to ask for it again;
+        # its waits count so when the watchdog waited for the GIL too (else it was waiting for
+        # something else again and again: a C call's worker threads, as argon2's lanes).
+        gil = min(self.gil, off_cpu)
+        waited = 0.0
+        if gil >= GIL_SEEN * off_cpu:
+            waited = min(off_cpu, self.waits * self.switch_interval)
+            gil = max(gil, waited)
         gil_by_threads = min(gil, self.threads)
         left = gil - gil_by_threads
-        if self.threads_queued is not None:
-            preempted = min(left, self.threads_queued)
-        else:  # unread: as far as the loop thread itself waited for it
-            preempted = min(left, max(0.0, waited - gil_by_threads))
+        # Held by a thread that neither computed nor ran: one the kernel kept off a CPU, as far
+        # as the other threads were queued (read from the watchdog's first look on only) or the
+        # loop thread itself waited.
+        preempted = min(left, max(self.threads_queued or 0.0, waited - gil_by_threads))
         by_threads = gil_by_threads + queued * share
         by_machine = throttled + queued * (1.0 - share) + preempted
         return min(duration, by_threads), min(duration, by_machine)
@@ -142,7 +153,7 @@ class Signals:
         found: dict[str, Any] = {f"{name}_seconds": round(v, 6) for name, v in seconds.items()}
         queued = self.threads_queued
         found["threads_queued_seconds"] = None if queued is None else round(queued, 6)
-        found["slices"] = self.slices
+        found["waits"] = self.waits
         found["cpus"] = self.cpus
         found["threads"] = [
             {"name": t.name, "cpu_seconds": round(t.cpu_seconds, 6), "stack": list(t.stack)}

@@ -44,6 +44,7 @@ from .kernel import (
     available_cpus,
     delta,
     process_cpu,
+    voluntary_switches,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class _StallState:
         "beat_gc",
         "beat_process",
         "beat_stat",
+        "beat_switches",
         "busy_site",
         "busy_stack",
         "done",
@@ -137,12 +139,14 @@ class _StallState:
         beat_gc: float,
         throttling: tuple[Throttling | None, ...],
         beat_process: float = 0.0,
+        beat_switches: int = 0,
     ) -> None:
         self.start = start  # estimated moment the loop stopped answering
         self.beat_at = beat_at
         self.beat_stat = beat_stat
         self.beat_gc = beat_gc
         self.beat_process = beat_process
+        self.beat_switches = beat_switches
         self.throttling = throttling
         # The other threads' CPU when the watchdog first read it (None: it never did), and the
         # application line the busiest Python one was at when the stall settled.
@@ -237,6 +241,7 @@ class LoopMonitor:
         stat: ThreadStat | None = None,
         process: Any = process_cpu,
         tasks: Any = Tasks.read,
+        switches: Any = voluntary_switches,
     ) -> None:
         self._loop_ref = weakref.ref(loop)
         self.perfs: list[Perf] = [owner]
@@ -248,6 +253,7 @@ class LoopMonitor:
             stat if stat is not None else ThreadStat(threading.get_native_id(), self.thread_id)
         )
         self.process_cpu = process
+        self.switches = switches  # the loop thread's voluntary context switches
         self.read_tasks = tasks
         # Else the first look waits until the stall is in its request's record (`placed`).
         self._reads_holding_gil = tasks is Tasks.read and Tasks.holds_gil()
@@ -330,6 +336,7 @@ class LoopMonitor:
         self._beat_stat = self.stat.raw()
         self._beat_gc = gc_clock.clock.cpu
         self._beat_process = self.process_cpu()
+        self._beat_switches = self.switches()
 
     def _beat(self) -> None:
         if self.stopped:
@@ -366,6 +373,7 @@ class LoopMonitor:
             self._beat_gc,
             self._throttling,
             self._beat_process,
+            self._beat_switches,
         )
 
     def _loop_came_back(self, now: float) -> None:
@@ -433,7 +441,6 @@ class LoopMonitor:
         duration = end - state.start
         raw = self.stat.raw()
         cpu, runqueue = delta(ThreadStat.times(state.beat_stat), ThreadStat.times(raw))
-        before, after = ThreadStat.slices(state.beat_stat), ThreadStat.slices(raw)
         watchdog = (0.0, 0.0)  # its own CPU is perfmw's; its run queue the machine's
         if self._watch_stat is not None and state.watch_base is not None:
             watchdog = delta(state.watch_base, self._watch_stat.now())
@@ -469,9 +476,13 @@ class LoopMonitor:
             cpus=float(self.cpus),
             busy=self._busy(state, tasks, threads),
             threads_queued=queued,
-            slices=after - before if before is not None and after is not None else 0,
+            # Read on the loop thread only (the watchdog settles a stopped loop's stall).
+            waits=self.switches() - state.beat_switches if self._on_loop_thread() else 0,
             switch_interval=sys.getswitchinterval(),
         )
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self.thread_id
 
     def _threads_cpu(
         self,
@@ -715,9 +726,12 @@ class LoopMonitor:
             if state.tasks is None and (self._reads_holding_gil or state.placed()):
                 self._first_look_at_threads(state)
             if not loop.is_running():
-                # The callback returned and the loop stopped before the next beat.
+                # The callback returned and the loop stopped before the next beat; never seen
+                # at all (no sample), it is the loop stopping, as a server shutting down does.
                 with self._lock:
-                    report = None if state.done else self._finalize(state, self.now(), None)
+                    seen = not state.done and (state.samples > 0 or state.stall is not None)
+                    report = self._finalize(state, self.now(), None) if seen else None
+                    state.done = True
                     self._stall = None
                 if report is not None:
                     self._report_background(*report)
