@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import statistics
 import threading
 import time
 from typing import Any
@@ -153,14 +154,18 @@ def test_concurrent_requests_keep_their_own_records(registry: CollectorRegistry)
         asyncio.run(drive(server.url))
 
     assert len({id(record) for record, _ in records.values()}) == 200
+    overheads = []
     for i, key in enumerate(delays):
         record, delay = records[key]
         assert record.path == f"/{'slow' if i % 2 else 'fast'}/{key}"
         assert record.route == ("/slow/{key}" if i % 2 else "/fast/{key}")
         assert record.status_code == 200
         assert record.duration_seconds is not None
-        # its own sleep, not a neighbour's: never shorter, and not much longer
-        assert delay <= record.duration_seconds < delay + 0.25
+        assert delay <= record.duration_seconds  # never a shorter neighbour's
+        overheads.append(record.duration_seconds - delay)
+    # Nor longer neighbours': the typical request took its own sleep and little more (a loaded
+    # machine may hold up a few of the 200 by far more).
+    assert statistics.median(overheads) < 0.1, sorted(overheads)
 
 
 def test_streaming_passes_chunk_by_chunk_and_counts_bytes(registry: CollectorRegistry) -> None:
