@@ -201,6 +201,9 @@ def test_a_query_that_waited_behind_a_stall_is_not_a_slow_query(
     with serve(stalled_reply_app(mongo_uri, registry), loop=loop) as server:
         assert httpx.get(f"{server.url}/stalled-reply", timeout=30).json() == "done"
         found = findings(server.url)
+    # A full collection of the test process's heap (the suite's size decides it) is a real gc
+    # stall of whichever request runs then: not the one this test makes.
+    found = [f for f in found if not (f["kind"] == "loop_stall" and f["detail"]["cause"] == "gc")]
     assert [f["kind"] for f in found] == ["loop_stall"]  # the stall, and no slow_query
     assert found[0]["location"] == line_of(HERE, "# ...and the loop blocks before it can read")
 
