@@ -209,6 +209,16 @@ def watchdog_of(rig: Rig) -> Stat:
     return watchdog
 
 
+def gil_waited_stall(rig: Rig) -> Any:
+    """A stall the watchdog has been due to follow since its deadline, waiting for the GIL."""
+    watchdog_of(rig)
+    rig.beat()
+    state = rig.stall()
+    with rig.monitor._lock:
+        rig.monitor._watched(state, rig.monitor._deadline())
+    return state
+
+
 def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig) -> None:
     watchdog = watchdog_of(rig)
     rig.beat()
@@ -231,11 +241,7 @@ def test_the_gil_held_by_another_thread_is_what_the_watchdog_waited_for(rig: Rig
 def test_a_gil_nobody_else_computed_with_was_held_by_the_loop_thread_itself(rig: Rig) -> None:
     # C code on the loop that blocks without releasing the GIL (a ctypes.PyDLL call): the
     # watchdog waits for the GIL all along, and no other thread computed.
-    watchdog_of(rig)
-    rig.beat()
-    state = rig.stall()
-    with rig.monitor._lock:
-        rig.monitor._watched(state, rig.monitor._deadline())
+    state = gil_waited_stall(rig)
     _closed, stall = rig.settle(state, 0.5, cpu=0.001, others=0.003)
     assert stall.signals.gil > 0.3
     assert (stall.cause, stall.signals.threads) == ("blocking", pytest.approx(0.003))
@@ -244,11 +250,7 @@ def test_a_gil_nobody_else_computed_with_was_held_by_the_loop_thread_itself(rig:
 def test_a_gil_held_by_a_thread_the_kernel_preempted_is_the_machines(rig: Rig) -> None:
     # The thread that held the GIL barely computed: it was runnable but not run (two other
     # processes took the CPUs), by its own counters since the watchdog first read them.
-    watchdog_of(rig)
-    rig.beat()
-    state = rig.stall()
-    with rig.monitor._lock:
-        rig.monitor._watched(state, rig.monitor._deadline())
+    state = gil_waited_stall(rig)
     rig.tasks = {4242: (1.0, 2.0), 4243: (3.0, 0.5)}
     state.tasks = dict(rig.tasks)  # as the watchdog reads them when it first looks
     rig.tasks = {4242: (1.002, 2.4), 4243: (3.001, 0.55), 4244: (0.0, 0.01)}
