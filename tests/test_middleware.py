@@ -163,9 +163,10 @@ def test_concurrent_requests_keep_their_own_records(registry: CollectorRegistry)
         assert record.duration_seconds is not None
         assert delay <= record.duration_seconds  # never a shorter neighbour's
         overheads.append(record.duration_seconds - delay)
-    # Nor longer neighbours': the typical request took its own sleep and little more (a loaded
-    # machine may hold up a few of the 200 by far more).
-    assert statistics.median(overheads) < 0.1, sorted(overheads)
+    # Nor longer neighbours': the typical request took its own sleep and not much more (the
+    # loop queues the 200 wake-ups, by 0.14 s at the median on the oldest Starlette, and a
+    # loaded machine may hold up a few by far more).
+    assert statistics.median(overheads) < 0.25, sorted(overheads)
 
 
 def test_streaming_passes_chunk_by_chunk_and_counts_bytes(registry: CollectorRegistry) -> None:
