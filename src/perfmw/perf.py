@@ -202,25 +202,32 @@ def instrument(
 
 
 def _without_fastapi_instrumentor(stack: Any) -> Any:
-    """The stack without the server span FastAPIInstrumentor.instrument_app() wrapped it in
-    (a bare ServerErrorMiddleware > OpenTelemetryMiddleware > the app's own stack, which starts
-    with its ServerErrorMiddleware): perfmw's span is the request's server span, and
-    OpenTelemetry's would be a second one, with its own send spans. An OpenTelemetryMiddleware
-    the app lists among its middleware stays (its span becomes a child of perfmw's)."""
+    """The stack without the server span FastAPIInstrumentor.instrument_app() put in it:
+    perfmw's span is the request's server span, and OpenTelemetry's would be a second one, with
+    its own send spans. Its releases since 0.55b0 wrap the whole stack (a bare
+    ServerErrorMiddleware > OpenTelemetryMiddleware > the app's own stack, which starts with its
+    ServerErrorMiddleware); earlier ones add the middleware first among the app's, with
+    FastAPI's span details. An
+    OpenTelemetryMiddleware the app lists itself stays (its span becomes a child of perfmw's)."""
     try:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
         from starlette.middleware.errors import ServerErrorMiddleware
     except ImportError:
         return stack
-    if (
-        type(stack) is ServerErrorMiddleware
-        and type(stack.app) is OpenTelemetryMiddleware
-        and type(stack.app.app) is ServerErrorMiddleware
+    if type(stack) is not ServerErrorMiddleware or type(stack.app) is not OpenTelemetryMiddleware:
+        return stack
+    otel = stack.app
+    if type(otel.app) is ServerErrorMiddleware:
+        stack = otel.app
+    elif getattr(otel.default_span_details, "__module__", "").startswith(
+        "opentelemetry.instrumentation.fastapi"
     ):
-        logger.info(
-            "perfmw: FastAPIInstrumentor's span left out, perfmw's is the request's server span"
-        )
-        return stack.app.app
+        stack.app = otel.app  # the stack was built for perfmw: nothing else holds it
+    else:
+        return stack
+    logger.info(
+        "perfmw: FastAPIInstrumentor's span left out, perfmw's is the request's server span"
+    )
     return stack
 
 
