@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean prometheus browser compat
 
-# The oldest releases perfmw supports (tests/oldest-constraints.txt) and a middle of them
-# (tests/middle-constraints.txt), for `make compat`: the main venv has the newest ones. Only the
-# tests that these releases can run: pymongo before 4.10 has no AsyncMongoClient, which
+# The oldest releases perfmw supports (tests/oldest-constraints.txt), a middle of them
+# (tests/middle-constraints.txt) and the newest with nothing else installed beside perfmw
+# (tests/newest-constraints.txt: the main venv's test peers hold a few back), for `make compat`.
+# Only the tests that these releases can run: pymongo before 4.10 has no AsyncMongoClient, which
 # tests/test_mongo.py needs.
-COMPAT_VENVS := .venv-oldest .venv-middle
+COMPAT_VENVS := .venv-oldest .venv-middle .venv-newest
 COMPAT_TESTS := tests/test_routes.py tests/test_middleware.py tests/test_compat.py
 
 $(STAMP): pyproject.toml
@@ -38,16 +39,19 @@ test: lint prometheus browser compat
 	rm -rf .venv-$*
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install --quiet -c tests/$*-constraints.txt -e . fastapi motor \
-	  opentelemetry-proto 'pytest>=8' 'httpx>=0.27,<1' 'uvicorn>=0.30' 'websockets>=12' \
-	  s2sphere shapely python-dateutil
+	  opentelemetry-proto opentelemetry-instrumentation-fastapi 'pytest>=8' 'httpx>=0.27,<1' \
+	  'uvicorn>=0.30' 'websockets>=12' s2sphere shapely python-dateutil
 	.venv-$*/bin/python -m pip install --quiet -c tests/$*-constraints.txt --no-deps SecantusDB
 	touch $@
 
 compat: $(COMPAT_VENVS:%=%/.installed)
 	@for venv in $(COMPAT_VENVS); do \
 	  echo "== $$venv: $$($$venv/bin/python -c 'import fastapi, starlette, pymongo; \
+	    from importlib.metadata import version; \
 	    print("fastapi", fastapi.__version__, "starlette", starlette.__version__, \
-	    "pymongo", pymongo.version)')"; \
+	    "pymongo", pymongo.version, "opentelemetry-sdk", version("opentelemetry-sdk"), \
+	    "opentelemetry-instrumentation-fastapi", \
+	    version("opentelemetry-instrumentation-fastapi"))')"; \
 	  $$venv/bin/python -m pytest -p no:cacheprovider -q \
 	    -W 'ignore:The on_startup and on_shutdown parameters are deprecated:DeprecationWarning' \
 	    --deselect tests/test_middleware.py::test_ten_thousand_raw_paths_stay_within_max_routes \

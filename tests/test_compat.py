@@ -1,4 +1,5 @@
-"""The MongoDB source on the installed pymongo, the oldest supported (4.4) as well as the newest.
+"""The MongoDB source on the installed pymongo, the oldest supported (4.4) as well as the newest,
+and the tracing beside the installed OpenTelemetry instrumentations.
 
 `make compat` runs this file in .venv-oldest too, so it uses only what pymongo 4.4 and motor 3.2
 have: MongoClient and motor, no AsyncMongoClient (tests/test_mongo.py covers that one).
@@ -172,12 +173,12 @@ def test_what_an_old_pymongo_lacks_is_noted_once(
     assert [r.getMessage() for r in caplog.records if "pymongo" in r.getMessage()] == expected
 
 
-def test_mongodb_spans_have_the_stable_names_on_the_installed_instrumentation(
+def test_mongodb_spans_have_the_stable_names_on_the_installed_releases(
     mongo_uri: str, db_name: str, registry: CollectorRegistry
 ) -> None:
-    """opentelemetry-instrumentation-pymongo 0.46b0 sets only the old names (`db.statement`,
-    `net.peer.name`), later releases the stable ones with the bare command in `db.query.text`:
-    on each, the span has perfmw's stable names and nothing else."""
+    """perfmw's own listener makes the MongoDB spans, with the stable names and nothing else,
+    on each pymongo and OpenTelemetry SDK release (opentelemetry-instrumentation-pymongo is not
+    installed in the compat venvs)."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -218,3 +219,56 @@ def test_mongodb_spans_have_the_stable_names_on_the_installed_instrumentation(
         "db.query.text": f"noSuchCommand {db_name}.",
         "error.type": "CommandNotFound",
     }
+
+
+def test_next_to_fastapi_instrumentor_one_server_span_has_the_children(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    """`make compat` installs opentelemetry-instrumentation-fastapi of each venv's time; in
+    .venv-newest its newest release, beside perfmw."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = FastAPI()
+    clients: list[AsyncIOMotorClient[Any]] = []
+
+    @app.get("/servers/{server_id}")
+    async def server(server_id: int) -> int:
+        await clients[0][db_name].servers.find_one({"_id": server_id})
+        return server_id
+
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)  # before perfmw, as usual
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    clients.append(AsyncIOMotorClient(mongo_uri))  # created once the tracing is on
+    try:
+        with serve(app) as server_:
+            for server_id in (1, 2):
+                response = httpx.get(f"{server_.url}/servers/{server_id}", timeout=30)
+                assert response.json() == server_id
+    finally:
+        clients[0].close()
+        FastAPIInstrumentor.uninstrument_app(app)
+    spans = exporter.get_finished_spans()
+    assert sorted((s.name, s.kind.name) for s in spans) == [
+        ("GET /servers/{server_id}", "SERVER"),
+        ("GET /servers/{server_id}", "SERVER"),
+        (f"{db_name}.find", "CLIENT"),
+        (f"{db_name}.find", "CLIENT"),
+    ]
+    for request in (s for s in spans if s.kind.name == "SERVER"):
+        assert request.instrumentation_scope is not None
+        assert request.instrumentation_scope.name == "perfmw"
+        (child,) = [
+            s
+            for s in spans
+            if s.parent is not None
+            and s.parent.span_id == request.context.span_id
+            and s.context.trace_id == request.context.trace_id
+        ]
+        assert child.kind.name == "CLIENT"
+        assert (child.attributes or {})["db.query.text"] == f"find {db_name}.servers {{_id: ?}}"

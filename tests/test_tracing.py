@@ -12,6 +12,7 @@ import subprocess
 import sys
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -313,38 +314,6 @@ def test_otel_asgi_middleware_inside_perfmw_adds_no_second_server_span(
         assert inner
 
 
-def test_next_to_fastapi_instrumentor_one_server_span_has_the_children(
-    mongo_uri: str, registry: CollectorRegistry
-) -> None:
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-    provider, exporter = memory_provider()
-    app, clients = app_with_clients(mongo_uri, "async")
-
-    @app.get("/servers/{server_id}")
-    async def server(server_id: int) -> dict[str, Any]:
-        await clients["async"].registry.servers.find_one({"_id": server_id})
-        return {}
-
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)  # before perfmw, as usual
-    perfmw.instrument(app, registry=registry, tracer_provider=provider)
-    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
-        assert client.get("/servers/1").status_code == 200
-        assert client.get("/servers/2").status_code == 200
-    spans = exporter.get_finished_spans()
-    assert sorted((s.name, s.kind.name) for s in spans) == [
-        ("GET /servers/{server_id}", "SERVER"),
-        ("GET /servers/{server_id}", "SERVER"),
-        ("registry.find", "CLIENT"),
-        ("registry.find", "CLIENT"),
-    ]
-    for request in (s for s in spans if s.kind.name == "SERVER"):
-        assert request.instrumentation_scope is not None
-        assert request.instrumentation_scope.name == "perfmw"
-        assert client_children(spans, request) == ["find registry.servers {_id: ?}"]
-    FastAPIInstrumentor.uninstrument_app(app)
-
-
 def app_with_clients(mongo_uri: str, *kinds: str) -> tuple[FastAPI, dict[str, Any]]:
     """A FastAPI app whose lifespan opens (and closes) the MongoDB clients named by `kinds`:
     "async" (AsyncMongoClient), "motor", "sync" (MongoClient)."""
@@ -430,6 +399,86 @@ def test_the_drivers_housekeeping_makes_no_span(
     (request,) = [s for s in spans if s.kind.name == "SERVER"]
     assert client_children(spans, request) == ["find registry.pages {}"]  # no killCursors
     assert [s.name for s in spans if s.kind.name == "CLIENT"] == ["registry.find"]
+
+
+def test_pymongo_instrumented_by_the_user_makes_the_spans_and_perfmw_none(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+
+    provider, exporter = memory_provider()
+    app, clients = app_with_clients(mongo_uri, "async")
+
+    @app.get("/servers/{server_id}")
+    async def server(server_id: int) -> dict[str, Any]:
+        await clients["async"].registry.servers.find_one({"_id": server_id})
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    PymongoInstrumentor().instrument(tracer_provider=provider)  # the user's own set-up
+    try:
+        with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+            assert client.get("/servers/1").status_code == 200
+    finally:
+        PymongoInstrumentor().uninstrument()
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.kind.name == "SERVER"]
+    (find,) = [s for s in spans if s.name == "registry.find"]  # one span: theirs, no copy
+    assert find.instrumentation_scope is not None
+    assert find.instrumentation_scope.name == "opentelemetry.instrumentation.pymongo"
+    assert find.parent is not None and find.parent.span_id == request.context.span_id
+
+
+def test_suppressed_instrumentation_makes_no_mongodb_span(
+    mongo_uri: str, registry: CollectorRegistry
+) -> None:
+    from opentelemetry import context as otel_context
+
+    provider, exporter = memory_provider()
+    app, clients = app_with_clients(mongo_uri, "async")
+
+    @app.get("/quiet")
+    async def quiet() -> dict[str, Any]:
+        key = otel_context._SUPPRESS_INSTRUMENTATION_KEY
+        token = otel_context.attach(otel_context.set_value(key, True))
+        try:
+            await clients["async"].registry.servers.find_one({"_id": 1})
+        finally:
+            otel_context.detach(token)
+        await clients["async"].registry.servers.find_one({"_id": 2, "n": 1})
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/quiet").status_code == 200
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.kind.name == "SERVER"]
+    assert client_children(spans, request) == ["find registry.servers {_id: ?, n: ?}"]
+
+
+def test_spans_of_commands_never_answered_stay_within_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pymongo import monitoring
+
+    from perfmw.exporters import _mongo_spans
+
+    provider, exporter = memory_provider()
+    monkeypatch.setattr(_mongo_spans, "MAX_OPEN_SPANS", 100)
+    listener = _mongo_spans.SpanListener(_mongo_spans.STABLE)
+    monkeypatch.setattr(listener, "_global", provider.get_tracer("perfmw"))
+    address = ("127.0.0.1", 27017)
+    for request_id in range(250):  # sent on a connection that died: no reply ever comes
+        listener.started(
+            monitoring.CommandStartedEvent({"find": "servers"}, "registry", request_id, address, 1)
+        )
+    assert len(listener._open) == 100
+    assert min(key[0] for key in listener._open) == 150  # the oldest were dropped
+    listener.succeeded(
+        monitoring.CommandSucceededEvent(timedelta(0), {"ok": 1}, "find", 249, address, 1)
+    )
+    assert len(listener._open) == 99
+    assert [s.name for s in exporter.get_finished_spans()] == ["registry.find"]
 
 
 def test_capture_statement_keeps_values(mongo_uri: str, registry: CollectorRegistry) -> None:

@@ -1,13 +1,14 @@
-"""MongoDB commands as CLIENT child spans of the request's span.
+"""MongoDB commands as CLIENT child spans of the request's span, made by perfmw's own listener.
 
-opentelemetry-instrumentation-pymongo registers one command listener per process, with one
-tracer. perfmw gives it a tracer that picks, per command, the tracer of the provider of the app
-serving the request (`_RoutingTracer`), and hooks that set the span's attributes themselves, in
-the stable database conventions (and the old ones too with `OTEL_SEMCONV_STABILITY_OPT_IN=
-database/dup`): the instrumentation's own attributes depend on its release (0.46b0 knows only
-the old names) and put the bare command name in `db.query.text`, so `_CommandSpan` leaves them
-out. The statement is the command's shape (values as `?`) unless the app's `capture_statement`
-is on.
+One command listener per process (`instrument_pymongo()`, once a tracer provider is known)
+starts a span when pymongo sends a command and ends it at the reply. The span goes to the
+tracer of the app serving the request (several apps with their own providers can share the
+process), under the request's span: perfmw's records reach the threads (motor,
+run_in_threadpool) that OpenTelemetry's context does not. Attributes follow the stable
+database conventions (and the old ones too with `OTEL_SEMCONV_STABILITY_OPT_IN=database/dup`);
+the statement is the command's shape (values as `?`) unless the app's `capture_statement` is
+on. The driver's housekeeping commands get no span, and when the user instrumented pymongo with
+opentelemetry-instrumentation-pymongo themselves, their set-up makes the spans, not perfmw.
 """
 
 from __future__ import annotations
@@ -15,112 +16,23 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
-from opentelemetry.trace import SpanKind
-from opentelemetry.util.types import Attributes, AttributeValue
-from wrapt import ObjectProxy
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+from pymongo import monitoring
 
-from .. import _guard
+from .. import _guard, mongo
 from ..mongo import HOUSEKEEPING
 from ..record import _current
-
-if TYPE_CHECKING:
-    from .tracing import RequestSpan
+from ..shapes import shape_of
+from .tracing import _NAME, _SPAN_KEY, _get_current, _set_attributes
 
 _TRACING = _guard.guard("tracing")
 _MONGO = _guard.guard("tracing-mongo")
-
-
-class _RoutingTracer:
-    """pymongo's tracer: starts each command's span with the tracer of the request's app.
-
-    opentelemetry-instrumentation-pymongo registers one listener per process with one tracer;
-    several apps (with their own providers) can share the process, so the choice is made per
-    command from the current perfmw record. Outside a traced request the global provider is
-    used; the driver's housekeeping commands get no span, as they are no query of the app's. The
-    parent is the current span when it belongs to the request's trace (a span the
-    app opened itself), otherwise the request's span: records reach threads (motor,
-    run_in_threadpool) that OpenTelemetry's context did not.
-    """
-
-    def __init__(self) -> None:
-        self._global = otel_trace.get_tracer("opentelemetry.instrumentation.pymongo")
-        self._tracers: dict[int, tuple[Any, otel_trace.Tracer]] = {}
-        self._lock = threading.Lock()
-
-    def _tracer_for(self, provider: Any) -> otel_trace.Tracer:
-        entry = self._tracers.get(id(provider))
-        if entry is None or entry[0] is not provider:
-            with self._lock:
-                if len(self._tracers) > 64:
-                    self._tracers.clear()
-                entry = (provider, provider.get_tracer("opentelemetry.instrumentation.pymongo"))
-                self._tracers[id(provider)] = entry
-        return entry[1]
-
-    def start_span(
-        self,
-        name: str,
-        context: otel_context.Context | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Attributes = None,
-        links: Any = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-    ) -> otel_trace.Span:
-        if name.rpartition(".")[2] in HOUSEKEEPING:  # "<database>.<command>"
-            return otel_trace.INVALID_SPAN  # the driver's own (endSessions, killCursors): no span
-        tracer = self._global
-        record = _current.get()
-        request_span: RequestSpan | None = record.span if record is not None else None
-        if request_span is not None:
-            with _MONGO:
-                perf = record.owner  # type: ignore[union-attr]
-                tracing = perf.tracing if perf is not None else None
-                if tracing is not None:
-                    tracer = self._tracer_for(tracing.provider)
-                parent = request_span.span.get_span_context()
-                if context is None and (
-                    otel_trace.get_current_span().get_span_context().trace_id != parent.trace_id
-                ):
-                    context = otel_trace.set_span_in_context(request_span.span)
-        span = tracer.start_span(
-            name,
-            context,
-            kind,
-            attributes,
-            links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-        )
-        return _CommandSpan(span) if span.is_recording() else span  # type: ignore[return-value]
-
-
-class _CommandSpan(ObjectProxy):  # type: ignore[misc,type-arg,unused-ignore]
-    """A command's span as pymongo's instrumentation holds it: the attributes it sets are left
-    out (perfmw's hooks set theirs on the span itself); its status and end pass through."""
-
-    def set_attribute(self, key: str, value: AttributeValue) -> None:
-        return None
-
-    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        return None
-
-
-class _RoutingTracerProvider:
-    """What `get_tracer()` of pymongo's instrumentation is given: always the routing tracer."""
-
-    def __init__(self) -> None:
-        self._tracer = _RoutingTracer()
-
-    def get_tracer(self, *args: Any, **kwargs: Any) -> _RoutingTracer:
-        return self._tracer
-
+_CLIENT = SpanKind.CLIENT
 
 STABLE, DUP = "database", "database/dup"
 
@@ -135,30 +47,99 @@ def semconv_mode(environ: Mapping[str, str] = os.environ) -> str:
     return DUP if DUP in values else STABLE
 
 
-_mode = STABLE  # read once per process, when pymongo is instrumented (as the contrib does)
+#: Spans of commands sent and not answered yet, by (request id, connection). Replies that never
+#: come (a connection that died) would keep theirs: past the cap the oldest is dropped unended.
+MAX_OPEN_SPANS = 10_000
+# The key OpenTelemetry's instrumentations set to make no spans (`suppress_instrumentation`).
+_SUPPRESS = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
 
 
-def _started_hook(span: otel_trace.Span, event: Any) -> None:
-    """The command's attributes: the statement is its shape (values as `?`), with the values
-    only when the app's `capture_statement` is on."""
-    if not span.is_recording():
-        return
-    with _MONGO:
-        from ..shapes import shape_of
-        from .tracing import _set_attributes
+class SpanListener(monitoring.CommandListener):
+    """Starts a CLIENT span per application command and ends it with the reply."""
 
-        record = _current.get()
-        perf = record.owner if record is not None else None
-        capture = perf is not None and perf.settings.capture_statement
+    def __init__(self, mode: str, contrib: Any = None) -> None:
+        self.mode = mode  # read once per process, as the contrib instrumentations do
+        self._contrib = contrib  # opentelemetry-instrumentation-pymongo's instrumentor, if any
+        self._global = otel_trace.get_tracer(_NAME)  # outside requests: the global provider
+        self._open: dict[tuple[int, Any], otel_trace.Span] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name in HOUSEKEEPING:
+            return  # the driver's own (endSessions, killCursors): no query of the app's
+        with _MONGO:
+            contrib = self._contrib
+            if contrib is not None and contrib.is_instrumented_by_opentelemetry:
+                return  # the user's own pymongo instrumentation makes the spans
+            current = _get_current()
+            if _SUPPRESS is not None and current.get(_SUPPRESS):
+                return
+            record = _current.get()
+            request_span = record.span if record is not None else None
+            if request_span is None:  # outside a traced request: the current context
+                tracer, parent = self._global, current
+            elif not request_span.recording:
+                return  # a dropped request: its commands are dropped with it
+            else:
+                perf = record.owner  # type: ignore[union-attr]
+                tracing = perf.tracing if perf is not None else None
+                tracer = tracing.tracer if tracing is not None else self._global
+                span = request_span.span
+                trace_id = span.get_span_context().trace_id
+                inner = otel_trace.get_current_span(current)
+                if inner.get_span_context().trace_id == trace_id:
+                    parent = current  # a span the app opened inside the request
+                else:
+                    parent = otel_context.Context({_SPAN_KEY: span})
+            database = event.database_name
+            span = tracer.start_span(f"{database}.{name}", parent, _CLIENT)
+            if not span.is_recording():
+                return
+            _set_attributes(span, self._attributes(event, record))
+            spans = self._open
+            spans[(event.request_id, event.connection_id)] = span
+            if len(spans) > MAX_OPEN_SPANS:
+                spans.pop(next(iter(spans)), None)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        span = self._open.pop((event.request_id, event.connection_id), None)
+        if span is not None:
+            with _MONGO:
+                span.end()
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        span = self._open.pop((event.request_id, event.connection_id), None)
+        if span is None:
+            return
+        with _MONGO:
+            failure = event.failure if isinstance(event.failure, Mapping) else {}
+            error = failure.get("codeName") or failure.get("errtype") or "_OTHER"
+            span.set_attribute("error.type", str(error))
+            message = failure.get("errmsg")
+            span.set_status(Status(StatusCode.ERROR, str(message) if message else None))
+            span.end()
+
+    def _attributes(self, event: monitoring.CommandStartedEvent, record: Any) -> dict[str, Any]:
+        """The command's attributes: the statement is its shape (values as `?`), with the
+        values only when the app's `capture_statement` is on."""
         name = event.command_name
         command = event.command
-        statement = shape_of(name, command, capture, event.database_name)
+        database = event.database_name
+        perf = record.owner if record is not None else None
+        capture = perf is not None and perf.settings.capture_statement
+        statement = None
+        if not capture and name != "getMore":  # perfmw's listener has just made the shape
+            pending = mongo._inflight.get((event.request_id, event.connection_id))
+            if pending is not None and pending[1] is not None:
+                statement = pending[1].shape
+        if statement is None:
+            statement = shape_of(name, command, capture, database)
         target = command.get("collection" if name == "getMore" else name)
         collection = target if isinstance(target, str) else None
-        address: tuple[str, int] | None = event.connection_id
+        address: Any = event.connection_id  # (host, port)
         attributes: dict[str, AttributeValue] = {
             "db.system.name": "mongodb",
-            "db.namespace": event.database_name,
+            "db.namespace": database,
             "db.operation.name": name,
             "db.query.text": statement,
         }
@@ -167,50 +148,37 @@ def _started_hook(span: otel_trace.Span, event: Any) -> None:
         if address is not None:
             attributes["server.address"] = str(address[0])
             attributes["server.port"] = int(address[1])
-        if _mode == DUP:  # the names opentelemetry-instrumentation-pymongo used before
+        if self.mode == DUP:  # the names opentelemetry-instrumentation-pymongo used before
             attributes["db.system"] = "mongodb"
-            attributes["db.name"] = event.database_name
+            attributes["db.name"] = database
             attributes["db.statement"] = statement
             if collection:
                 attributes["db.mongodb.collection"] = collection
             if address is not None:
                 attributes["net.peer.name"] = str(address[0])
                 attributes["net.peer.port"] = int(address[1])
-        _set_attributes(getattr(span, "__wrapped__", span), attributes)  # valid by construction
+        return attributes
 
 
-def _failed_hook(span: otel_trace.Span, event: Any) -> None:
-    """`error.type`: the server's error code name, else the driver's exception class."""
-    if not span.is_recording():
-        return
-    with _MONGO:
-        failure = event.failure if isinstance(event.failure, Mapping) else {}
-        error = failure.get("codeName") or failure.get("errtype") or "_OTHER"
-        getattr(span, "__wrapped__", span).set_attribute("error.type", str(error))
+def _contrib_instrumentor() -> Any:
+    """opentelemetry-instrumentation-pymongo's instrumentor (a singleton), if installed."""
+    try:
+        from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+    except ImportError:
+        return None
+    return PymongoInstrumentor()
 
 
-_pymongo_lock = threading.Lock()
-_pymongo_instrumented = False
+_lock = threading.Lock()
+_listener: SpanListener | None = None
 
 
 def instrument_pymongo() -> None:
-    """Trace MongoDB commands as child spans, once per process, unless the user already did."""
-    global _pymongo_instrumented, _mode
-    if _pymongo_instrumented:
+    """Trace MongoDB commands as child spans, once per process (clients created from now on)."""
+    global _listener
+    if _listener is not None:
         return
-    with _pymongo_lock, _TRACING:
-        if _pymongo_instrumented:
-            return
-        _pymongo_instrumented = True
-        _mode = semconv_mode()
-        from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
-
-        instrumentor = PymongoInstrumentor()
-        if instrumentor.is_instrumented_by_opentelemetry:
-            return  # the user's own set-up (their provider, hooks) wins
-        instrumentor.instrument(
-            tracer_provider=_RoutingTracerProvider(),
-            request_hook=_started_hook,
-            failed_hook=_failed_hook,
-            capture_statement=False,
-        )
+    with _lock, _TRACING:
+        if _listener is None:
+            _listener = SpanListener(semconv_mode(), _contrib_instrumentor())
+            monitoring.register(_listener)

@@ -4,8 +4,8 @@ The middleware calls `Tracing.start()` when a request begins and `detach()` with
 when its call returns; `Perf.finish()` calls `end()` with the finished record, which names
 the span after the route, sets perfmw's attributes, turns findings into span events and ends
 the span.
-MongoDB commands become CLIENT child spans through opentelemetry-instrumentation-pymongo
-(`_mongo_spans.py`).
+MongoDB commands become CLIENT child spans through perfmw's own command listener
+(`_mongo_spans.py`), turned on with the first tracer.
 
 No span is made per body chunk: the one span covers the request up to its last chunk.
 """
@@ -30,7 +30,6 @@ from opentelemetry.util.types import Attributes
 
 from .. import _guard
 from ..record import OTHER, UNMATCHED, RequestRecord
-from ._mongo_spans import instrument_pymongo
 from ._sampling import (
     RANDOM_TRACE_ID,
     TRACE_ID_LIMIT,
@@ -261,6 +260,8 @@ def _tracing_for(provider: Any) -> Tracing | None:
         resolved = otel_trace.get_tracer_provider()
     if isinstance(resolved, (otel_trace.ProxyTracerProvider, otel_trace.NoOpTracerProvider)):
         return None
+    from ._mongo_spans import instrument_pymongo  # it builds on this module
+
     tracer: otel_trace.Tracer = resolved.get_tracer(_NAME)
     instrument_pymongo()
     ratio = ratio_sampling(resolved, tracer)
