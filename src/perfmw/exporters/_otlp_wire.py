@@ -149,7 +149,8 @@ _PUBLIC_FIELDS = operator.attrgetter(*_FIELDS)
 
 
 def _dropped(container: Any, span: Any, name: str) -> int:
-    """How many attributes, events or links the SDK dropped (its bounded containers count)."""
+    """How many attributes, events or links the SDK dropped (its bounded containers count),
+    else what the object's `name` property says."""
     dropped = getattr(container, "dropped", None)
     return int(getattr(span, name, 0) if dropped is None else dropped)
 
@@ -182,8 +183,9 @@ def _span(span: Any) -> bytes:
             + _field(b"\x12", event.name.encode("utf-8"))
             + _attributes(b"\x1a", event.attributes)
         )
-        if event.dropped_attributes:
-            body += b"\x20" + _varint(event.dropped_attributes)
+        dropped = _dropped(event.attributes, event, "dropped_attributes")  # 1.25: no property
+        if dropped:
+            body += b"\x20" + _varint(dropped)
         parts.append(_field(b"\x5a", body))
     dropped = _dropped(events, span, "dropped_events")
     if dropped:
@@ -198,8 +200,9 @@ def _span(span: Any) -> bytes:
             + _trace_state(linked.trace_state)
             + _attributes(b"\x22", link.attributes)
         )
-        if link.dropped_attributes:
-            body += b"\x28" + _varint(link.dropped_attributes)
+        dropped = _dropped(link.attributes, link, "dropped_attributes")
+        if dropped:
+            body += b"\x28" + _varint(dropped)
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if linked.is_remote else 0)
         parts.append(_field(b"\x6a", body + b"\x35" + _FIXED32(flags)))
     dropped = _dropped(links, span, "dropped_links")
