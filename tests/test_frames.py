@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, ModuleType
+from typing import Any
 
 import pytest
 
@@ -203,3 +204,30 @@ def test_loop_lines_are_the_lines_that_repeat() -> None:
     assert _frames.loop_lines(_frames.display_path.__code__) == frozenset()
     nested = next(c for c in _looping.__code__.co_consts if getattr(c, "co_name", "") == "nested")
     assert _frames.loop_lines(nested) == {number("# nested function")}  # its loop is its own
+
+
+def test_a_parse_that_another_threads_parse_broke_is_parsed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPython 3.11's parser can raise SystemError when two threads parse at once (gh-106905):
+    that says nothing about the file, so the loop lines are read again rather than lost."""
+    here = Path(__file__)
+    body = int(line_of(here, "# for body").rsplit(":", 1)[1])
+    parse = _frames.ast.parse
+    failures = {"left": 1}
+
+    def flaky(source: str) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise SystemError("AST constructor recursion depth mismatch (before=96, after=72)")
+        return parse(source)
+
+    monkeypatch.setattr(_frames, "_loops_cache", {})
+    monkeypatch.setattr(_frames.ast, "parse", flaky)
+    assert body in _frames.loop_lines(_looping.__code__)  # the second attempt read it
+
+    failures["left"] = 3  # every attempt of this call fails: nothing known, nothing cached
+    monkeypatch.setattr(_frames, "_loops_cache", {})
+    assert _frames.loop_lines(_looping.__code__) == frozenset()
+    assert _frames._loops_cache == {}
+    assert body in _frames.loop_lines(_looping.__code__)  # the next call parses it

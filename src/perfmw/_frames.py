@@ -373,24 +373,35 @@ def _file_loops(filename: str) -> dict[int, tuple[str, frozenset[int]]]:
     found = _loops_cache.get(filename)
     if found is None:
         found = _read_file_loops(filename)
+        if found is None:
+            return {}  # not parsed this time: tried again next time
         if len(_loops_cache) >= _MAX_FILES:
             _loops_cache.clear()
         _loops_cache[filename] = found
     return found
 
 
-def _read_file_loops(filename: str) -> dict[int, tuple[str, frozenset[int]]]:
+def _read_file_loops(filename: str) -> dict[int, tuple[str, frozenset[int]]] | None:
     source = "".join(linecache.getlines(filename))
     if not source:
         return {}
-    try:
-        # One parse at a time: CPython 3.11 can fail two parses running in two threads
-        # ("AST constructor recursion depth mismatch"), and queries are located from
-        # motor's and the threadpool's threads too.
-        with _parse_lock:
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return {}
+    tree = None
+    for _ in range(3):
+        try:
+            # One parse at a time: CPython 3.11 can fail two parses running in two threads
+            # ("AST constructor recursion depth mismatch", a SystemError: gh-106905), and
+            # queries are located from motor's and the threadpool's threads too. A parse
+            # elsewhere in the process (the application's, a test runner's) can still meet
+            # ours: that SystemError says nothing about the file, so it is parsed again.
+            with _parse_lock:
+                tree = ast.parse(source)
+            break
+        except (SyntaxError, ValueError):
+            return {}
+        except SystemError:
+            continue
+    if tree is None:
+        return None
     found = {0: ("<module>", _repeating(tree))}
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
