@@ -111,7 +111,7 @@ def start_server(
     port = free_port()
     environment = {
         **os.environ,
-        "PERFMW_BENCH_SETUP": setup,
+        "BENCH_SETUP": setup,
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
         "PYTHONPATH": str(ROOT),
         **(env or {}),
@@ -148,7 +148,7 @@ def interleaved(
     rounds: int,
     seconds: int,
 ) -> Runs:
-    """Each set-up (its PERFMW_BENCH_SETUP and extra environment, by name) in its own uvicorn,
+    """Each set-up (its BENCH_SETUP and extra environment, by name) in its own uvicorn,
     all started at once, spans sent to one receiver; every (tool, connections) load run on each
     in turn, `rounds` times. Each run's requests/s, p50 and p99 (ms), in round order, by (tool,
     connections, set-up name)."""
@@ -158,7 +158,7 @@ def interleaved(
     warm_up = loads[0][0]
     try:
         for name, env in setups.items():
-            servers[name] = start_server(env["PERFMW_BENCH_SETUP"], receiver_port, env)
+            servers[name] = start_server(env["BENCH_SETUP"], receiver_port, env)
         for server, url in servers.values():
             wait_listening(port_of(url), server)
             LOADERS[warm_up](tools[warm_up], url, 1, 1)

@@ -1,6 +1,6 @@
-"""The app the load benchmarks run under uvicorn, set up as PERFMW_BENCH_SETUP says.
+"""The app the load benchmarks run under uvicorn, set up as BENCH_SETUP says.
 
-    PERFMW_BENCH_SETUP=perfmw uvicorn benchmarks._server:app
+    BENCH_SETUP=perfmw uvicorn benchmarks._server:app
 
 bare            FastAPI alone
 perfmw          perfmw with settings.trace off: metrics, MongoDB listeners, loop monitor
@@ -9,7 +9,7 @@ otel-batch      perfmw with OpenTelemetry's default set-up: BatchSpanProcessor +
 instrumentator  prometheus-fastapi-instrumentator, its /metrics exposed
 otel            OpenTelemetry's FastAPI instrumentation, BatchSpanProcessor + OTLPSpanExporter
 
-PERFMW_BENCH_STALL_THRESHOLD (seconds) sets perfmw's stall threshold: under valgrind, where
+BENCH_STALL_THRESHOLD (seconds) sets perfmw's stall threshold: under valgrind, where
 everything runs about 50 times slower, the loop would otherwise be seen stalled all along.
 """
 
@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry
 import perfmw
 
 SETUPS = ("bare", "perfmw", "perfmw-traced", "otel-batch", "instrumentator", "otel")
-setup = os.environ.get("PERFMW_BENCH_SETUP", "perfmw")
+setup = os.environ.get("BENCH_SETUP", "perfmw")
 app = FastAPI()
-threshold = float(os.environ.get("PERFMW_BENCH_STALL_THRESHOLD", "0.1"))
+threshold = float(os.environ.get("BENCH_STALL_THRESHOLD", "0.1"))
 
 
 @app.get("/items/{item_id}")
@@ -64,4 +64,4 @@ elif setup == "otel":
 
     FastAPIInstrumentor.instrument_app(app, tracer_provider=otel_batch_provider())
 elif setup != "bare":
-    raise ValueError(f"PERFMW_BENCH_SETUP must be one of {', '.join(SETUPS)}, got {setup!r}")
+    raise ValueError(f"BENCH_SETUP must be one of {', '.join(SETUPS)}, got {setup!r}")

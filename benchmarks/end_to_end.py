@@ -45,15 +45,15 @@ CONNECTIONS = 32
 LOAD_SECONDS = 3
 ROUNDS = 9
 SETUPS = {
-    "bare FastAPI": {"PERFMW_BENCH_SETUP": "bare"},
-    "perfmw (tracing off)": {"PERFMW_BENCH_SETUP": "perfmw"},
+    "bare FastAPI": {"BENCH_SETUP": "bare"},
+    "perfmw (tracing off)": {"BENCH_SETUP": "perfmw"},
     "perfmw + configure_tracing(), ratio 1.0": {
-        "PERFMW_BENCH_SETUP": "perfmw-traced",
+        "BENCH_SETUP": "perfmw-traced",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "1.0",
     },
-    "prometheus-fastapi-instrumentator": {"PERFMW_BENCH_SETUP": "instrumentator"},
-    "OpenTelemetry FastAPI (BatchSpanProcessor, OTLP)": {"PERFMW_BENCH_SETUP": "otel"},
+    "prometheus-fastapi-instrumentator": {"BENCH_SETUP": "instrumentator"},
+    "OpenTelemetry FastAPI (BatchSpanProcessor, OTLP)": {"BENCH_SETUP": "otel"},
 }
 BARE, OURS, TRACED = list(SETUPS)[:3]
 #: Requests counted under callgrind per set-up (a multiple of the connections: hey sends
@@ -94,8 +94,8 @@ def instructions_per_request(hey: str, setups: list[str]) -> dict[str, int]:
             for name in setups:
                 out = Path(directory) / f"{len(found)}.out"
                 prefix = ("valgrind", "-q", "--tool=callgrind", f"--callgrind-out-file={out}")
-                env = {**SETUPS[name], "PERFMW_BENCH_STALL_THRESHOLD": "30"}
-                server, url = start_server(env["PERFMW_BENCH_SETUP"], receiver_port, env, prefix)
+                env = {**SETUPS[name], "BENCH_STALL_THRESHOLD": "30"}
+                server, url = start_server(env["BENCH_SETUP"], receiver_port, env, prefix)
                 try:
                     wait_listening(port_of(url), server, timeout=300)
                     load = [hey, "-n", str(COUNTED), "-c", str(CONNECTIONS), url]

@@ -132,7 +132,7 @@ BUDGET_RUNS = LOAD_RUNS[:2]
 def under_load(tools: dict[str, str], rounds: int = 3) -> None:
     """Each set-up in its own uvicorn, all started at once; runs interleaved, medians kept."""
     loads = [(tool, connections) for tool, connections in LOAD_RUNS if tool in tools]
-    setups = {name: {"PERFMW_BENCH_SETUP": name} for name in SETUPS}
+    setups = {name: {"BENCH_SETUP": name} for name in SETUPS}
     results = medians(interleaved(setups, loads, tools, rounds, LOAD_SECONDS))
     print(
         f"\n{rounds} interleaved rounds of {LOAD_SECONDS} s per run and set-up "
