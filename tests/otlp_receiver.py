@@ -47,6 +47,8 @@ class ReceivedSpan:
     resource: dict[str, Any]
     scope: str
     links: list[str] = field(default_factory=list)
+    dropped_attributes: int = 0
+    status_message: str = ""
 
 
 def _value(value: AnyValue) -> Any:
@@ -84,6 +86,8 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                         resource=resource,
                         scope=scope_spans.scope.name,
                         links=[link.trace_id.hex() for link in span.links],
+                        dropped_attributes=span.dropped_attributes_count,
+                        status_message=span.status.message,
                     )
                 )
     return spans

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from pymongo import MongoClient, monitoring
 
 import perfmw
+from otlp_receiver import OtlpReceiver, ReceivedSpan
 from perfmw import explain, mongo
 from support import label_values, line_of, pool_label, sample, serve, wait_for, waited_and_spent
 
@@ -272,3 +273,180 @@ def test_next_to_fastapi_instrumentor_one_server_span_has_the_children(
         ]
         assert child.kind.name == "CLIENT"
         assert (child.attributes or {})["db.query.text"] == f"find {db_name}.servers {{_id: ?}}"
+
+
+def server_spans(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    return [span for span in spans if span.kind == "SERVER"]
+
+
+def lean_app(provider: Any, clients: list[AsyncIOMotorClient[Any]], db_name: str) -> FastAPI:
+    """A route that uses its request's span as applications do: attributes, an event, an
+    exception, a status, a span of its own and a MongoDB query."""
+    from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
+
+    app = FastAPI()
+
+    @app.get("/orders/{order_id}")
+    async def order(order_id: int) -> dict[str, Any]:
+        span = trace.get_current_span()
+        span.set_attribute("order.id", order_id)
+        span.set_attributes({"order.region": "eu", "order.express": True})
+        span.add_event("order.loaded", {"lines": 3})
+        span.record_exception(ValueError("no stock"), {"sku": "A-1"})
+        span.set_status(Status(StatusCode.ERROR, "out of stock"))
+        with provider.get_tracer("app").start_as_current_span("price"):
+            await clients[0][db_name].servers.find_one({"_id": order_id})
+        return {}
+
+    return app
+
+
+def comparable(span: ReceivedSpan) -> dict[str, Any]:
+    """What a span says, without its ids, times and measured durations."""
+    timed = ("perfmw.db.duration_ms", "perfmw.loop.stall_ms", "server.port")
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "scope": span.scope,
+        "resource": span.resource,
+        "attributes": {k: v for k, v in span.attributes.items() if k not in timed},
+        "events": [
+            (name, {k: v for k, v in attrs.items() if k != "exception.stacktrace"})
+            for name, attrs in span.events
+        ],
+        "status": (span.status_code, span.status_message),
+        "dropped_attributes": span.dropped_attributes,
+    }
+
+
+def test_perfmws_own_request_span_says_what_the_sdks_says(
+    receiver: OtlpReceiver, mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    """configure_tracing()'s provider exports only through perfmw's processor, so the request's
+    span is perfmw's own (_lean_span.py); once the application adds a processor, the SDK's.
+    Both arrive the same, and the application's span calls on them all land."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    provider = perfmw.configure_tracing("shop", set_global=False)
+    clients: list[AsyncIOMotorClient[Any]] = []
+    app = lean_app(provider, clients, db_name)
+    memory = InMemorySpanExporter()
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    clients.append(AsyncIOMotorClient(mongo_uri))  # created once the tracing is on
+    try:
+        with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+            assert client.get("/orders/7").status_code == 200
+            assert provider.force_flush()
+            lean = list(receiver.spans)
+            provider.add_span_processor(SimpleSpanProcessor(memory))
+            assert client.get("/orders/7").status_code == 200
+            assert provider.force_flush()
+    finally:
+        clients[0].close()
+    provider.shutdown()
+    sdk = receiver.spans[len(lean) :]
+
+    (lean_request,) = server_spans(lean)
+    (sdk_request,) = server_spans(sdk)
+    assert comparable(lean_request) == comparable(sdk_request)
+    assert [s.name for s in memory.get_finished_spans() if s.kind is SpanKind.SERVER] == [
+        "GET /orders/{order_id}"  # the second request only: the first never reached the SDK
+    ]
+    said = comparable(lean_request)
+    assert said["scope"] == "perfmw"
+    assert {k: said["attributes"][k] for k in ("order.id", "order.region", "order.express")} == {
+        "order.id": 7,
+        "order.region": "eu",
+        "order.express": True,
+    }
+    assert said["events"][:2] == [
+        ("order.loaded", {"lines": 3}),
+        (
+            "exception",
+            {
+                "exception.type": "ValueError",
+                "exception.message": "no stock",
+                "exception.escaped": "False",
+                "sku": "A-1",
+            },
+        ),
+    ]
+    assert said["status"] == (2, "out of stock")
+    for spans, request in ((lean, lean_request), (sdk, sdk_request)):
+        (price,) = [s for s in spans if s.name == "price"]
+        assert price.parent_span_id == request.span_id
+        assert price.trace_id == request.trace_id
+        (find,) = [s for s in spans if s.name == f"{db_name}.find"]
+        assert find.parent_span_id == price.span_id
+
+
+def test_perfmws_own_request_span_keeps_the_providers_attribute_count_limit(
+    receiver: OtlpReceiver, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "16")
+    provider = perfmw.configure_tracing("shop", set_global=False)
+    app = FastAPI()
+
+    @app.get("/tags")
+    async def tags() -> dict[str, Any]:
+        span = trace.get_current_span()
+        for n in range(10):
+            span.set_attribute(f"tag.{n}", n)
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/tags").status_code == 200
+        assert provider.force_flush()
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))  # the SDK's
+        assert client.get("/tags").status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+    lean, sdk = server_spans(receiver.spans)
+    assert comparable(lean) == comparable(sdk)
+    # 5 at the start, 10 of the app's, 8 at the end: the newest 16 kept, as the SDK keeps them.
+    assert lean.dropped_attributes == 7
+    assert sorted(lean.attributes) == sorted(
+        [f"tag.{n}" for n in range(2, 10)]
+        + [
+            "http.response.status_code",
+            "http.response.body.size",
+            "perfmw.db.queries",
+            "perfmw.db.duration_ms",
+            "perfmw.cache.hits",
+            "perfmw.cache.misses",
+            "perfmw.loop.stall_ms",
+            "http.route",
+        ]
+    )
+
+
+def test_with_a_value_length_limit_the_request_span_is_the_sdks_and_keeps_it(
+    receiver: OtlpReceiver, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry import trace
+
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8")
+    provider = perfmw.configure_tracing("shop", set_global=False)
+    app = FastAPI()
+
+    @app.get("/note")
+    async def note() -> dict[str, Any]:
+        trace.get_current_span().set_attribute("note", "a long note the limit cuts")
+        return {}
+
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/note").status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+    (request,) = server_spans(receiver.spans)
+    assert request.attributes["note"] == "a long n"
+    assert request.attributes["http.route"] == "/note"

@@ -262,6 +262,9 @@ class LoopFriendlySpanProcessor(SpanProcessor):
     new spans wait meanwhile in the bounded queue.
     """
 
+    #: It reads only a span's fields: perfmw's tracing may hand it `LeanSpan`s (_lean_span.py).
+    takes_lean_spans = True
+
     def __init__(
         self,
         sender: OtlpHttpSender,

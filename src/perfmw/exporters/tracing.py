@@ -30,6 +30,7 @@ from opentelemetry.util.types import Attributes
 
 from .. import _guard
 from ..record import OTHER, UNMATCHED, RequestRecord
+from ._lean_span import LeanSpan, LeanSpans
 from ._sampling import (
     RANDOM_TRACE_ID,
     TRACE_ID_LIMIT,
@@ -191,7 +192,7 @@ class RatioTracing(Tracing):
     sampled ones go through it with the id decided on. Anything else is `Tracing.start`'s.
     """
 
-    __slots__ = ("_bound", "_ids", "_random_bits", "_random_flag", "_textmap")
+    __slots__ = ("_bound", "_ids", "_lean", "_random_bits", "_random_flag", "_textmap")
 
     def __init__(self, provider: Any, tracer: otel_trace.Tracer, ids: PresetIds, bound: int):
         super().__init__(provider, tracer)
@@ -200,6 +201,8 @@ class RatioTracing(Tracing):
         self._random_flag = RANDOM_TRACE_ID if ids.is_trace_id_random() else 0
         self._random_bits = random_trace_ids(ids)
         self._textmap: Any = None  # the global propagator, once known to be W3C only
+        # configure_tracing()'s provider: sampled roots are perfmw's own spans (_lean_span.py)
+        self._lean = LeanSpans.for_tracer(tracer, ids)
 
     def start(self, scope: MutableMapping[str, Any], record: RequestRecord) -> object:
         # One frame per request, on purpose: each Python call here costs about 0.3 µs.
@@ -232,8 +235,13 @@ class RatioTracing(Tracing):
                     (random_bits(128) or 1) if random_bits else self._ids.inner.generate_trace_id()
                 )
                 if trace_id & TRACE_ID_LIMIT < self._bound:
-                    self._ids.local.trace_id = trace_id  # the SDK's span gets the id decided on
-                    sampled = self.tracer.start_span(record.method, None, _SERVER)
+                    lean = self._lean
+                    sampled: otel_trace.Span
+                    if lean is not None and lean.usable():
+                        sampled = lean.start(record.method, trace_id, self._random_flag)
+                    else:
+                        self._ids.local.trace_id = trace_id  # the SDK's span gets this id
+                        sampled = self.tracer.start_span(record.method, None, _SERVER)
                     return self._own(sampled, None, scope, record)
                 span = UnsampledSpan(trace_id, self._random_flag, None, self._ids)
             record.span = span
@@ -418,6 +426,9 @@ def _set_attributes(span: otel_trace.Span, attributes: dict[str, Any]) -> None:
     about 0.5 µs apiece, 13 per request. Another span type, an ended span, a value length
     limit or a span near its attribute count limit go through `set_attributes()`.
     """
+    if type(span) is LeanSpan:
+        span.add_trusted(attributes)
+        return
     if type(span) is _SDK_SPAN:
         try:
             bounded = span._attributes
