@@ -49,6 +49,7 @@ class ReceivedSpan:
     links: list[str] = field(default_factory=list)
     dropped_attributes: int = 0
     status_message: str = ""
+    trace_state: str = ""
 
 
 def _value(value: AnyValue) -> Any:
@@ -88,6 +89,7 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                         links=[link.trace_id.hex() for link in span.links],
                         dropped_attributes=span.dropped_attributes_count,
                         status_message=span.status.message,
+                        trace_state=span.trace_state,
                     )
                 )
     return spans

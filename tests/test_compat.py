@@ -383,6 +383,41 @@ def test_perfmws_own_request_span_says_what_the_sdks_says(
         assert find.parent_span_id == price.span_id
 
 
+def test_perfmws_own_span_continues_a_callers_sampled_trace_as_the_sdk_does(
+    receiver: OtlpReceiver, registry: CollectorRegistry
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = perfmw.configure_tracing("shop", set_global=False)
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, Any]:
+        return {}
+
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {"traceparent": f"00-{trace_id}-{parent_id}-01", "tracestate": "vendor=a1,other=b2"}
+    memory = InMemorySpanExporter()
+    perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
+        assert client.get("/ping", headers=headers).status_code == 200
+        assert provider.force_flush()
+        provider.add_span_processor(SimpleSpanProcessor(memory))  # from now on the SDK's
+        assert client.get("/ping", headers=headers).status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+    lean, sdk = server_spans(receiver.spans)
+    assert comparable(lean) == comparable(sdk)
+    for span in (lean, sdk):
+        assert (span.trace_id, span.parent_span_id) == (trace_id, parent_id)
+        assert span.trace_state == "vendor=a1,other=b2"
+    assert lean.span_id != sdk.span_id
+    assert [format(s.context.span_id, "016x") for s in memory.get_finished_spans()] == [
+        sdk.span_id  # the first request's span never reached the SDK
+    ]
+
+
 def test_perfmws_own_request_span_keeps_the_providers_attribute_count_limit(
     receiver: OtlpReceiver, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ a value length limit; a tracer disabled by configuration) gets the SDK's span.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,15 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util import BoundedList
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.util import types
 
 from ._sampling import RANDOM_TRACE_ID
@@ -208,6 +217,26 @@ class LeanSpans:
         return self._multi._span_processors is self._processors and (
             enabled is None or bool(enabled())
         )
+
+    def continued(self, name: str, traceparent: re.Match[bytes], tracestate: Any) -> LeanSpan:
+        """A server span continuing a caller's sampled trace (`sampled_parent`'s match of its
+        traceparent): the parent-based sampler samples it, with the caller's trace state."""
+        trace_id, parent_id, flags = traceparent.groups()
+        state = TraceState.from_header(tracestate) if tracestate else None
+        parent = SpanContext(
+            int(trace_id, 16), int(parent_id, 16), True, TraceFlags(int(flags, 16)), state
+        )
+        random_flag = int(flags, 16) & RANDOM_TRACE_ID
+        context = SpanContext(
+            parent.trace_id,
+            self._ids.generate_span_id(),
+            False,
+            self._random_flags[1 if random_flag else 0],
+            parent.trace_state,
+        )
+        span = LeanSpan(name, context, SpanKind.SERVER, self)
+        span._parent = parent
+        return span
 
     def start(self, name: str, trace_id: int, random_flag: int) -> LeanSpan:
         """A new root server span, sampled (perfmw's sampling decided on `trace_id`)."""

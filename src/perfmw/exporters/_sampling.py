@@ -40,6 +40,10 @@ RANDOM_TRACE_ID: int = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
 unsampled_parent = re.compile(
     rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]"
 ).fullmatch
+# The same with a sampled parent (flags' low bit 1): its trace id, span id and flags.
+sampled_parent = re.compile(
+    rb"00-((?!0{32})[0-9a-f]{32})-((?!0{16})[0-9a-f]{16})-([0-9a-f][13579bdf])"
+).fullmatch
 
 
 class PresetIds(IdGenerator):

@@ -39,6 +39,7 @@ from ._sampling import (
     UnsampledSpan,
     random_trace_ids,
     ratio_sampling,
+    sampled_parent,
     unsampled_parent,
     w3c_only,
 )
@@ -227,7 +228,12 @@ class RatioTracing(Tracing):
             span: UnsampledSpan
             if traceparent is not None:
                 if unsampled_parent(traceparent) is None:
-                    return Tracing.start(self, scope, record)  # sampled, or for the SDK to read
+                    lean = self._lean
+                    parent = sampled_parent(traceparent) if lean is not None else None
+                    if lean is None or parent is None or not lean.usable():
+                        return Tracing.start(self, scope, record)  # for the SDK to read
+                    continued = lean.continued(record.method, parent, tracestate)
+                    return self._own(continued, None, scope, record)
                 span = UnsampledSpan(traceparent, 0, tracestate, self._ids)
             else:
                 random_bits = self._random_bits
