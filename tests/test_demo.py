@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ANTI_PATTERNS = [
     ("/servers-with-agents", "n_plus_one", 'server["agents"] = await db().agents.find_one('),
     # The first read of the run that could have started earlier: the second one.
-    ("/dashboard", "consecutive_queries", "agents = await db().agents.count_documents({})"),
+    ("/dashboard", "consecutive_queries", "upgraded = await db().agents.count_documents("),
     ("/reports/blocking", "loop_stall", "# stands for a slow synchronous library call"),
     ("/servers/legacy", "blocking_call", 'list(state["sync_db"].servers.find('),
     ("/servers/by-owner", "missing_index", 'servers.find({"owner": owner}'),
@@ -115,6 +115,67 @@ def test_every_anti_pattern_is_named_with_its_kind_and_line(
     assert (route, kind, location) in run.bottlenecks()
     recommendations = run.section("Optimization Recommendations")
     assert f"on `{route}` at `{location}`" in recommendations
+
+
+def test_the_findings_are_exactly_the_anti_patterns_on_every_run(run: Run) -> None:
+    expected = {
+        (route, kind, line_of(example.__file__, source)) for route, kind, source in ANTI_PATTERNS
+    }
+    assert run.bottlenecks() == expected
+
+
+def test_perfmw_logged_one_sentence_per_finding(run: Run) -> None:
+    logged = run.progress.split("perfmw logged a warning per finding site (first line of each):\n")
+    assert len(logged) == 2
+    lines = [line for line in logged[1].splitlines() if line.startswith("  perfmw: ")]
+    sites = {
+        "n_plus_one": "N+1 queries on /servers-with-agents: find on agents repeated 20 times at ",
+        "consecutive_queries": "independent queries awaited one after another on /dashboard "
+        "(servers, agents, incidents) at ",
+        "loop_stall": "event loop stalled ",
+        "blocking_call": "blocking call on /servers/legacy: pymongo-sync (find on servers) on "
+        "the event loop's thread for ",
+        "missing_index": "missing index on /servers/by-owner: find on servers scans the "
+        "collection at ",
+        "unbounded_read": "unbounded read on /agents/export: find on agents returned 5000 "
+        "documents with no limit at ",
+        "large_response": "large response on /agents/export: ",
+    }
+    assert len(lines) == len(ANTI_PATTERNS)
+    for route, kind, source in ANTI_PATTERNS:
+        [line] = [line for line in lines if line.startswith("  perfmw: " + sites[kind])]
+        assert f"{route}" in line and line_of(example.__file__, source) in line, line
+        assert "{'" not in line and "':" not in line  # a sentence, no raw dict
+
+
+def test_every_fix_is_printed_beside_its_anti_pattern_measured_and_expected(run: Run) -> None:
+    table = run.progress.split("Each fix against its anti-pattern")[1]
+    rows = {
+        match[0]: match[1:]
+        for match in re.findall(
+            r"^  (\S+) -> \S+ +([\d.]+) ms +([\d.]+) ms +(-?[\d.]+) ms +(-|[\d.]+ ms) +(\S+)$",
+            table,
+            re.MULTILINE,
+        )
+    }
+    assert list(rows) == [anti for anti, _, _ in demo.PAIRS]
+    for anti, _, kind in demo.PAIRS:
+        before, after, measured, expected, _ratio = rows[anti]
+        assert float(measured) == pytest.approx((float(before) - float(after)) * 20, abs=2.5)
+        assert (expected == "-") == (kind is None)
+    # These fixes save a fifth or more of the request whatever the shared machine does
+    # (measured: 0.35 to 0.75 of the anti-pattern's time). The dashboard's gather (1-10 ms
+    # of 15-30) and the index on 200 servers (about 1 ms of 10) are faster on most runs, by
+    # less than this machine's noise: not asserted.
+    for anti in (
+        "/servers-with-agents",
+        "/reports/blocking",
+        "/servers/legacy",
+        "/servers/{id}/uncached",
+        "/agents/export",
+    ):
+        before, after = float(rows[anti][0]), float(rows[anti][1])
+        assert after < 0.8 * before, (anti, before, after)
 
 
 def test_no_fixed_endpoint_is_named_as_a_problem(run: Run) -> None:
