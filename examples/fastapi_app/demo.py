@@ -15,6 +15,7 @@ serves it until Ctrl-C (not with --once); it stops what it started.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import http.client
@@ -34,13 +35,14 @@ from typing import Any, TextIO
 
 import uvicorn
 from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient
 
 import perfmw
 from perfmw import report
 from perfmw.settings import env_name
 
-from .app import REGIONS, create_app
-from .latency import DELAY_SECONDS, LatencyProxy, port_of
+from .app import REGIONS, create_app, seed
+from .latency import DELAY_SECONDS, port_of, through
 
 REQUESTS_PER_ENDPOINT = 20
 CONCURRENCY = 4
@@ -177,31 +179,43 @@ def embedded_mongodb(timeout: float = 60.0, delay: float | None = DELAY_SECONDS)
     In its own process its CPU is not the service's: the demo measures the service alone.
     Behind a `LatencyProxy` adding `delay` to each command (None: straight to it), as a
     MongoDB in another zone: on the same machine a round trip costs nothing, and a fix that
-    saves round trips would save nothing.
+    saves round trips would save nothing. The proxy is a process of its own too, as a network
+    is: no thread of it takes the service's interpreter lock.
     """
+    with _child([sys.executable, "-c", _EMBEDDED], timeout) as printed:
+        if not printed.startswith("mongodb://"):
+            raise RuntimeError("the embedded MongoDB did not start")
+        # A local throwaway server: if it is gone, clients that outlive it (at interpreter
+        # exit, say) give up in 2 s rather than pymongo's default 30.
+        separator = "&" if "?" in printed else ("?" if printed.endswith("/") else "/?")
+        uri = f"{printed}{separator}serverSelectionTimeoutMS=2000"
+        if delay is None:
+            yield uri
+            return
+        proxy = [sys.executable, "-m", f"{__package__}.latency", str(port_of(uri)), str(delay)]
+        with _child(proxy, timeout) as port:
+            if not port.isdigit():
+                raise RuntimeError("the latency proxy did not start")
+            yield through(uri, int(port))
+
+
+# The directory `examples` is in: a child started there imports this package as we do.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@contextmanager
+def _child(command: list[str], timeout: float) -> Iterator[str]:
+    """A child process that prints one line once it is ready and exits when its stdin closes:
+    yields that line ("" if none came within `timeout`)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", _EMBEDDED],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+        command, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert child.stdin is not None and child.stdout is not None
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(child.stdout, selectors.EVENT_READ)
             ready = selector.select(timeout)
-        uri = child.stdout.readline().strip() if ready else ""
-        if not uri.startswith("mongodb://"):
-            raise RuntimeError("the embedded MongoDB did not start")
-        # A local throwaway server: if it is gone, clients that outlive it (at interpreter
-        # exit, say) give up in 2 s rather than pymongo's default 30.
-        separator = "&" if "?" in uri else ("?" if uri.endswith("/") else "/?")
-        uri = f"{uri}{separator}serverSelectionTimeoutMS=2000"
-        if delay is None:
-            yield uri
-        else:
-            with LatencyProxy("127.0.0.1", port_of(uri), delay=delay) as proxy:
-                yield proxy.uri(uri)
+        yield child.stdout.readline().strip() if ready else ""
     finally:
         child.stdin.close()
         try:
@@ -408,6 +422,10 @@ def _run(
     on_ready: Callable[[Service], None] | None,
     hold: Callable[[Service], None] | None,
 ) -> str:
+    # Filled before the service starts, as a service's database is: seeding 5,000 agents on
+    # its loop (building and encoding them, the collections that set off) stalled it for up to
+    # 0.3 s on a busy machine, a start-up stall of no endpoint's in the demo's log.
+    asyncio.run(_seeded(uri))
     registry = CollectorRegistry()
     app = create_app(uri, settings=settings, registry=registry)
     token = settings.access_token
@@ -450,6 +468,14 @@ def _run(
         "http://127.0.0.1:8000/perfmw\n"
     )
     return markdown
+
+
+async def _seeded(uri: str) -> None:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    try:
+        await seed(client.registry)
+    finally:
+        await client.close()
 
 
 def dashboard_line(url: str, settings: perfmw.Settings) -> str:

@@ -8,12 +8,19 @@ saves round trips (batching, `asyncio.gather`) saves nothing measurable against 
 own costs (a bigger reply, more connections) remain: the fixes measured slower than the
 anti-patterns. Each chunk a client sends reaches the server `delay` seconds after it was read,
 in order; replies pass at once. One delay per command, as a network round trip adds.
+
+    python -m examples.fastapi_app.latency TARGET_PORT [DELAY]  # prints its port, then until EOF
+
+The demo runs it so, in a process of its own: in the service's process, its thread would take
+the service's interpreter lock to forward every reply, and perfmw would rightly count that
+time as the service's own (a `cpu` stall on whichever request was waiting then).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +34,16 @@ _MAX_QUEUED_CHUNKS = 64  # per connection: a client that sends faster waits (bac
 def port_of(uri: str) -> int:
     """The port of a single-host mongodb:// URI."""
     return int(uri.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
+def through(uri: str, port: int) -> str:
+    """`uri` (a mongodb:// URI of the target) pointed at a proxy on 127.0.0.1:port instead."""
+    scheme, rest = uri.split("://", 1)
+    database, _, query = rest.partition("/")[2].partition("?")
+    # The server's hello names its own address: without directConnection a client would
+    # connect there and go round the proxy.
+    options = "&".join(o for o in (query, "directConnection=true") if o)
+    return f"{scheme}://127.0.0.1:{port}/{database}?{options}"
 
 
 class LatencyProxy:
@@ -64,12 +81,7 @@ class LatencyProxy:
 
     def uri(self, uri: str) -> str:
         """`uri` (a mongodb:// URI of the target) pointed at this proxy instead."""
-        scheme, rest = uri.split("://", 1)
-        database, _, query = rest.partition("/")[2].partition("?")
-        # The server's hello names its own address: without directConnection a client would
-        # connect there and go round the proxy.
-        options = "&".join(o for o in (query, "directConnection=true") if o)
-        return f"{scheme}://127.0.0.1:{self.port}/{database}?{options}"
+        return through(uri, self.port)
 
     async def _listen(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -144,3 +156,20 @@ class LatencyProxy:
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
         self._loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Proxy 127.0.0.1:TARGET_PORT until stdin closes; the first line out is the proxy's port."""
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m examples.fastapi_app.latency TARGET_PORT [DELAY]", file=sys.stderr)
+        return 2
+    delay = float(args[1]) if len(args) == 2 else DELAY_SECONDS
+    with LatencyProxy("127.0.0.1", int(args[0]), delay=delay) as proxy:
+        print(proxy.port, flush=True)
+        sys.stdin.read()  # until whoever started us closes our stdin
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
