@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (route, finding kind, the source line the report must point at)
 ANTI_PATTERNS = [
-    ("/servers-with-agents", "n_plus_one", 'server["agents"] = await db().agents.find_one('),
+    ("/servers-with-agents", "n_plus_one", 'server["agents"] = await agents.to_list()'),
     # The first read of the run that could have started earlier: the second one.
     ("/dashboard", "consecutive_queries", "upgraded = await db().agents.count_documents("),
     ("/reports/blocking", "loop_stall", "# stands for a slow synchronous library call"),
-    ("/servers/legacy", "blocking_call", 'list(state["sync_db"].servers.find('),
+    ("/servers/legacy", "blocking_call", "return list(cursor.limit(limit))"),
     ("/servers/by-owner", "missing_index", 'servers.find({"owner": owner}'),
     ("/agents/export", "unbounded_read", 'await db().agents.find({}, {"_id": 0}).to_list()'),
     ("/agents/export", "large_response", '@app.get("/agents/export")'),
@@ -47,6 +47,8 @@ ANTI_ROUTES = [
     "/servers/by-owner",
     "/agents/export",
 ]
+# The pairs whose measured saving is within 30 % of the report's expected one on every run.
+WITHIN_30_PERCENT = ["/servers-with-agents"]
 FIXED = [
     "/servers-with-agents/batched",
     "/dashboard/concurrent",
@@ -160,18 +162,27 @@ def test_every_fix_is_printed_beside_its_anti_pattern_measured_and_expected(run:
     }
     assert list(rows) == [anti for anti, _, _ in demo.PAIRS]
     for anti, _, kind in demo.PAIRS:
-        before, after, measured, expected, _ratio = rows[anti]
+        before, after, measured, expected, ratio = rows[anti]
         assert float(measured) == pytest.approx((float(before) - float(after)) * 20, abs=2.5)
         assert (expected == "-") == (kind is None)
-    # These fixes save a fifth or more of the request whatever the shared machine does
-    # (measured: 0.35 to 0.75 of the anti-pattern's time). The dashboard's gather (1-10 ms
-    # of 15-30) and the index on 200 servers (about 1 ms of 10) are faster on most runs, by
-    # less than this machine's noise: not asserted.
+        if expected != "-" and float(expected[:-3]) > 0:
+            assert float(ratio) == pytest.approx(float(measured) / float(expected[:-3]), abs=0.01)
+    # The N+1's fix saves round trips only, which perfmw measured: its estimate holds within
+    # 30 % (measured 0.86 to 1.17 of it over 20 runs, idle or under two CPU hogs). The others'
+    # estimates are off by more than that against the stand-in MongoDB, for reasons of the
+    # stand-in or of what perfmw cannot see (docs/troubleshooting.md, "The demo's fix table").
+    for anti in WITHIN_30_PERCENT:
+        measured, expected = float(rows[anti][2]), float(rows[anti][3][:-3])
+        assert 0.7 * expected <= measured <= 1.3 * expected, (anti, measured, expected)
+    # These fixes save a third or more of the request whatever the shared machine does
+    # (medians over 20 runs: 0.06 to 0.65 of the anti-pattern's). The dashboard's gather
+    # (0.51 to 0.93) and the async client (0.37 to 1.10) save less than two CPU hogs add to
+    # the stand-in MongoDB's time: not asserted.
     for anti in (
         "/servers-with-agents",
         "/reports/blocking",
-        "/servers/legacy",
         "/servers/{id}/uncached",
+        "/servers/by-owner",
         "/agents/export",
     ):
         before, after = float(rows[anti][0]), float(rows[anti][1])

@@ -65,7 +65,7 @@ def test_n_plus_one_loop_is_flagged_with_the_line_of_the_loop(example: Any) -> N
     [found] = [
         f for f in findings(example.url, "n_plus_one") if f["route"] == "/servers-with-agents"
     ]
-    assert found["location"] == line_of(APP_SOURCE, "await db().agents.find_one(")
+    assert found["location"] == line_of(APP_SOURCE, 'server["agents"] = await agents.to_list()')
     assert found["detail"] == {
         "collection": "agents",
         "operation": "find",
@@ -497,7 +497,7 @@ def test_sync_client_in_async_endpoint_is_a_blocking_call(example: Any) -> None:
     assert httpx.get(example.url + "/servers/legacy", timeout=30).status_code == 200
     [found] = findings(example.url, "blocking_call")
     assert found["route"] == "/servers/legacy"
-    assert found["location"] == line_of(APP_SOURCE, 'state["sync_db"].servers.find(')
+    assert found["location"] == line_of(APP_SOURCE, "return list(cursor.limit(limit))")
     assert found["detail"] == {"kind": "pymongo-sync", "operation": "find", "collection": "servers"}
     exposition = httpx.get(example.url + "/metrics", timeout=10).text
     assert (
