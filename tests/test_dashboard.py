@@ -523,7 +523,7 @@ def test_the_dashboard_shows_the_example_app_live(
         n_plus_one = page.locator('.site[data-kind="n_plus_one"]')
         expect(n_plus_one).to_have_count(1)
         expect(n_plus_one.locator(".location")).to_have_text(
-            line_of(example.__file__, 'server["agents"] = await db().agents.find_one(')
+            line_of(example.__file__, 'server["agents"] = await agents.to_list()')
         )
         expect(n_plus_one.locator(".route")).to_have_text("/servers-with-agents")
         expect(n_plus_one.locator(".count")).to_have_text("2 times")

@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (route, finding kind, the source line the report must point at)
 ANTI_PATTERNS = [
-    ("/servers-with-agents", "n_plus_one", 'server["agents"] = await db().agents.find_one('),
+    ("/servers-with-agents", "n_plus_one", 'server["agents"] = await agents.to_list()'),
     # The first read of the run that could have started earlier: the second one.
-    ("/dashboard", "consecutive_queries", "agents = await db().agents.count_documents({})"),
+    ("/dashboard", "consecutive_queries", "upgraded = await db().agents.count_documents("),
     ("/reports/blocking", "loop_stall", "# stands for a slow synchronous library call"),
-    ("/servers/legacy", "blocking_call", 'list(state["sync_db"].servers.find('),
+    ("/servers/legacy", "blocking_call", "return list(cursor.limit(limit))"),
     ("/servers/by-owner", "missing_index", 'servers.find({"owner": owner}'),
     ("/agents/export", "unbounded_read", 'await db().agents.find({}, {"_id": 0}).to_list()'),
     ("/agents/export", "large_response", '@app.get("/agents/export")'),
@@ -47,6 +47,8 @@ ANTI_ROUTES = [
     "/servers/by-owner",
     "/agents/export",
 ]
+# The pairs whose measured saving is within 30 % of the report's expected one on every run.
+WITHIN_30_PERCENT = ["/servers-with-agents"]
 FIXED = [
     "/servers-with-agents/batched",
     "/dashboard/concurrent",
@@ -117,6 +119,76 @@ def test_every_anti_pattern_is_named_with_its_kind_and_line(
     assert f"on `{route}` at `{location}`" in recommendations
 
 
+def test_the_findings_are_exactly_the_anti_patterns_on_every_run(run: Run) -> None:
+    expected = {
+        (route, kind, line_of(example.__file__, source)) for route, kind, source in ANTI_PATTERNS
+    }
+    assert run.bottlenecks() == expected
+
+
+def test_perfmw_logged_one_sentence_per_finding(run: Run) -> None:
+    logged = run.progress.split("perfmw logged a warning per finding site (first line of each):\n")
+    assert len(logged) == 2
+    lines = [line for line in logged[1].splitlines() if line.startswith("  perfmw: ")]
+    sites = {
+        "n_plus_one": "N+1 queries on /servers-with-agents: find on agents repeated 20 times at ",
+        "consecutive_queries": "independent queries awaited one after another on /dashboard "
+        "(servers, agents, incidents) at ",
+        "loop_stall": "event loop stalled ",
+        "blocking_call": "blocking call on /servers/legacy: pymongo-sync (find on servers) on "
+        "the event loop's thread for ",
+        "missing_index": "missing index on /servers/by-owner: find on servers scans the "
+        "collection at ",
+        "unbounded_read": "unbounded read on /agents/export: find on agents returned 5000 "
+        "documents with no limit at ",
+        "large_response": "large response on /agents/export: ",
+    }
+    assert len(lines) == len(ANTI_PATTERNS), lines
+    for route, kind, source in ANTI_PATTERNS:
+        [line] = [line for line in lines if line.startswith("  perfmw: " + sites[kind])]
+        assert f"{route}" in line and line_of(example.__file__, source) in line, line
+        assert "{'" not in line and "':" not in line  # a sentence, no raw dict
+
+
+def test_every_fix_is_printed_beside_its_anti_pattern_measured_and_expected(run: Run) -> None:
+    table = run.progress.split("Each fix against its anti-pattern")[1]
+    rows = {
+        match[0]: match[1:]
+        for match in re.findall(
+            r"^  (\S+) -> \S+ +([\d.]+) ms +([\d.]+) ms +(-?[\d.]+) ms +(-|[\d.]+ ms) +(\S+)$",
+            table,
+            re.MULTILINE,
+        )
+    }
+    assert list(rows) == [anti for anti, _, _ in demo.PAIRS]
+    for anti, _, kind in demo.PAIRS:
+        before, after, measured, expected, ratio = rows[anti]
+        assert float(measured) == pytest.approx((float(before) - float(after)) * 20, abs=2.5)
+        assert (expected == "-") == (kind is None)
+        if expected != "-" and float(expected[:-3]) > 0:
+            assert float(ratio) == pytest.approx(float(measured) / float(expected[:-3]), abs=0.01)
+    # The N+1's fix saves round trips only, which perfmw measured: its estimate holds within
+    # 30 % (measured 0.86 to 1.17 of it over 20 runs, idle or under two CPU hogs). The others'
+    # estimates are off by more than that against the stand-in MongoDB, for reasons of the
+    # stand-in or of what perfmw cannot see (docs/troubleshooting.md, "The demo's fix table").
+    for anti in WITHIN_30_PERCENT:
+        measured, expected = float(rows[anti][2]), float(rows[anti][3][:-3])
+        assert 0.7 * expected <= measured <= 1.3 * expected, (anti, measured, expected)
+    # These fixes save a third or more of the request whatever the shared machine does
+    # (medians over 20 runs: 0.06 to 0.65 of the anti-pattern's). The dashboard's gather
+    # (0.51 to 0.93) and the async client (0.37 to 1.10) save less than two CPU hogs add to
+    # the stand-in MongoDB's time: not asserted.
+    for anti in (
+        "/servers-with-agents",
+        "/reports/blocking",
+        "/servers/{id}/uncached",
+        "/servers/by-owner",
+        "/agents/export",
+    ):
+        before, after = float(rows[anti][0]), float(rows[anti][1])
+        assert after < 0.8 * before, (anti, before, after)
+
+
 def test_no_fixed_endpoint_is_named_as_a_problem(run: Run) -> None:
     named = {route for route, _, _ in run.bottlenecks()}
     # Work outside requests (startup) may stall the loop too; it is no endpoint.
@@ -167,8 +239,9 @@ def test_the_demo_stops_what_it_started(run: Run) -> None:
         MongoClient(uri) as client,
     ):
         assert client.admin.command("ping")["ok"] == 1
-    [child] = started
-    assert child.returncode == 0  # it exited by itself when its stdin closed
+    # The database and the latency proxy in front of it, each in its own process: each
+    # exited by itself when its stdin closed.
+    assert [child.returncode for child in started] == [0, 0]
 
 
 def test_the_progress_bar_redraws_in_place_on_a_terminal() -> None:

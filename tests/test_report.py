@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 import perfmw
 from perfmw import report
 from perfmw.__main__ import main
+from perfmw._report_advice import advice
 from support import serve, wait_for
 
 
@@ -847,3 +848,47 @@ def test_the_version_is_the_installed_distributions() -> None:
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"perfmw {installed}\n", "")
     assert perfmw.__version__ == installed
+
+
+@pytest.mark.parametrize(
+    ("cause", "proposed", "complexity"),
+    [
+        (
+            "gc",
+            "`gc.freeze()` once start-up has built its long-lived objects, fewer reference cycles "
+            "per request, and a higher `gc.set_threshold` if young collections are frequent",
+            "medium",
+        ),
+        (
+            "blocking",
+            "move it off the loop: `await run_in_threadpool(fn)` / `asyncio.to_thread(fn)`, an "
+            "async library, or make the endpoint a plain `def`",
+            "low",
+        ),
+        (
+            "cpu",
+            "run it in a process pool (`loop.run_in_executor(ProcessPoolExecutor(), fn)`), or cut "
+            "it into steps with `await asyncio.sleep(0)` between them; a thread does not help "
+            "while it holds the GIL",
+            "medium",
+        ),
+        (
+            "starved",
+            "no change to the code: give the worker more CPU (fewer processes per core, a less "
+            "busy host) and look at what else runs there",
+            "capacity, not code",
+        ),
+        (
+            "throttled",
+            "no change to the code: raise the CPU limit (or drop it and keep the request), or "
+            "run fewer worker processes in the container",
+            "capacity, not code",
+        ),
+    ],
+)
+def test_a_stall_is_advised_by_its_cause(cause: str, proposed: str, complexity: str) -> None:
+    stall = {"kind": "loop_stall", "total_seconds": 0.3, "detail": {"cause": cause}}
+    found = advice(stall)
+    assert found["title"] == f"Event loop stalled ({cause})"
+    assert found["proposed"] == proposed
+    assert found["complexity"] == complexity

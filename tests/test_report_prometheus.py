@@ -128,7 +128,11 @@ def test_the_report_of_two_replicas_sums_what_both_served(
     assert rows["/reports/blocking"]["p95_seconds"] >= rows["/reports/blocking"]["p50_seconds"]
     found = {(f["kind"], f["route"], f["location"]): f for f in doc["findings"]}
     n_plus_one = found[
-        ("n_plus_one", "/servers-with-agents", line_of(APP_SOURCE, "await db().agents.find_one("))
+        (
+            "n_plus_one",
+            "/servers-with-agents",
+            line_of(APP_SOURCE, 'server["agents"] = await agents.to_list()'),
+        )
     ]
     assert n_plus_one["count"] == 5
     assert n_plus_one["detail"] == {"collection": "agents", "operation": "find"}

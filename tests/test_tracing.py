@@ -121,7 +121,7 @@ def test_n_plus_one_request_is_one_trace_in_the_otlp_receiver(
     assert n_plus_one["count"] == 20
     assert n_plus_one["code.filepath"] == "examples/fastapi_app/app.py"
     assert n_plus_one["code.lineno"] == line_of(
-        example.create_app, 'server["agents"] = await db().agents.find_one('
+        example.create_app, 'server["agents"] = await agents.to_list()'
     )
 
     children = [s for s in receiver.spans if s.parent_span_id == span.span_id]

@@ -222,6 +222,22 @@ _STALL_ADVICE = {
         "per request, and a higher `gc.set_threshold` if young collections are frequent",
         "medium",
     ),
+    # perfmw makes no finding of these (see detectors/loop.py); a finding from a perfmw that
+    # did, or from a store written elsewhere, must not get the blocking advice.
+    "starved": (
+        "nothing of the code's: the loop was ready to run and the machine did not let it (a "
+        "busy machine, another thread holding the GIL)",
+        "no change to the code: give the worker more CPU (fewer processes per core, a less "
+        "busy host) and look at what else runs there",
+        "capacity, not code",
+    ),
+    "throttled": (
+        "nothing of the code's: the container's CPU quota ran out and the kernel held the "
+        "process off the CPU",
+        "no change to the code: raise the CPU limit (or drop it and keep the request), or run "
+        "fewer worker processes in the container",
+        "capacity, not code",
+    ),
     "saturation": (
         "many callbacks in a row, none long alone: the worker has more work than one loop "
         "thread runs in time",
