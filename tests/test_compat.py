@@ -302,6 +302,35 @@ def lean_app(provider: Any, clients: list[AsyncIOMotorClient[Any]], db_name: str
     return app
 
 
+def lean_then_sdk(
+    app: FastAPI,
+    provider: Any,
+    receiver: OtlpReceiver,
+    path: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[list[ReceivedSpan], list[ReceivedSpan]]:
+    """The spans of `path` served twice: with configure_tracing()'s provider as it is (perfmw's
+    own request span), then with a processor of the application's added (the SDK's span). The
+    first request's span never reaches the SDK."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    with serve(app) as server_, httpx.Client(base_url=server_.url, headers=headers) as client:
+        assert client.get(path).status_code == 200
+        assert provider.force_flush()
+        lean = list(receiver.spans)
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        assert client.get(path).status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+    sdk = receiver.spans[len(lean) :]
+    (sdk_request,) = server_spans(sdk)
+    seen = [s for s in memory.get_finished_spans() if s.kind.name == "SERVER"]
+    assert [format(s.context.span_id, "016x") for s in seen] == [sdk_request.span_id]
+    return lean, sdk
+
+
 def comparable(span: ReceivedSpan) -> dict[str, Any]:
     """What a span says, without its ids, times and measured durations."""
     timed = ("perfmw.db.duration_ms", "perfmw.loop.stall_ms", "server.port")
@@ -326,35 +355,19 @@ def test_perfmws_own_request_span_says_what_the_sdks_says(
     """configure_tracing()'s provider exports only through perfmw's processor, so the request's
     span is perfmw's own (_lean_span.py); once the application adds a processor, the SDK's.
     Both arrive the same, and the application's span calls on them all land."""
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.trace import SpanKind
-
     provider = perfmw.configure_tracing("shop", set_global=False)
     clients: list[AsyncIOMotorClient[Any]] = []
     app = lean_app(provider, clients, db_name)
-    memory = InMemorySpanExporter()
     perfmw.instrument(app, registry=registry, tracer_provider=provider)
     clients.append(AsyncIOMotorClient(mongo_uri))  # created once the tracing is on
     try:
-        with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
-            assert client.get("/orders/7").status_code == 200
-            assert provider.force_flush()
-            lean = list(receiver.spans)
-            provider.add_span_processor(SimpleSpanProcessor(memory))
-            assert client.get("/orders/7").status_code == 200
-            assert provider.force_flush()
+        lean, sdk = lean_then_sdk(app, provider, receiver, "/orders/7")
     finally:
         clients[0].close()
-    provider.shutdown()
-    sdk = receiver.spans[len(lean) :]
 
     (lean_request,) = server_spans(lean)
     (sdk_request,) = server_spans(sdk)
     assert comparable(lean_request) == comparable(sdk_request)
-    assert [s.name for s in memory.get_finished_spans() if s.kind is SpanKind.SERVER] == [
-        "GET /orders/{order_id}"  # the second request only: the first never reached the SDK
-    ]
     said = comparable(lean_request)
     assert said["scope"] == "perfmw"
     assert {k: said["attributes"][k] for k in ("order.id", "order.region", "order.express")} == {
@@ -386,9 +399,6 @@ def test_perfmws_own_request_span_says_what_the_sdks_says(
 def test_perfmws_own_span_continues_a_callers_sampled_trace_as_the_sdk_does(
     receiver: OtlpReceiver, registry: CollectorRegistry
 ) -> None:
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
     provider = perfmw.configure_tracing("shop", set_global=False)
     app = FastAPI()
 
@@ -398,32 +408,19 @@ def test_perfmws_own_span_continues_a_callers_sampled_trace_as_the_sdk_does(
 
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     headers = {"traceparent": f"00-{trace_id}-{parent_id}-01", "tracestate": "vendor=a1,other=b2"}
-    memory = InMemorySpanExporter()
     perfmw.instrument(app, registry=registry, tracer_provider=provider)
-    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
-        assert client.get("/ping", headers=headers).status_code == 200
-        assert provider.force_flush()
-        provider.add_span_processor(SimpleSpanProcessor(memory))  # from now on the SDK's
-        assert client.get("/ping", headers=headers).status_code == 200
-        assert provider.force_flush()
-    provider.shutdown()
-    lean, sdk = server_spans(receiver.spans)
+    (lean,), (sdk,) = map(server_spans, lean_then_sdk(app, provider, receiver, "/ping", headers))
     assert comparable(lean) == comparable(sdk)
     for span in (lean, sdk):
         assert (span.trace_id, span.parent_span_id) == (trace_id, parent_id)
         assert span.trace_state == "vendor=a1,other=b2"
     assert lean.span_id != sdk.span_id
-    assert [format(s.context.span_id, "016x") for s in memory.get_finished_spans()] == [
-        sdk.span_id  # the first request's span never reached the SDK
-    ]
 
 
 def test_perfmws_own_request_span_keeps_the_providers_attribute_count_limit(
     receiver: OtlpReceiver, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from opentelemetry import trace
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "16")
     provider = perfmw.configure_tracing("shop", set_global=False)
@@ -437,14 +434,7 @@ def test_perfmws_own_request_span_keeps_the_providers_attribute_count_limit(
         return {}
 
     perfmw.instrument(app, registry=registry, tracer_provider=provider)
-    with serve(app) as server_, httpx.Client(base_url=server_.url) as client:
-        assert client.get("/tags").status_code == 200
-        assert provider.force_flush()
-        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))  # the SDK's
-        assert client.get("/tags").status_code == 200
-        assert provider.force_flush()
-    provider.shutdown()
-    lean, sdk = server_spans(receiver.spans)
+    (lean,), (sdk,) = map(server_spans, lean_then_sdk(app, provider, receiver, "/tags"))
     assert comparable(lean) == comparable(sdk)
     # 5 at the start, 10 of the app's, 8 at the end: the newest 16 kept, as the SDK keeps them.
     assert lean.dropped_attributes == 7
