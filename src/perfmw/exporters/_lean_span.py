@@ -221,29 +221,23 @@ class LeanSpans:
     def continued(self, name: str, traceparent: re.Match[bytes], tracestate: Any) -> LeanSpan:
         """A server span continuing a caller's sampled trace (`sampled_parent`'s match of its
         traceparent): the parent-based sampler samples it, with the caller's trace state."""
-        trace_id, parent_id, flags = traceparent.groups()
+        trace_id, parent_id, flags = (int(field, 16) for field in traceparent.groups())
         state = TraceState.from_header(tracestate) if tracestate else None
-        parent = SpanContext(
-            int(trace_id, 16), int(parent_id, 16), True, TraceFlags(int(flags, 16)), state
-        )
-        random_flag = int(flags, 16) & RANDOM_TRACE_ID
-        context = SpanContext(
-            parent.trace_id,
-            self._ids.generate_span_id(),
-            False,
-            self._random_flags[1 if random_flag else 0],
-            parent.trace_state,
-        )
-        span = LeanSpan(name, context, SpanKind.SERVER, self)
-        span._parent = parent
-        return span
+        parent = SpanContext(trace_id, parent_id, True, TraceFlags(flags), state)
+        return self.start(name, trace_id, flags & RANDOM_TRACE_ID, parent)
 
-    def start(self, name: str, trace_id: int, random_flag: int) -> LeanSpan:
-        """A new root server span, sampled (perfmw's sampling decided on `trace_id`)."""
+    def start(
+        self, name: str, trace_id: int, random_flag: int, parent: SpanContext | None = None
+    ) -> LeanSpan:
+        """A sampled server span (perfmw's sampling decided on `trace_id`): a new root, or the
+        child of a caller's span."""
         context = SpanContext(
             trace_id,
             self._ids.generate_span_id(),
             False,
             self._random_flags[1 if random_flag else 0],
+            parent.trace_state if parent is not None else None,
         )
-        return LeanSpan(name, context, SpanKind.SERVER, self)
+        span = LeanSpan(name, context, SpanKind.SERVER, self)
+        span._parent = parent
+        return span
