@@ -3,7 +3,9 @@
 1. Listener cost per command (started + succeeded), fed the same real events recorded from the
    embedded MongoDB server, inside a request record (shape included). Budget (issue 3): at most
    5 µs, and at most a third of OpenTelemetry's CommandTracer (SDK provider, dropping exporter,
-   under a server span) in the same run.
+   under a server span) in the same run. Each listener's own cost is its round less the same
+   round through listeners that do nothing (the replay loop and pymongo's two calls per
+   command, which every listener is called through).
 2. End to end, per `find_one` against the embedded server (in its own process): a client with
    perfmw's listeners inside a request record, against the same client without listeners and
    with listeners that do nothing (pymongo's own cost of publishing events); sync and async.
@@ -104,8 +106,9 @@ def record_events(uri: str) -> list[tuple[Any, Any]]:
     ]
 
 
-def perfmw_round(pairs: list[tuple[Any, Any]], perf: Any) -> float:
-    listener = mongo.CommandListener()
+def perfmw_round(pairs: list[tuple[Any, Any]], perf: Any, listener: Any = None) -> float:
+    """µs per command through perfmw's listener (or `listener`, fed the same way)."""
+    listener = mongo.CommandListener() if listener is None else listener
     records = [
         RequestRecord("/bench", "GET", "/bench", "http", perf)
         for _ in range(EVENTS_PER_ROUND // QUERIES_PER_REQUEST + 1)
@@ -185,10 +188,10 @@ PROBE_ROUNDS = (1, 6)
 def probe(listener: str, rounds: int, events: str) -> None:
     """What valgrind counts: `rounds` rounds of recorded events through one listener."""
     pairs = pickle.loads(Path(events).read_bytes())
-    if listener == "perfmw":
+    if listener in ("perfmw", "no-op"):
         perf = perfmw.Perf(perfmw.Settings(trace=False), CollectorRegistry())
         for _ in range(rounds):
-            perfmw_round(pairs, perf)
+            perfmw_round(pairs, perf, None if listener == "perfmw" else _NoopCommands())
         perf.shutdown()
     else:
         tracer = dropping_tracer()
@@ -201,21 +204,22 @@ def _instructions(listener: str, rounds: int, events: str) -> int:
 
 
 def instructions(pairs: list[tuple[Any, Any]]) -> tuple[float, float]:
-    """Instructions per command (started + succeeded): perfmw's and OpenTelemetry's."""
+    """Instructions per command (started + succeeded), each listener's own: perfmw's and
+    OpenTelemetry's, less the no-op listener's."""
     with tempfile.TemporaryDirectory() as folder:
         events = Path(folder, "events.pickle")
         events.write_bytes(pickle.dumps(pairs))
-        jobs = [(listener, n) for listener in ("perfmw", "otel") for n in PROBE_ROUNDS]
+        jobs = [(listener, n) for listener in ("perfmw", "otel", "no-op") for n in PROBE_ROUNDS]
         with ThreadPoolExecutor(max_workers=2) as pool:
             counts = dict(
                 zip(jobs, pool.map(lambda job: _instructions(*job, str(events)), jobs), strict=True)
             )
     few, many = PROBE_ROUNDS
-    per_command = [
+    mine, otel, noop = (
         (counts[(listener, many)] - counts[(listener, few)]) / ((many - few) * EVENTS_PER_ROUND)
-        for listener in ("perfmw", "otel")
-    ]
-    return per_command[0], per_command[1]
+        for listener in ("perfmw", "otel", "no-op")
+    )
+    return mine - noop, otel - noop
 
 
 _SERVER = """
@@ -255,11 +259,13 @@ def main() -> None:
         tracer = dropping_tracer()
         ours: list[float] = []
         theirs: list[float] = []
-        for _ in range(ROUNDS):  # interleaved, so both see the same machine
-            ours.append(perfmw_round(pairs, perf))
-            theirs.append(otel_round(pairs, tracer))
+        for _ in range(ROUNDS):  # interleaved, so all see the same machine; own cost per round
+            noop = perfmw_round(pairs, perf, _NoopCommands())
+            ours.append(perfmw_round(pairs, perf) - noop)
+            theirs.append(otel_round(pairs, tracer) - noop)
         mine, otel = statistics.median(ours), statistics.median(theirs)
         print(f"listener cost per command (started + succeeded), {len(pairs)} recorded commands")
+        print("(each less a no-op listener fed the same way: the listener's own cost)")
         print("| listener | median µs/command | ratio to OpenTelemetry |")
         print("|---|---|---|")
         print(f"| perfmw | {mine:.2f} | {mine / otel:.2f} |")

@@ -917,3 +917,47 @@ def test_assert_max_queries_async(mongo_uri: str, registry: Any) -> None:
 
 def test_location_format_is_path_and_line() -> None:
     assert re.fullmatch(r".+\.py:\d+", line_of(APP_SOURCE, "def create_app("))
+
+
+def test_the_listener_reads_events_from_their_slots_and_gets_what_the_properties_give(
+    mongo_uri: str,
+) -> None:
+    # The listener reads pymongo's private slots for speed; a pymongo that renames them must be
+    # noticed here (perfmw then falls back to the properties, slower but right).
+    class Recorder(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def started(self, event: Any) -> None:
+            self.events.append(event)
+
+        def succeeded(self, event: Any) -> None:
+            self.events.append(event)
+
+        def failed(self, event: Any) -> None:
+            self.events.append(event)
+
+    recorder = Recorder()
+    with MongoClient(mongo_uri, event_listeners=[recorder]) as client:
+        client.slots.items.insert_one({"_id": 1})
+        client.slots.items.find_one({"_id": 1})
+    started = [e for e in recorder.events if isinstance(e, monitoring.CommandStartedEvent)]
+    succeeded = [e for e in recorder.events if isinstance(e, monitoring.CommandSucceededEvent)]
+    assert mongo._started_fields.__reduce__()[1] == mongo._STARTED_SLOTS
+    assert mongo._succeeded_fields.__reduce__()[1] == mongo._SUCCEEDED_SLOTS
+    for event in started:
+        assert mongo._started_fields(event) == (
+            event.command_name,
+            event.request_id,
+            event.connection_id,
+            event.command,
+            event.database_name,
+        )
+    for event in succeeded:
+        assert mongo._succeeded_fields(event) == (
+            event.request_id,
+            event.connection_id,
+            event.duration_micros,
+            event.reply,
+        )
+    assert {e.command_name for e in started} >= {"insert", "find"}
