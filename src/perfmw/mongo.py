@@ -393,10 +393,10 @@ def _compare(record: RequestRecord, query: Query, hashed: int) -> None:
 
 def _started(event: monitoring.CommandStartedEvent) -> None:
     """A command sent: the listener's `started` (pymongo calls this function itself)."""
-    name, request_id, connection_id, command, database = _started_fields(event)
-    if name in HOUSEKEEPING:
-        return
     try:
+        name, request_id, connection_id, command, database = _started_fields(event)
+        if name in HOUSEKEEPING:
+            return
         key = (request_id, connection_id)
         if key in _inflight:
             return  # the same event again: this client has perfmw's listeners twice
