@@ -71,6 +71,7 @@ _INDEX_COMMANDS = frozenset({"createIndexes", "dropIndexes", "deleteIndexes"})
 _MAX_INFLIGHT = 100_000
 _MAX_CURSORS = 10_000
 _DEFAULT_SETTINGS = Settings()
+_new_query = object.__new__
 
 # True in perfmw's own threads (explain): their commands are not the application's.
 _internal: ContextVar[bool] = ContextVar("perfmw_mongo_internal", default=False)
@@ -435,7 +436,13 @@ def _started(event: monitoring.CommandStartedEvent) -> None:
             _checkout_started.set(0.0)
         else:
             began = time.perf_counter()
-        query = Query(name, collection, database, shape, 0.0, None, began)
+        query = _new_query(Query)  # the other fields are their class-level defaults
+        query.operation = name
+        query.collection = collection
+        query.database = database
+        query.shape = shape
+        query.duration_seconds = 0.0
+        query.started_at = began
         if name == "find":
             query.has_limit = bool(command.get("limit"))
             query.has_projection = bool(command.get("projection"))

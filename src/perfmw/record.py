@@ -27,9 +27,13 @@ MACHINE_CAUSES = ("starved", "throttled")
 CAUSES = CODE_CAUSES + MACHINE_CAUSES
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class Query:
-    """One MongoDB command sent by the application (getMores fold into the query they continue)."""
+    """One MongoDB command sent by the application (getMores fold into the query they continue).
+
+    Not slotted: its defaults are class attributes, so the listener makes one by setting the
+    six fields a starting command has (mongo.py), a third of what `__init__` costs.
+    """
 
     operation: str
     collection: str
