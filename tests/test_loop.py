@@ -80,6 +80,19 @@ async def wait(request: Request) -> Response:
     return PlainTextResponse("waited")
 
 
+async def queued(request: Request) -> Response:
+    state = request.app.state
+    state.in_flight += 1
+    await state.gate.wait()  # every waiter wakes in the same turn of the loop
+    time.sleep(0.15)  # blocks once the gate opens
+    return PlainTextResponse("slept")
+
+
+async def open_gate(request: Request) -> Response:
+    request.app.state.gate.set()
+    return PlainTextResponse("opened")
+
+
 async def in_flight(request: Request) -> Response:
     return JSONResponse(request.app.state.in_flight)
 
@@ -159,6 +172,8 @@ def make_app(base_http_middleware: bool = False, **settings: Any) -> tuple[Starl
             Route("/cpu", cpu),
             Route("/wait", wait),
             Route("/in-flight", in_flight),
+            Route("/queued", queued),
+            Route("/open", open_gate),
             Route("/gc", collect),
             Route("/after-response", after_response),
             Route("/flood", flood),
@@ -168,6 +183,7 @@ def make_app(base_http_middleware: bool = False, **settings: Any) -> tuple[Starl
         + ([Middleware(Passthrough)] if base_http_middleware else []),
     )
     app.state.in_flight = 0
+    app.state.gate = asyncio.Event()  # bound to the loop at its first wait (Python 3.10+)
     perf = perfmw.instrument(
         app, settings=perfmw.Settings(**settings), registry=CollectorRegistry()
     )
@@ -359,6 +375,43 @@ def test_only_the_blocking_request_among_50_in_flight_gets_the_stall(
         == 1
     )
     assert sample(metrics, "perfmw_event_loop_stall_seconds_count") == 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_requests_blocking_the_loop_back_to_back_are_a_stall_each(
+    loop: str, finished: list[RequestRecord]
+) -> None:
+    # Four requests wake in the same turn of the loop and block it one after the other: the
+    # loop never answers the monitor between them, and each request still gets its own stall.
+    app, perf = make_app()
+
+    async def run(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            waiting = [asyncio.create_task(client.get("/queued")) for _ in range(4)]
+            deadline = time.monotonic() + 10
+            while (await client.get("/in-flight")).json() < 4:
+                assert time.monotonic() < deadline, "requests did not get in flight"
+                await asyncio.sleep(0.01)
+            assert (await client.get("/open")).text == "opened"
+            assert [r.text for r in await asyncio.gather(*waiting)] == ["slept"] * 4
+
+    with serve(app, loop=loop) as server:
+        asyncio.run(run(server.url))
+        records = settle(finished, "/queued", 4)
+        time.sleep(0.05)  # the next beat
+        metrics = httpx.get(server.url + "/metrics").text
+    perf.shutdown()
+    assert (
+        stalls_of(finished)
+        == [("/queued", "blocking", line_of(__file__, "# blocks once the gate opens"))] * 4
+    ), described(finished)
+    for record in records:
+        (stall,) = record.stalls
+        assert stall.signals is not None
+        assert stall.duration_seconds >= 0.15 - HEARTBEAT_SECONDS / 2 - 0.001
+        assert stall.duration_seconds <= 0.17 + stall.signals.kept_off, described(finished)
+    route = {"http_route": "/queued"}
+    assert sample(metrics, "perfmw_event_loop_stalls_total", **route, cause="blocking") == 4
 
 
 @pytest.mark.parametrize("loop", LOOPS)

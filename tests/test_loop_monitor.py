@@ -646,3 +646,48 @@ def test_a_loop_whose_thread_ended_before_any_sample_reports_no_stall(rig: Rig) 
     finally:
         perf_module._finish_hooks.pop()
     assert (found, state.done, rig.monitor._stall) == ([], True, None)
+
+
+def test_requests_that_block_the_loop_back_to_back_each_get_their_own_stall(rig: Rig) -> None:
+    # Requests queued behind a blocking one run one after the other with no beat between them:
+    # when the first finishes, the loop is still blocked, by the next. Each gets its own part.
+    first = RequestRecord("/blocking", "GET", owner=rig.perf)
+    second = RequestRecord("/blocking", "GET", owner=rig.perf)
+    first.started_at = second.started_at = T0 - 0.01
+    rig.beat()
+    state = rig.stall(first, sampled_here())  # the first request's blocking line
+    rig.clock.t += 0.2
+    rig.stat.cpu += 0.2
+    rig.monitor._update(state)
+    rig.perf.finish(first)  # its response is sent; the loop goes on to the second at once
+    following = rig.monitor._stall
+    assert following is not None and following is not state and following.start == T0 + 0.2
+    with rig.monitor._lock:
+        following.record, following.record_known = second, True
+        rig.monitor._sample(following, sampled_here(), rig.loop)  # the second request's line
+    rig.clock.t += 0.15
+    rig.stat.cpu += 0.15
+    rig.monitor._update(following)
+    rig.perf.finish(second)
+    after = rig.monitor._stall
+    assert after is not None and after is not following
+    rig.clock.t += 0.001  # the loop answers the beat: what followed the second is no stall
+    rig.monitor._loop_came_back(rig.clock())
+    assert rig.monitor._stall is None
+    found = [
+        (s.cause, round(s.duration_seconds, 9), s.location)
+        for record in (first, second)
+        for s in record.stalls
+    ]
+    assert found == [
+        (
+            "cpu",
+            round(0.2 - HEARTBEAT_SECONDS / 2, 9),
+            line_of(__file__, "# the first request's blocking line"),
+        ),
+        ("cpu", 0.15, line_of(__file__, "# the second request's line")),
+    ]
+    assert list(rig.monitor.recent) == [
+        (T0 + HEARTBEAT_SECONDS / 2, T0 + 0.2),
+        (T0 + 0.2, T0 + 0.35),
+    ]

@@ -113,6 +113,7 @@ class _StallState:
         "busy_site",
         "busy_stack",
         "done",
+        "follows",
         "last_sample",
         "next_sample",
         "record",
@@ -172,6 +173,9 @@ class _StallState:
         self.record_known = False
         self.stall: Stall | None = None  # appended to `record` once the threshold is passed
         self.done = False
+        # Opened where the request before it finished, the loop still blocked: `start` is
+        # exact, and a request that began later began the stall itself.
+        self.follows = False
 
     def sample_due(self, now: float) -> bool:
         """Whether the watchdog takes a stack sample now (see SAMPLE_BACKOFF)."""
@@ -427,14 +431,37 @@ class LoopMonitor:
     # Settling a stall (under self._lock, on the loop thread once the loop runs again)
 
     def _settle(self, state: _StallState) -> None:
-        """The stall's record is finishing: the loop runs again, so the stall is over."""
+        """The stall's record is finishing: its part of the stall is over.
+
+        On the loop thread, the loop may still not answer: it goes on to the next callback
+        (requests queued back to back behind a blocking one). The rest is a stall of its own,
+        from now, for the watchdog to follow and place in the next request's record.
+        """
         with _GUARD, self._lock:
             if state.done:
                 return
             culprit, self._gc_culprit = self._gc_culprit, None
-            report = self._finalize(state, self.now(), culprit)
+            now = self.now()
+            report = self._finalize(state, now, culprit)
+            blocked = state.dominant_share() >= 0.5  # one callback, not a saturated loop
+            if self._stall is state and blocked and not self.stopped and self._on_loop_thread():
+                self._stall = self._following(now)
         if report is not None:
             self._report_background(*report)
+
+    def _following(self, now: float) -> _StallState:
+        """A stall from `now` on, its counters read now (under self._lock, on the loop thread)."""
+        state = _StallState(
+            now,
+            now,
+            self.stat.raw(),
+            gc_clock.clock.cpu,
+            self._throttling,
+            self.process_cpu(),
+            self.switches(),
+        )
+        state.follows = True
+        return state
 
     def signals(self, state: _StallState, end: float) -> Signals:
         """The loop thread's counters over the stall, from the beat before it to `end`."""
@@ -696,7 +723,8 @@ class LoopMonitor:
                 state = self._stall = self._open()
             elif state.done:
                 return None
-            self._watched(state, deadline)
+            # A stall that follows a request's began after the deadline: watched from now.
+            self._watched(state, self.now() if state.follows else deadline)
             return state
 
     def _exited(self) -> None:
@@ -789,7 +817,10 @@ class LoopMonitor:
         record = state.record
         if state.record_known and record is not None and record.started_at > state.beat_at:
             # The request began after the last beat: the stall began no earlier than it did.
-            state.start = (record.started_at + state.beat_at + self.interval) / 2
+            if state.follows:
+                state.start = record.started_at
+            else:
+                state.start = (record.started_at + state.beat_at + self.interval) / 2
             elapsed = now - state.start
         if state.stall is None:
             if elapsed < self.threshold or record is None or record.closed:
