@@ -27,6 +27,7 @@ from perfmw.loop.monitor import (
     MAX_SAMPLES,
     RECENT_STALLS,
     SAMPLE_SECONDS,
+    ONE_CALLBACK_SAMPLES,
     SATURATION_SAMPLES,
     LoopMonitor,
 )
@@ -648,26 +649,66 @@ def test_a_loop_whose_thread_ended_before_any_sample_reports_no_stall(rig: Rig) 
     assert (found, state.done, rig.monitor._stall) == ([], True, None)
 
 
-def test_requests_that_block_the_loop_back_to_back_each_get_their_own_stall(rig: Rig) -> None:
+class Callbacks:
+    """Loop callbacks to sample: each `await` below is a suspended coroutine of its own, the
+    root of its samples, as a request's task is."""
+
+    def __init__(self) -> None:
+        self.coroutines: list[Any] = []
+
+    async def first(self) -> None:
+        await asyncio.sleep(0)  # the first request's blocking line
+
+    async def second(self) -> None:
+        await asyncio.sleep(0)  # the second request's line
+
+    def frame(self, code: Any) -> Any:
+        coroutine = code()
+        coroutine.send(None)  # suspended at its line
+        self.coroutines.append(coroutine)
+        return coroutine.cr_frame
+
+    def close(self) -> None:
+        for coroutine in self.coroutines:
+            coroutine.close()
+
+
+@pytest.fixture
+def callbacks() -> Iterator[Callbacks]:
+    made = Callbacks()
+    yield made
+    made.close()
+
+
+def sample_for(rig: Rig, state: Any, frames: list[Any], seconds: float = 0.03) -> None:
+    """The watchdog samples `frames` in turn, `seconds` of the loop's computing apart."""
+    for frame in frames:
+        rig.clock.t += seconds
+        rig.stat.cpu += seconds
+        with rig.monitor._lock:
+            rig.monitor._sample(state, frame, rig.loop)
+            rig.monitor._update(state)
+
+
+def test_requests_that_block_the_loop_back_to_back_each_get_their_own_stall(
+    rig: Rig, callbacks: Callbacks
+) -> None:
     # Requests queued behind a blocking one run one after the other with no beat between them:
     # when the first finishes, the loop is still blocked, by the next. Each gets its own part.
     first = RequestRecord("/blocking", "GET", owner=rig.perf)
     second = RequestRecord("/blocking", "GET", owner=rig.perf)
     first.started_at = second.started_at = T0 - 0.01
     rig.beat()
-    state = rig.stall(first, sampled_here())  # the first request's blocking line
-    rig.clock.t += 0.2
-    rig.stat.cpu += 0.2
-    rig.monitor._update(state)
+    state = rig.stall(first)
+    blocking = callbacks.frame(callbacks.first)
+    sample_for(rig, state, [blocking] * SATURATION_SAMPLES, 0.05)
     rig.perf.finish(first)  # its response is sent; the loop goes on to the second at once
     following = rig.monitor._stall
-    assert following is not None and following is not state and following.start == T0 + 0.2
+    assert following is not None and following is not state
+    assert following.start == pytest.approx(T0 + 0.2, abs=1e-9)
     with rig.monitor._lock:
         following.record, following.record_known = second, True
-        rig.monitor._sample(following, sampled_here(), rig.loop)  # the second request's line
-    rig.clock.t += 0.15
-    rig.stat.cpu += 0.15
-    rig.monitor._update(following)
+    sample_for(rig, following, [callbacks.frame(callbacks.second)] * 5)
     rig.perf.finish(second)
     after = rig.monitor._stall
     assert after is not None and after is not following
@@ -687,7 +728,76 @@ def test_requests_that_block_the_loop_back_to_back_each_get_their_own_stall(rig:
         ),
         ("cpu", 0.15, line_of(__file__, "# the second request's line")),
     ]
-    assert list(rig.monitor.recent) == [
-        (T0 + HEARTBEAT_SECONDS / 2, T0 + 0.2),
-        (T0 + 0.2, T0 + 0.35),
-    ]
+
+
+def test_a_request_finishing_in_a_stall_spread_over_callbacks_ends_it_for_no_other(
+    rig: Rig, callbacks: Callbacks
+) -> None:
+    # Half the samples in one callback, the rest in others: the loop ran several, and what it
+    # runs next need not block it. The request that finishes meanwhile is followed by nothing.
+    record = RequestRecord("/churn", "GET", owner=rig.perf)
+    record.started_at = T0 - 0.01
+    rig.beat()
+    state = rig.stall(record)
+    spread = [callbacks.frame(callbacks.first) for _ in range(3)]
+    sample_for(rig, state, [spread[0], spread[1], spread[0], spread[2]], 0.05)
+    rig.perf.finish(record)
+    assert (state.done, rig.monitor._stall) == (True, state)
+    assert [s.cause for s in record.stalls] == ["cpu"]
+
+
+def test_a_request_finishing_after_a_single_sample_ends_it_for_no_other(
+    rig: Rig, callbacks: Callbacks
+) -> None:
+    # One sample in a callback may be chance on a saturated loop: no following stall.
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 0.01
+    rig.beat()
+    state = rig.stall(record)
+    sample_for(rig, state, [callbacks.frame(callbacks.first)], 0.2)
+    rig.perf.finish(record)
+    assert (state.done, rig.monitor._stall) == (True, state)
+    assert [s.cause for s in record.stalls] == ["cpu"]
+
+
+def test_a_request_finishing_while_samples_saw_no_callback_ends_it_for_no_other(rig: Rig) -> None:
+    # Samples outside any callback (the loop's own code): nothing says what runs next blocks.
+    record = RequestRecord("/r", "GET", owner=rig.perf)
+    record.started_at = T0 - 0.01
+    rig.beat()
+    state = rig.stall(record)
+    sample_for(rig, state, [sampled_here()] * 4, 0.05)
+    rig.perf.finish(record)
+    assert (state.done, rig.monitor._stall) == (True, state)
+
+
+@pytest.mark.parametrize("seen", ["once", "in two callbacks"])
+def test_what_follows_a_blocking_request_is_no_stall_unless_one_callback_blocked(
+    rig: Rig, callbacks: Callbacks, seen: str
+) -> None:
+    # The first request blocked; what the loop ran after it was sampled once, or in two
+    # callbacks: nothing says one of them blocked it, and nothing is reported for it.
+    first = RequestRecord("/blocking", "GET", owner=rig.perf)
+    second = RequestRecord("/next", "GET", owner=rig.perf)
+    first.started_at = second.started_at = T0 - 0.01
+    found: list[RequestRecord] = []
+    perf_module._finish_hooks.append(lambda perf, record: found.append(record))
+    try:
+        rig.beat()
+        state = rig.stall(first)
+        sample_for(rig, state, [callbacks.frame(callbacks.first)] * ONE_CALLBACK_SAMPLES, 0.1)
+        rig.perf.finish(first)
+        following = rig.monitor._stall
+        assert following is not None and following.follows
+        with rig.monitor._lock:
+            following.record, following.record_known = second, True
+        frames = [callbacks.frame(callbacks.second) for _ in range(2)]
+        samples = frames[:1] if seen == "once" else frames
+        sample_for(rig, following, samples, 0.16 / len(samples))
+        assert [s.cause for s in second.stalls] == ["blocking"]  # provisional, 0.16 s in
+        rig.perf.finish(second)
+    finally:
+        perf_module._finish_hooks.pop()
+    assert [s.cause for s in first.stalls] == ["cpu"]
+    assert [s.cause for s in second.stalls] == []
+    assert [r.route for r in found] == ["/blocking", "/next"]  # no <background> record

@@ -60,6 +60,12 @@ MAX_SAMPLES = 50
 #: After this many samples in no single callback, the loop is saturated with many short ones
 #: rather than stuck in one: no culprit to find, so no more samples.
 SATURATION_SAMPLES = 4
+#: One callback blocked the loop when this share of a stall's samples, ONE_CALLBACK_SAMPLES
+#: at least, was in it. A request that finishes inside such a stall ends its own part of it,
+#: and the rest is a stall of its own (requests queued back to back), reported only if one
+#: callback blocked it too: a loop saturated with short ones puts a sample in one by chance.
+ONE_CALLBACK_SAMPLES = 2
+ONE_CALLBACK_SHARE = 0.75
 #: Stalls shorter than this are not detected, whatever the threshold: below it the heartbeat's
 #: own jitter would be reported.
 MIN_THRESHOLD_SECONDS = 0.05
@@ -204,6 +210,13 @@ class _StallState:
         if not self.samples:
             return 1.0
         return self.roots.most_common(1)[0][1] / self.samples
+
+    def one_callback(self) -> bool:
+        """Whether the samples show one callback blocking the loop (ONE_CALLBACK_SHARE)."""
+        if self.samples < ONE_CALLBACK_SAMPLES:
+            return False
+        root, count = self.roots.most_common(1)[0]
+        return root is not None and count >= ONE_CALLBACK_SHARE * self.samples
 
     def site(self) -> CallSite:
         """The call site most samples were in: an application line if any sample had one."""
@@ -443,8 +456,12 @@ class LoopMonitor:
             culprit, self._gc_culprit = self._gc_culprit, None
             now = self.now()
             report = self._finalize(state, now, culprit)
-            blocked = state.dominant_share() >= 0.5  # one callback, not a saturated loop
-            if self._stall is state and blocked and not self.stopped and self._on_loop_thread():
+            if (
+                self._stall is state
+                and not self.stopped
+                and self._on_loop_thread()
+                and state.one_callback()
+            ):
                 self._stall = self._following(now)
         if report is not None:
             self._report_background(*report)
@@ -571,7 +588,7 @@ class LoopMonitor:
         if stall is not None:
             _pending.pop(stall, None)
         duration = end - state.start
-        if duration < self.threshold:
+        if duration < self.threshold or (state.follows and not state.one_callback()):
             if stall is not None and state.record is not None:
                 with contextlib.suppress(ValueError):
                     state.record.stalls.remove(stall)
