@@ -25,9 +25,9 @@ from perfmw.loop.kernel import CgroupCpu, ThreadStat
 from perfmw.loop.monitor import (
     HEARTBEAT_SECONDS,
     MAX_SAMPLES,
+    ONE_CALLBACK_SAMPLES,
     RECENT_STALLS,
     SAMPLE_SECONDS,
-    ONE_CALLBACK_SAMPLES,
     SATURATION_SAMPLES,
     LoopMonitor,
 )
@@ -801,3 +801,33 @@ def test_what_follows_a_blocking_request_is_no_stall_unless_one_callback_blocked
     assert [s.cause for s in first.stalls] == ["cpu"]
     assert [s.cause for s in second.stalls] == []
     assert [r.route for r in found] == ["/blocking", "/next"]  # no <background> record
+
+
+def test_a_collection_after_a_blocking_request_is_the_next_request_s_stall(
+    rig: Rig, callbacks: Callbacks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A collection holds the GIL, so no sample sees it: it locates itself, and the part of the
+    # stall after the blocking request is the next request's, caused by gc.
+    from perfmw.loop import gc_clock
+
+    first = RequestRecord("/blocking", "GET", owner=rig.perf)
+    second = RequestRecord("/gc", "GET", owner=rig.perf)
+    first.started_at = second.started_at = T0 - 0.01
+    rig.beat()
+    state = rig.stall(first)
+    sample_for(rig, state, [callbacks.frame(callbacks.first)] * ONE_CALLBACK_SAMPLES, 0.1)
+    rig.perf.finish(first)
+    following = rig.monitor._stall
+    assert following is not None and following.follows
+    rig.clock.t += 0.25
+    rig.stat.cpu += 0.25
+    monkeypatch.setattr(gc_clock.clock, "cpu", following.beat_gc + 0.24)
+    token = perfmw.record._current.set(second)
+    try:
+        rig.monitor.gc_blocked(0.24, sampled_here())  # the collection after the blocking request
+    finally:
+        perfmw.record._current.reset(token)
+    rig.perf.finish(second)
+    assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in second.stalls] == [
+        ("gc", 0.25, line_of(__file__, "# the collection after the blocking request"))
+    ]

@@ -588,7 +588,10 @@ class LoopMonitor:
         if stall is not None:
             _pending.pop(stall, None)
         duration = end - state.start
-        if duration < self.threshold or (state.follows and not state.one_callback()):
+        # What ran after a request that blocked the loop: a stall only if one callback blocked
+        # it too, or a collection (which no sample sees) located itself.
+        unseen = state.follows and culprit is None and not state.one_callback()
+        if duration < self.threshold or unseen:
             if stall is not None and state.record is not None:
                 with contextlib.suppress(ValueError):
                     state.record.stalls.remove(stall)
