@@ -94,7 +94,9 @@ def create_app(
             # Off the loop: building a MongoClient (its monitor threads, its pool) stalled it
             # at start-up now and then, a stall of no endpoint's.
             sync_client: MongoClient[dict[str, Any]] = await asyncio.to_thread(MongoClient, uri)
-            stack.callback(sync_client.close)
+            # Closed off the loop too: it ends its sessions on the server, and a server gone
+            # first (Ctrl-C stops the embedded one with the app) keeps it waiting for seconds.
+            stack.push_async_callback(asyncio.to_thread, sync_client.close)
             state["db"] = client.registry
             state["sync_db"] = sync_client.registry
             await seed(state["db"])

@@ -207,8 +207,16 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def _child(command: list[str], timeout: float) -> Iterator[str]:
     """A child process that prints one line once it is ready and exits when its stdin closes:
     yields that line ("" if none came within `timeout`)."""
+    # A session of its own: Ctrl-C is the demo's, which closes the child's stdin once the
+    # service has closed its clients (a server stopped first keeps them waiting, and each
+    # child would print a KeyboardInterrupt).
     child = subprocess.Popen(
-        command, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        command,
+        cwd=_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     assert child.stdin is not None and child.stdout is not None
     try:
