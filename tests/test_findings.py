@@ -64,6 +64,30 @@ def test_merge_sums_each_site_keeps_its_latest_example_and_the_cap() -> None:
     assert [f["location"] for f in merge([one, two], max_findings=2)] == ["app.py:1", "app.py:2"]
 
 
+def test_a_stalls_wait_of_other_requests_adds_up_in_the_store_and_across_workers() -> None:
+    # delayed_seconds grows as total_seconds does; the rest of the detail is the latest's.
+    store = FindingsStore()
+    for seen, delayed, waiting in ((1.0, 0.3, 2), (2.0, 0.45, 3), (3.0, 0.0, 0)):
+        stall = Finding(
+            "loop_stall",
+            "/r",
+            "app.py:7",
+            0.15,
+            {"cause": "blocking", "delayed_seconds": delayed, "requests_waiting": waiting},
+            first_seen=seen,
+            last_seen=seen,
+        )
+        store.add(stall)
+    (entry,) = store.snapshot()
+    assert (entry.count, round(entry.total_seconds, 9)) == (3, 0.45)
+    assert entry.detail == {"cause": "blocking", "delayed_seconds": 0.75, "requests_waiting": 0}
+    one = [serialized(1, 2, 0.3, 12.0, delayed_seconds=0.6, requests_waiting=1)]
+    two = [serialized(1, 1, 0.15, 10.0, delayed_seconds=0.45, requests_waiting=3)]
+    (merged,) = merge([one, two])  # the later one first: its detail is kept, the waits added
+    assert merged["detail"] == {"delayed_seconds": 0.6 + 0.45, "requests_waiting": 1}
+    assert merge([two, one])[0]["detail"] == merged["detail"]
+
+
 @pytest.fixture
 def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> perfmw.Perf:
     """A Perf sharing its findings through `tmp_path`, as a worker of a multiprocess service."""

@@ -397,21 +397,28 @@ def test_requests_blocking_the_loop_back_to_back_are_a_stall_each(
 
     with serve(app, loop=loop) as server:
         asyncio.run(run(server.url))
-        records = settle(finished, "/queued", 4)
+        settle(finished, "/queued", 4)
         time.sleep(0.05)  # the next beat
         metrics = httpx.get(server.url + "/metrics").text
     perf.shutdown()
-    assert (
-        stalls_of(finished)
-        == [("/queued", "blocking", line_of(__file__, "# blocks once the gate opens"))] * 4
-    ), described(finished)
-    for record in records:
-        (stall,) = record.stalls
+    line = line_of(__file__, "# blocks once the gate opens")
+    parts = sorted(
+        (s for r in finished for s in r.stalls if s.location == line), key=lambda s: s.started_at
+    )
+    assert len(parts) == 4, described(finished)
+    # A loaded machine may keep the loop thread off its CPU in a part: that part is the
+    # machine's then (on <background>), and still a part of its own.
+    machine = [s for s in parts if s.cause in MACHINE_CAUSES]
+    code = 4 - len(machine)
+    assert stalls_of(finished) == [("/queued", "blocking", line)] * code, described(finished)
+    for stall in parts:
         assert stall.signals is not None
         assert stall.duration_seconds >= 0.15 - HEARTBEAT_SECONDS / 2 - 0.001
         assert stall.duration_seconds <= 0.17 + stall.signals.kept_off, described(finished)
+    # Each waited for the ones before it: 3 requests waited for the first stall, none for the last.
+    assert [s.others for s in parts] == [3, 2, 1, 0]
     route = {"http_route": "/queued"}
-    assert sample(metrics, "perfmw_event_loop_stalls_total", **route, cause="blocking") == 4
+    assert sample(metrics, "perfmw_event_loop_stalls_total", **route, cause="blocking") == code
 
 
 @pytest.mark.parametrize("loop", LOOPS)

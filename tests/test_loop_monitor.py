@@ -831,3 +831,24 @@ def test_a_collection_after_a_blocking_request_is_the_next_request_s_stall(
     assert [(s.cause, round(s.duration_seconds, 9), s.location) for s in second.stalls] == [
         ("gc", 0.25, line_of(__file__, "# the collection after the blocking request"))
     ]
+
+
+def test_a_stall_counts_the_other_requests_in_flight_that_waited_for_it(
+    rig: Rig, callbacks: Callbacks
+) -> None:
+    # The loop answers again while the request still runs: it and three others are in flight,
+    # and the three waited for the loop (the finding's delayed_seconds, what a fix gives back).
+    record = RequestRecord("/blocking", "GET", owner=rig.perf)
+    record.started_at = T0 - 0.01
+    rig.perf.sink.active("GET").value = 4  # as the middleware counts them
+    rig.beat()
+    state = rig.stall(record)
+    sample_for(rig, state, [callbacks.frame(callbacks.first)] * 2, 0.1)
+    rig.clock.t += 0.001
+    rig.monitor._loop_came_back(rig.clock())
+    (stall,) = record.stalls
+    assert (stall.others, round(stall.duration_seconds, 9)) == (3, 0.191)
+    rig.perf.finish(record)
+    (finding,) = [f for f in rig.perf.findings.snapshot() if f.kind == "loop_stall"]
+    assert finding.detail["requests_waiting"] == 3
+    assert round(finding.detail["delayed_seconds"], 9) == 0.573

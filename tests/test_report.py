@@ -360,6 +360,22 @@ def test_two_scrapes_report_only_what_happened_between() -> None:
     assert doc["window_seconds"] == pytest.approx(30.0)
 
 
+def test_two_scrapes_count_only_the_wait_for_the_loop_between_them() -> None:
+    # The stalls between the scrapes: 5 of them, 0.75 s; the other requests in flight waited
+    # 3.0 s for them (delayed_seconds grows like total_seconds, the rest is the latest's).
+    def stalls(count: int, seconds: float, delayed: float, waiting: int) -> dict[str, Any]:
+        detail = dict(FINDINGS[1]["detail"], delayed_seconds=delayed, requests_waiting=waiting)
+        return dict(FINDINGS[1], count=count, total_seconds=seconds, detail=detail)
+
+    before = snapshot(findings=[stalls(3, 0.45, 1.5, 2)], at=1000.0)
+    doc = report.analyse(snapshot(findings=[stalls(8, 1.2, 4.5, 3)], at=1030.0), before)
+    (finding,) = doc["findings"]
+    assert (finding["count"], round(finding["total_seconds"], 9)) == (5, 0.75)
+    assert (finding["detail"]["delayed_seconds"], finding["detail"]["requests_waiting"]) == (3.0, 3)
+    (recommended,) = doc["recommendations"]
+    assert round(recommended["saved_seconds"], 9) == 3.0
+
+
 def test_compare_table_with_changes_in_percent(tmp_path: Path) -> None:
     before = report.analyse(snapshot())
     fixed = METRICS.replace(
@@ -892,3 +908,37 @@ def test_a_stall_is_advised_by_its_cause(cause: str, proposed: str, complexity: 
     assert found["title"] == f"Event loop stalled ({cause})"
     assert found["proposed"] == proposed
     assert found["complexity"] == complexity
+
+
+@pytest.mark.parametrize(
+    ("cause", "delayed", "saved", "basis"),
+    [
+        (
+            "blocking",
+            0.9,
+            0.9,
+            "the other requests in flight during the stalls, 3 at the latest one, waited for the "
+            "loop; the work itself still takes its time, off the loop",
+        ),
+        (
+            "gc",
+            0.9,
+            1.2,
+            "the other requests in flight during the stalls, 3 at the latest one, waited for the "
+            "loop, and the collections' own time is given back",
+        ),
+        ("cpu", 0.1, 0.3, "the whole stall is given back to the other requests"),
+        ("blocking", None, 0.3, "the whole stall is given back to the other requests"),
+    ],
+)
+def test_a_stall_is_expected_to_give_back_the_other_requests_wait(
+    cause: str, delayed: float | None, saved: float, basis: str
+) -> None:
+    # The stalls took 0.3 s. The requests counted in flight waited `delayed` for them; the ones
+    # unread in their sockets are not counted, so the wait is at least the stalls' own time
+    # (all there is for Prometheus's findings, which carry no count).
+    detail: dict[str, Any] = {"cause": cause}
+    if delayed is not None:
+        detail.update(delayed_seconds=delayed, requests_waiting=3)
+    found = advice({"kind": "loop_stall", "total_seconds": 0.3, "detail": detail})
+    assert (round(found["saved"], 9), found["basis"]) == (saved, basis)

@@ -144,12 +144,13 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "loop_stall":
         cause = str(detail.get("cause", "blocking"))
         ran, instead, effort = _STALL_ADVICE.get(cause, _STALL_ADVICE["blocking"])
+        saved, basis = _stall_saving(cause, total, detail)
         return {
             "title": f"Event loop stalled ({text(cause)})",
             "current": ran,
             "proposed": instead,
-            "saved": total,
-            "basis": "the whole stall is given back to the other requests",
+            "saved": saved,
+            "basis": basis,
             "complexity": effort,
         }
     if kind == "blocking_call":
@@ -198,6 +199,26 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
         "basis": "unknown kind",
         "complexity": "unknown",
     }
+
+
+def _stall_saving(cause: str, total: float, detail: Mapping[str, Any]) -> tuple[float, str]:
+    """What fixing a stall gives back: the other requests' wait for the loop.
+
+    perfmw counts the requests in flight, inside the app, as each stall ends
+    (`delayed_seconds`); the ones still unread in their sockets, which a blocked loop cannot
+    accept, it does not see. So the wait is taken to be at least the stalls' own time, the
+    next request's (Prometheus's findings carry no count at all). Beyond it, for a collection
+    its own time is given back too; blocking or computing work moved off the loop takes its own.
+    """
+    delayed = detail.get("delayed_seconds")
+    if not isinstance(delayed, (int, float)) or isinstance(delayed, bool) or delayed <= total:
+        return total, "the whole stall is given back to the other requests"
+    waiting = detail.get("requests_waiting")
+    latest = f", {int(waiting)} at the latest one," if isinstance(waiting, (int, float)) else ""
+    basis = f"the other requests in flight during the stalls{latest} waited for the loop"
+    if cause == "gc":
+        return total + delayed, basis + ", and the collections' own time is given back"
+    return delayed, basis + "; the work itself still takes its time, off the loop"
 
 
 # A stall's cause: what ran on the loop, what to do instead, how hard that is.

@@ -279,6 +279,8 @@ DETAIL = Obj(
         "documents": NUMBER,
         "bytes": NUMBER,
         "duration_seconds": NUMBER,
+        "delayed_seconds": NUMBER,
+        "requests_waiting": NUMBER,
         "sequential_seconds": NUMBER,
         "concurrent_seconds": NUMBER,
         "collections": ListOf(TEXT),

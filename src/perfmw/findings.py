@@ -2,8 +2,9 @@
 
 A detector returns one `Finding` per problem seen in one request (count 1). The store merges
 findings with the same (kind, route, location, shape) into one entry whose `count` and
-`total_seconds` grow, keeping the most recent `detail`. `merge` does the same for the findings
-several processes serialized (the workers of a service, every scrape of a report).
+`total_seconds` grow, keeping the most recent `detail` (but for its ADDITIVE keys, which grow
+too). `merge` does the same for the findings several processes serialized (the workers of a
+service, every scrape of a report).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ KINDS = (
 )
 
 DEFAULT_MAX_FINDINGS = 1000
+#: Detail keys summed over observations, as `total_seconds` is: a loop stall's other requests'
+#: wait for the loop (`delayed_seconds`).
+ADDITIVE = ("delayed_seconds",)
 
 
 @dataclass(slots=True, eq=False)
@@ -75,6 +79,23 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
+def _latest_detail(latest: Any, earlier: Any, sign: int = 1) -> Any:
+    """The latest observation's detail, with the ADDITIVE keys of both added up (with
+    `sign=-1`, the growth of those keys since `earlier`)."""
+    if not isinstance(latest, Mapping) or not isinstance(earlier, Mapping):
+        return latest
+    detail = dict(latest)
+    for key in ADDITIVE:
+        if key in detail or key in earlier:
+            detail[key] = _number(detail.get(key)) + sign * _number(earlier.get(key))
+    return detail
+
+
+def detail_since(detail: Any, earlier: Any) -> Any:
+    """A site's detail now, its ADDITIVE keys less what they held at an earlier snapshot."""
+    return _latest_detail(detail, earlier, -1)
+
+
 def merge(
     lists: Iterable[Iterable[Mapping[str, Any]]], max_findings: int | None = None
 ) -> list[dict[str, Any]]:
@@ -98,8 +119,10 @@ def merge(
             )
             if _number(finding.get("last_seen")) >= _number(entry.get("last_seen")):
                 entry["last_seen"] = finding.get("last_seen", 0)
-                entry["detail"] = finding.get("detail")
+                entry["detail"] = _latest_detail(finding.get("detail"), entry.get("detail"))
                 entry["via"] = finding.get("via") or entry.get("via")
+            else:
+                entry["detail"] = _latest_detail(entry.get("detail"), finding.get("detail"))
     found = list(merged.values())
     for entry in found:
         if isinstance(entry.get("count"), float) and float(entry["count"]).is_integer():
@@ -135,7 +158,7 @@ class FindingsStore:
             else:
                 entry.count += finding.count
                 entry.total_seconds += finding.total_seconds
-                entry.detail = dict(finding.detail)
+                entry.detail = _latest_detail(finding.detail, entry.detail)
                 entry.last_seen = finding.last_seen
                 entry.via = finding.via or entry.via
                 self._entries.move_to_end(key)

@@ -41,7 +41,7 @@ from ._report_input import (
     read_capped,
 )
 from ._report_markdown import SECTIONS, render_markdown, route_name
-from .findings import finding_key, merge
+from .findings import detail_since, finding_key, merge
 from .record import MACHINE_CAUSES
 
 FORMAT_VERSION = 1
@@ -221,6 +221,7 @@ def _delta_findings(
                 **finding,
                 "count": finding.get("count", 0) - old.get("count", 0),
                 "total_seconds": finding.get("total_seconds", 0.0) - old.get("total_seconds", 0.0),
+                "detail": detail_since(finding.get("detail"), old.get("detail")),
             }
         if finding.get("count", 0) > 0:
             kept.append(finding)

@@ -29,6 +29,9 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
                 "duration_seconds": stall.duration_seconds,
                 "stack": list(stall.stack),
                 "gc_seconds": stall.gc_seconds,
+                # Each other request in flight waited for the loop: what a fix gives back.
+                "requests_waiting": stall.others,
+                "delayed_seconds": stall.duration_seconds * stall.others,
             }
             if stall.signals is not None:
                 detail.update(stall.signals.evidence())
@@ -38,6 +41,7 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
         else:
             finding.count += 1
             finding.total_seconds += stall.duration_seconds
+            finding.detail["delayed_seconds"] += stall.duration_seconds * stall.others
     for call in record.blocking_calls:
         key = ("blocking_call", call.location)
         finding = found.get(key)

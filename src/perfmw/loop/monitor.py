@@ -226,6 +226,16 @@ class _StallState:
         return max(self.sites, key=self.sites.__getitem__) if self.sites else NOWHERE
 
 
+def _others_in_flight(record: RequestRecord | None) -> int:
+    """The requests of `record`'s app in flight besides it (a finished record is no longer
+    counted in http_server_active_requests)."""
+    if record is None or record.owner is None:
+        return 0
+    owner = record.owner
+    active = int(sum(child.value for child in list(owner.sink.active_requests.values())))
+    return max(0, active - (0 if record.closed else 1))
+
+
 # Provisional stalls appended to a record while they last: settled when the record finishes.
 _pending: dict[Stall, tuple[LoopMonitor, _StallState]] = {}
 
@@ -617,6 +627,7 @@ class LoopMonitor:
         stall.gc_seconds = signals.gc
         stall.started_at = state.start
         stall.signals = signals
+        stall.others = _others_in_flight(state.record if record is None else record)
         if state.stall is not None and state.record is not None:
             if state.record is record:
                 return None  # stays in its request's record
