@@ -730,45 +730,27 @@ def test_requests_that_block_the_loop_back_to_back_each_get_their_own_stall(
     ]
 
 
-def test_a_request_finishing_in_a_stall_spread_over_callbacks_ends_it_for_no_other(
-    rig: Rig, callbacks: Callbacks
+@pytest.mark.parametrize("seen", ["spread over callbacks", "once", "outside any callback"])
+def test_a_request_finishing_in_a_stall_not_one_callbacks_ends_it_for_no_other(
+    rig: Rig, callbacks: Callbacks, seen: str
 ) -> None:
-    # Half the samples in one callback, the rest in others: the loop ran several, and what it
-    # runs next need not block it. The request that finishes meanwhile is followed by nothing.
-    record = RequestRecord("/churn", "GET", owner=rig.perf)
+    # Half the samples in one callback and the rest in others (the loop ran several), a single
+    # sample (chance, on a saturated loop), or samples in the loop's own code: nothing says
+    # what the loop runs next blocks it. The request that finishes is followed by nothing.
+    record = RequestRecord("/r", "GET", owner=rig.perf)
     record.started_at = T0 - 0.01
     rig.beat()
     state = rig.stall(record)
     spread = [callbacks.frame(callbacks.first) for _ in range(3)]
-    sample_for(rig, state, [spread[0], spread[1], spread[0], spread[2]], 0.05)
+    samples = {
+        "spread over callbacks": [spread[0], spread[1], spread[0], spread[2]],
+        "once": spread[:1],
+        "outside any callback": [sampled_here()] * 4,
+    }[seen]
+    sample_for(rig, state, samples, 0.2 / len(samples))
     rig.perf.finish(record)
     assert (state.done, rig.monitor._stall) == (True, state)
     assert [s.cause for s in record.stalls] == ["cpu"]
-
-
-def test_a_request_finishing_after_a_single_sample_ends_it_for_no_other(
-    rig: Rig, callbacks: Callbacks
-) -> None:
-    # One sample in a callback may be chance on a saturated loop: no following stall.
-    record = RequestRecord("/r", "GET", owner=rig.perf)
-    record.started_at = T0 - 0.01
-    rig.beat()
-    state = rig.stall(record)
-    sample_for(rig, state, [callbacks.frame(callbacks.first)], 0.2)
-    rig.perf.finish(record)
-    assert (state.done, rig.monitor._stall) == (True, state)
-    assert [s.cause for s in record.stalls] == ["cpu"]
-
-
-def test_a_request_finishing_while_samples_saw_no_callback_ends_it_for_no_other(rig: Rig) -> None:
-    # Samples outside any callback (the loop's own code): nothing says what runs next blocks.
-    record = RequestRecord("/r", "GET", owner=rig.perf)
-    record.started_at = T0 - 0.01
-    rig.beat()
-    state = rig.stall(record)
-    sample_for(rig, state, [sampled_here()] * 4, 0.05)
-    rig.perf.finish(record)
-    assert (state.done, rig.monitor._stall) == (True, state)
 
 
 @pytest.mark.parametrize("seen", ["once", "in two callbacks"])
