@@ -690,22 +690,30 @@ def sample_for(rig: Rig, state: Any, frames: list[Any], seconds: float = 0.03) -
             rig.monitor._update(state)
 
 
+def blocked_then_finished(
+    rig: Rig, callbacks: Callbacks, next_route: str
+) -> tuple[RequestRecord, RequestRecord, Any]:
+    """A request blocks the loop for 0.2 s, every sample in its callback, and finishes with the
+    loop still blocked: it, the request queued behind it, and the stall that follows."""
+    first = RequestRecord("/blocking", "GET", owner=rig.perf)
+    second = RequestRecord(next_route, "GET", owner=rig.perf)
+    first.started_at = second.started_at = T0 - 0.01
+    rig.beat()
+    state = rig.stall(first)
+    sample_for(rig, state, [callbacks.frame(callbacks.first)] * ONE_CALLBACK_SAMPLES, 0.1)
+    rig.perf.finish(first)  # its response is sent; the loop goes on to the next at once
+    following = rig.monitor._stall
+    assert following is not None and following is not state and following.follows
+    assert following.start == pytest.approx(T0 + 0.2, abs=1e-9)
+    return first, second, following
+
+
 def test_requests_that_block_the_loop_back_to_back_each_get_their_own_stall(
     rig: Rig, callbacks: Callbacks
 ) -> None:
     # Requests queued behind a blocking one run one after the other with no beat between them:
     # when the first finishes, the loop is still blocked, by the next. Each gets its own part.
-    first = RequestRecord("/blocking", "GET", owner=rig.perf)
-    second = RequestRecord("/blocking", "GET", owner=rig.perf)
-    first.started_at = second.started_at = T0 - 0.01
-    rig.beat()
-    state = rig.stall(first)
-    blocking = callbacks.frame(callbacks.first)
-    sample_for(rig, state, [blocking] * SATURATION_SAMPLES, 0.05)
-    rig.perf.finish(first)  # its response is sent; the loop goes on to the second at once
-    following = rig.monitor._stall
-    assert following is not None and following is not state
-    assert following.start == pytest.approx(T0 + 0.2, abs=1e-9)
+    first, second, following = blocked_then_finished(rig, callbacks, "/blocking")
     with rig.monitor._lock:
         following.record, following.record_known = second, True
     sample_for(rig, following, [callbacks.frame(callbacks.second)] * 5)
@@ -759,18 +767,10 @@ def test_what_follows_a_blocking_request_is_no_stall_unless_one_callback_blocked
 ) -> None:
     # The first request blocked; what the loop ran after it was sampled once, or in two
     # callbacks: nothing says one of them blocked it, and nothing is reported for it.
-    first = RequestRecord("/blocking", "GET", owner=rig.perf)
-    second = RequestRecord("/next", "GET", owner=rig.perf)
-    first.started_at = second.started_at = T0 - 0.01
     found: list[RequestRecord] = []
     perf_module._finish_hooks.append(lambda perf, record: found.append(record))
     try:
-        rig.beat()
-        state = rig.stall(first)
-        sample_for(rig, state, [callbacks.frame(callbacks.first)] * ONE_CALLBACK_SAMPLES, 0.1)
-        rig.perf.finish(first)
-        following = rig.monitor._stall
-        assert following is not None and following.follows
+        first, second, following = blocked_then_finished(rig, callbacks, "/next")
         with rig.monitor._lock:
             following.record, following.record_known = second, True
         frames = [callbacks.frame(callbacks.second) for _ in range(2)]
@@ -792,15 +792,7 @@ def test_a_collection_after_a_blocking_request_is_the_next_request_s_stall(
     # stall after the blocking request is the next request's, caused by gc.
     from perfmw.loop import gc_clock
 
-    first = RequestRecord("/blocking", "GET", owner=rig.perf)
-    second = RequestRecord("/gc", "GET", owner=rig.perf)
-    first.started_at = second.started_at = T0 - 0.01
-    rig.beat()
-    state = rig.stall(first)
-    sample_for(rig, state, [callbacks.frame(callbacks.first)] * ONE_CALLBACK_SAMPLES, 0.1)
-    rig.perf.finish(first)
-    following = rig.monitor._stall
-    assert following is not None and following.follows
+    _first, second, following = blocked_then_finished(rig, callbacks, "/gc")
     rig.clock.t += 0.25
     rig.stat.cpu += 0.25
     monkeypatch.setattr(gc_clock.clock, "cpu", following.beat_gc + 0.24)
