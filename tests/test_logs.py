@@ -149,6 +149,16 @@ def test_each_finding_is_one_sentence(kind: str) -> None:
     assert "{'" not in text
 
 
+def test_a_stall_names_the_other_requests_that_waited_for_it() -> None:
+    make, _sentence = FINDINGS["loop_stall"]
+    finding = make()
+    finding.detail.update(requests_waiting=3, delayed_seconds=0.6)
+    assert describe(finding).splitlines()[0] == (
+        "event loop stalled 200 ms (blocking) on /reports/blocking, 3 other requests waiting, "
+        "at app/reports.py:7"
+    )
+
+
 def test_a_duplicate_read_whose_first_line_is_not_known_yet_says_so() -> None:
     finding = duplicate_read()
     finding.detail["first_location"] = None

@@ -60,9 +60,12 @@ def describe(finding: Finding) -> str:
         )
     if kind == "loop_stall":
         stack = "\n    ".join(visible(str(frame)) for frame in d.get("stack", ())[-10:])
+        waiting = d.get("requests_waiting")
+        plural = "s" if waiting != 1 else ""
+        others = f", {waiting} other request{plural} waiting," if waiting else ""
         return (
             f"event loop stalled {_ms(d.get('duration_seconds', 0))} ({d.get('cause')}) on "
-            f"{route} at {where}\n    {stack}"
+            f"{route}{others} at {where}\n    {stack}"
         )
     if kind == "slow_query":
         behind = d.get("loop_stall_seconds")
