@@ -374,6 +374,8 @@ def test_two_scrapes_count_only_the_wait_for_the_loop_between_them() -> None:
     assert (finding["detail"]["delayed_seconds"], finding["detail"]["requests_waiting"]) == (3.0, 3)
     (recommended,) = doc["recommendations"]
     assert round(recommended["saved_seconds"], 9) == 3.0
+    evidence = "- **Evidence:** seen 5 stalls, 750 ms; latest 150 ms; the other requests in "
+    assert evidence + "flight waited 3.00 s; cause blocking;" in report.render_markdown(doc)
 
 
 def test_compare_table_with_changes_in_percent(tmp_path: Path) -> None:

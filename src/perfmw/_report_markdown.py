@@ -144,6 +144,7 @@ _EVIDENCE_KEYS = {
     "bytes": "bytes",
     "missing": "missing",
     "duration_seconds": "latest",
+    "delayed_seconds": "the other requests in flight waited",
     "sequential_seconds": "one after another",
     "concurrent_seconds": "concurrently",
     "cause": "cause",
@@ -161,6 +162,8 @@ def _evidence(item: Mapping[str, Any]) -> str:
         value = detail.get(key)
         if value is None or value == [] or (key == "kind" and kind != "blocking_call"):
             continue
+        if key == "delayed_seconds" and not value:
+            continue  # none was counted: nothing to say
         if key.endswith("_seconds") and isinstance(value, (int, float)):
             parts.append(f"{_EVIDENCE_KEYS[key]} {ms(float(value))}")
         elif isinstance(value, list):
