@@ -416,7 +416,7 @@ def test_requests_blocking_the_loop_back_to_back_are_a_stall_each(
         assert stall.duration_seconds >= 0.15 - HEARTBEAT_SECONDS / 2 - 0.001
         assert stall.duration_seconds <= 0.17 + stall.signals.kept_off, described(finished)
     # Each waited for the ones before it: 3 requests waited for the first stall, none for the last.
-    assert [s.others for s in parts] == [3, 2, 1, 0]
+    assert [s.requests_waiting for s in parts] == [3, 2, 1, 0]
     route = {"http_route": "/queued"}
     assert sample(metrics, "perfmw_event_loop_stalls_total", **route, cause="blocking") == code
 

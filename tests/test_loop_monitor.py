@@ -821,8 +821,25 @@ def test_a_stall_counts_the_other_requests_in_flight_that_waited_for_it(
     rig.clock.t += 0.001
     rig.monitor._loop_came_back(rig.clock())
     (stall,) = record.stalls
-    assert (stall.others, round(stall.duration_seconds, 9)) == (3, 0.191)
+    assert (stall.requests_waiting, round(stall.duration_seconds, 9)) == (3, 0.191)
     rig.perf.finish(record)
     (finding,) = [f for f in rig.perf.findings.snapshot() if f.kind == "loop_stall"]
     assert finding.detail["requests_waiting"] == 3
     assert round(finding.detail["delayed_seconds"], 9) == 0.573
+
+
+def test_two_stalls_at_one_line_of_a_request_add_up_the_wait_they_caused() -> None:
+    # One finding per line and request: its wait is each stall's duration times the requests
+    # then waiting, summed (0.2 s x 2 + 0.1 s x 1); the latest count is the evidence.
+    from perfmw.detectors import loop as loop_detector
+    from perfmw.record import Stall
+
+    record = RequestRecord("/r", "GET")
+    for seconds, waiting in ((0.2, 2), (0.1, 1)):
+        stall = Stall(seconds, "app.py:3", ("app.py:3 in r",), "blocking")
+        stall.requests_waiting = waiting
+        record.stalls.append(stall)
+    (finding,) = loop_detector.detect(record, perfmw.Settings())
+    assert (finding.count, round(finding.total_seconds, 9)) == (2, 0.3)
+    assert finding.detail["requests_waiting"] == 1
+    assert round(finding.detail["delayed_seconds"], 9) == 0.5

@@ -78,7 +78,7 @@ class Stall:
     started_at: float = 0.0  # time.perf_counter() when the loop stopped answering
     signals: Signals | None = None  # what the kernel measured of the loop thread meanwhile
     # The app's other requests in flight when the stall ended: each waited for the loop.
-    others: int = 0
+    requests_waiting: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -30,8 +30,8 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
                 "stack": list(stall.stack),
                 "gc_seconds": stall.gc_seconds,
                 # Each other request in flight waited for the loop: what a fix gives back.
-                "requests_waiting": stall.others,
-                "delayed_seconds": stall.duration_seconds * stall.others,
+                "requests_waiting": stall.requests_waiting,
+                "delayed_seconds": stall.duration_seconds * stall.requests_waiting,
             }
             if stall.signals is not None:
                 detail.update(stall.signals.evidence())
@@ -41,7 +41,8 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
         else:
             finding.count += 1
             finding.total_seconds += stall.duration_seconds
-            finding.detail["delayed_seconds"] += stall.duration_seconds * stall.others
+            finding.detail["delayed_seconds"] += stall.duration_seconds * stall.requests_waiting
+            finding.detail["requests_waiting"] = stall.requests_waiting  # the latest's
     for call in record.blocking_calls:
         key = ("blocking_call", call.location)
         finding = found.get(key)

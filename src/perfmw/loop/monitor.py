@@ -226,7 +226,7 @@ class _StallState:
         return max(self.sites, key=self.sites.__getitem__) if self.sites else NOWHERE
 
 
-def _others_in_flight(record: RequestRecord | None) -> int:
+def _requests_waiting(record: RequestRecord | None) -> int:
     """The requests of `record`'s app in flight besides it (a finished record is no longer
     counted in http_server_active_requests)."""
     if record is None or record.owner is None:
@@ -627,7 +627,7 @@ class LoopMonitor:
         stall.gc_seconds = signals.gc
         stall.started_at = state.start
         stall.signals = signals
-        stall.others = _others_in_flight(state.record if record is None else record)
+        stall.requests_waiting = _requests_waiting(state.record if record is None else record)
         if state.stall is not None and state.record is not None:
             if state.record is record:
                 return None  # stays in its request's record
