@@ -8,6 +8,7 @@ import contextvars
 import ctypes
 import dataclasses
 import gc
+import http.client
 import inspect
 import json
 import logging
@@ -86,6 +87,14 @@ async def queued(request: Request) -> Response:
     await state.gate.wait()  # every waiter wakes in the same turn of the loop
     time.sleep(0.15)  # blocks once the gate opens
     return PlainTextResponse("slept")
+
+
+async def hold(request: Request) -> Response:
+    state = request.app.state
+    state.held.set()
+    state.sent.wait(10)  # blocks the loop until the other request is in its socket
+    time.sleep(0.2)
+    return PlainTextResponse("held")
 
 
 async def open_gate(request: Request) -> Response:
@@ -174,6 +183,7 @@ def make_app(base_http_middleware: bool = False, **settings: Any) -> tuple[Starl
             Route("/in-flight", in_flight),
             Route("/queued", queued),
             Route("/open", open_gate),
+            Route("/hold", hold),
             Route("/gc", collect),
             Route("/after-response", after_response),
             Route("/flood", flood),
@@ -184,6 +194,7 @@ def make_app(base_http_middleware: bool = False, **settings: Any) -> tuple[Starl
     )
     app.state.in_flight = 0
     app.state.gate = asyncio.Event()  # bound to the loop at its first wait (Python 3.10+)
+    app.state.held, app.state.sent = threading.Event(), threading.Event()
     perf = perfmw.instrument(
         app, settings=perfmw.Settings(**settings), registry=CollectorRegistry()
     )
@@ -419,6 +430,44 @@ def test_requests_blocking_the_loop_back_to_back_are_a_stall_each(
     assert [s.requests_waiting for s in parts] == [3, 2, 1, 0]
     route = {"http_route": "/queued"}
     assert sample(metrics, "perfmw_event_loop_stalls_total", **route, cause="blocking") == code
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_requests_sent_or_read_while_the_loop_is_blocked_are_counted_with_their_wait(
+    loop: str, finished: list[RequestRecord]
+) -> None:
+    # Three requests sent while /hold blocks the loop wait unread in their connections, where
+    # no middleware sees them, each at least the 0.2 s the loop stays blocked after. The loop
+    # then reads all three in one turn and runs them one after the other: each blocking
+    # request's stall is waited for by those read but not started yet.
+    app, perf = make_app()
+    with serve(app, loop=loop) as server:
+        others = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in "abc"]
+        for other in others:
+            other.request("GET", "/in-flight")  # accepted while the loop is free, kept alive
+            assert other.getresponse().read() == b"0"
+        blocking = threading.Thread(target=httpx.get, args=(server.url + "/hold",))
+        blocking.start()
+        try:
+            assert app.state.held.wait(10)
+            for other in others:
+                other.request("GET", "/sleep/300")  # sent while the loop is blocked
+        finally:
+            app.state.sent.set()
+            blocking.join(30)
+        assert [other.getresponse().read() for other in others] == [b"slept"] * 3
+        for other in others:
+            other.close()
+        settle(finished, "/sleep/{ms}", 3)
+        time.sleep(0.05)  # the next beat
+    perf.shutdown()
+    stalls = sorted((s for r in finished for s in r.stalls), key=lambda s: s.started_at)
+    assert len(stalls) == 4, described(finished)
+    held, *sleeps = stalls
+    assert held.requests_waiting == 3, described(finished)
+    assert 3 * (0.2 - 0.01) <= held.delayed_seconds <= 3 * held.duration_seconds
+    assert [s.requests_waiting for s in sleeps] == [2, 1, 0], described(finished)
+    assert [round(s.delayed_seconds / s.duration_seconds, 9) for s in sleeps] == [2, 1, 0]
 
 
 @pytest.mark.parametrize("loop", LOOPS)

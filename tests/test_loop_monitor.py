@@ -75,6 +75,8 @@ class Rig:
         self.switches = Clock()  # the loop thread's voluntary context switches
         self.switches.t = 0
         self.cgroup_file = cgroup_file
+        # When each request unread in a server connection arrived, as the kernel would say.
+        self.arrived: list[float] = []
         self.throttle(0, 0.0)
         monitor_module._cgroup = CgroupCpu([str(cgroup_file)])
         self.monitor = LoopMonitor(
@@ -85,6 +87,7 @@ class Rig:
             self.process,
             lambda exclude: dict(self.tasks),
             self.switches,
+            lambda now: list(self.arrived),
         )
         self.monitor._throttling = monitor_module.cgroup().read()  # as start() does
 
@@ -828,6 +831,52 @@ def test_a_stall_counts_the_other_requests_in_flight_that_waited_for_it(
     assert round(finding.detail["delayed_seconds"], 9) == 0.573
 
 
+def test_requests_sent_during_a_stall_waited_unread_from_when_they_arrived(
+    rig: Rig, callbacks: Callbacks
+) -> None:
+    # One other request was in flight; two were sent while the loop was blocked, 50 and 150 ms
+    # in, and wait unread in their connections (the kernel dates their data).
+    record = RequestRecord("/blocking", "GET", owner=rig.perf)
+    record.started_at = T0 - 0.01
+    rig.perf.sink.active("GET").value = 2  # it and the one in flight
+    rig.beat()
+    state = rig.stall(record)
+    start = state.start
+    rig.arrived = [start + 0.05, start + 0.15]
+    sample_for(rig, state, [callbacks.frame(callbacks.first)] * 2, 0.1)
+    rig.clock.t += 0.001
+    rig.monitor._loop_came_back(rig.clock())
+    (stall,) = record.stalls
+    assert round(stall.duration_seconds, 9) == 0.191
+    assert stall.requests_waiting == 3
+    assert round(stall.delayed_seconds, 9) == round(0.191 + (0.191 - 0.05) + (0.191 - 0.15), 9)
+    rig.perf.finish(record)
+    (finding,) = [f for f in rig.perf.findings.snapshot() if f.kind == "loop_stall"]
+    assert finding.detail["requests_waiting"] == 3
+    assert round(finding.detail["delayed_seconds"], 9) == 0.373
+
+
+def test_a_request_sent_during_stalls_back_to_back_waits_through_each_part(
+    rig: Rig, callbacks: Callbacks
+) -> None:
+    # Sent 100 ms into the first request's part, unread until the loop answers again: it waits
+    # the rest of that part and the whole of the next request's.
+    rig.arrived = [T0 + 0.1]
+    first, second, following = blocked_then_finished(rig, callbacks, "/blocking")
+    with rig.monitor._lock:
+        following.record, following.record_known = second, True
+    sample_for(rig, following, [callbacks.frame(callbacks.second)] * 5)
+    rig.perf.finish(second)
+    rig.clock.t += 0.001
+    rig.monitor._loop_came_back(rig.clock())
+    found = [
+        (round(s.duration_seconds, 9), s.requests_waiting, round(s.delayed_seconds, 9))
+        for record in (first, second)
+        for s in record.stalls
+    ]
+    assert found == [(round(0.2 - HEARTBEAT_SECONDS / 2, 9), 1, 0.1), (0.15, 1, 0.15)]
+
+
 def test_two_stalls_at_one_line_of_a_request_add_up_the_wait_they_caused() -> None:
     # One finding per line and request: its wait is each stall's duration times the requests
     # then waiting, summed (0.2 s x 2 + 0.1 s x 1); the latest count is the evidence.
@@ -837,7 +886,7 @@ def test_two_stalls_at_one_line_of_a_request_add_up_the_wait_they_caused() -> No
     record = RequestRecord("/r", "GET")
     for seconds, waiting in ((0.2, 2), (0.1, 1)):
         stall = Stall(seconds, "app.py:3", ("app.py:3 in r",), "blocking")
-        stall.requests_waiting = waiting
+        stall.requests_waiting, stall.delayed_seconds = waiting, seconds * waiting
         record.stalls.append(stall)
     (finding,) = loop_detector.detect(record, perfmw.Settings())
     assert (finding.count, round(finding.total_seconds, 9)) == (2, 0.3)

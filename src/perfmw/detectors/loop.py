@@ -29,9 +29,9 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
                 "duration_seconds": stall.duration_seconds,
                 "stack": list(stall.stack),
                 "gc_seconds": stall.gc_seconds,
-                # Each other request in flight waited for the loop: what a fix gives back.
+                # The other requests' wait for the loop: what a fix gives back.
                 "requests_waiting": stall.requests_waiting,
-                "delayed_seconds": stall.duration_seconds * stall.requests_waiting,
+                "delayed_seconds": stall.delayed_seconds,
             }
             if stall.signals is not None:
                 detail.update(stall.signals.evidence())
@@ -41,7 +41,7 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
         else:
             finding.count += 1
             finding.total_seconds += stall.duration_seconds
-            finding.detail["delayed_seconds"] += stall.duration_seconds * stall.requests_waiting
+            finding.detail["delayed_seconds"] += stall.delayed_seconds
             finding.detail["requests_waiting"] = stall.requests_waiting  # the latest's
     for call in record.blocking_calls:
         key = ("blocking_call", call.location)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _guard
 from .._frames import NOWHERE, CallSite, call_site, format_stack, snapshot
 from ..record import BACKGROUND, RequestRecord, Stall, _current
-from . import gc_clock, requests
+from . import gc_clock, requests, sockets
 from .causes import CODE_CAUSES, BusyThread, Signals, classify
 from .kernel import (
     CgroupCpu,
@@ -269,6 +269,7 @@ class LoopMonitor:
         process: Any = process_cpu,
         tasks: Any = Tasks.read,
         switches: Any = voluntary_switches,
+        arrivals: Any = sockets.arrivals,
     ) -> None:
         self._loop_ref = weakref.ref(loop)
         self.perfs: list[Perf] = [owner]
@@ -282,6 +283,7 @@ class LoopMonitor:
         self.process_cpu = process
         self.switches = switches  # the loop thread's voluntary context switches
         self.read_tasks = tasks
+        self.arrivals = arrivals  # when each request unread in its connection arrived
         # Else the first look waits until the stall is in its request's record (`placed`).
         self._reads_holding_gil = tasks is Tasks.read and Tasks.holds_gil()
         self.cpus = available_cpus()
@@ -627,7 +629,16 @@ class LoopMonitor:
         stall.gc_seconds = signals.gc
         stall.started_at = state.start
         stall.signals = signals
-        stall.requests_waiting = _requests_waiting(state.record if record is None else record)
+        # Who waited for the loop meanwhile: the app's other requests in flight and those read
+        # but not started yet, each the whole stall, and those still unread in their
+        # connections, since they arrived.
+        in_flight = _requests_waiting(state.record if record is None else record)
+        loop = self._loop_ref()
+        if loop is not None and self._on_loop_thread():
+            in_flight += requests.not_started(loop)
+        queued = sockets.waits(self.arrivals(end), state.start, end)
+        stall.requests_waiting = in_flight + len(queued)
+        stall.delayed_seconds = duration * in_flight + sum(queued)
         if state.stall is not None and state.record is not None:
             if state.record is record:
                 return None  # stays in its request's record

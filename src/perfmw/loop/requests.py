@@ -11,6 +11,7 @@ Read from the watchdog thread, in a sample of the loop thread's stack:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import weakref
 from types import CodeType, FrameType
 from typing import Any
@@ -127,3 +128,25 @@ def recording_task_factory(previous: Any) -> Any:
 
     factory.previous = previous  # type: ignore[attr-defined]
     return factory
+
+
+#: The coroutine an ASGI server runs each request in (uvicorn's request cycles).
+_REQUEST_CYCLES = frozenset({"run_asgi"})
+
+
+def not_started(loop: asyncio.AbstractEventLoop) -> int:
+    """Requests the server has read but the loop has not run yet: tasks of its request cycle
+    whose coroutine has not begun (the loop reads several connections in one turn, then runs
+    their requests one after the other). No middleware has seen them; each waits for the loop.
+    """
+    count = 0
+    for task in asyncio.all_tasks(loop):
+        coro = task.get_coro()
+        code = getattr(coro, "cr_code", None)
+        if (
+            code is not None
+            and code.co_name in _REQUEST_CYCLES
+            and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED  # type: ignore[arg-type]
+        ):
+            count += 1
+    return count
