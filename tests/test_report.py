@@ -361,7 +361,7 @@ def test_two_scrapes_report_only_what_happened_between() -> None:
 
 
 def test_two_scrapes_count_only_the_wait_for_the_loop_between_them() -> None:
-    # The stalls between the scrapes: 5 of them, 0.75 s; the other requests in flight waited
+    # The stalls between the scrapes: 5 of them, 0.75 s; the other requests waited
     # 3.0 s for them (delayed_seconds grows like total_seconds, the rest is the latest's).
     def stalls(count: int, seconds: float, delayed: float, waiting: int) -> dict[str, Any]:
         detail = dict(FINDINGS[1]["detail"], delayed_seconds=delayed, requests_waiting=waiting)
@@ -374,8 +374,8 @@ def test_two_scrapes_count_only_the_wait_for_the_loop_between_them() -> None:
     assert (finding["detail"]["delayed_seconds"], finding["detail"]["requests_waiting"]) == (3.0, 3)
     (recommended,) = doc["recommendations"]
     assert round(recommended["saved_seconds"], 9) == 3.0
-    evidence = "- **Evidence:** seen 5 stalls, 750 ms; latest 150 ms; the other requests in "
-    assert evidence + "flight waited 3.00 s; cause blocking;" in report.render_markdown(doc)
+    evidence = "- **Evidence:** seen 5 stalls, 750 ms; latest 150 ms; the other requests "
+    assert evidence + "waited 3.00 s; cause blocking;" in report.render_markdown(doc)
 
 
 def test_compare_table_with_changes_in_percent(tmp_path: Path) -> None:
@@ -919,14 +919,14 @@ def test_a_stall_is_advised_by_its_cause(cause: str, proposed: str, complexity: 
             "blocking",
             0.9,
             0.9,
-            "the other requests in flight during the stalls, 3 at the latest one, waited for the "
+            "the other requests waiting during the stalls, 3 at the latest one, waited for the "
             "loop; the work itself still takes its time, off the loop",
         ),
         (
             "gc",
             0.9,
             1.2,
-            "the other requests in flight during the stalls, 3 at the latest one, waited for the "
+            "the other requests waiting during the stalls, 3 at the latest one, waited for the "
             "loop, and the collections' own time is given back",
         ),
         ("cpu", 0.1, 0.3, "the whole stall is given back to the other requests"),
@@ -936,9 +936,9 @@ def test_a_stall_is_advised_by_its_cause(cause: str, proposed: str, complexity: 
 def test_a_stall_is_expected_to_give_back_the_other_requests_wait(
     cause: str, delayed: float | None, saved: float, basis: str
 ) -> None:
-    # The stalls took 0.3 s. The requests counted in flight waited `delayed` for them; the ones
-    # unread in their sockets are not counted, so the wait is at least the stalls' own time
-    # (all there is for Prometheus's findings, which carry no count).
+    # The stalls took 0.3 s. The requests counted waited `delayed` for them; a count may miss
+    # some, so the wait is at least the stalls' own time (all there is for Prometheus's
+    # findings, which carry no count).
     detail: dict[str, Any] = {"cause": cause}
     if delayed is not None:
         detail.update(delayed_seconds=delayed, requests_waiting=3)

@@ -204,10 +204,11 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
 def _stall_saving(cause: str, total: float, detail: Mapping[str, Any]) -> tuple[float, str]:
     """What fixing a stall gives back: the other requests' wait for the loop.
 
-    perfmw counts the requests in flight, inside the app, as each stall ends
-    (`delayed_seconds`); the ones still unread in their sockets, which a blocked loop cannot
-    accept, it does not see. So the wait is taken to be at least the stalls' own time, the
-    next request's (Prometheus's findings carry no count at all). Beyond it, for a collection
+    perfmw counts the requests that waited for each stall (`delayed_seconds`: those in flight
+    or read but not started, and those unread in their connections, since they arrived); a
+    count can miss some (loop/sockets.py says which), never add any. So the wait is taken to be
+    at least the stalls' own time, the next request's (Prometheus's findings carry no count at
+    all). Beyond it, for a collection
     its own time is given back too; blocking or computing work moved off the loop takes its own.
     """
     delayed = detail.get("delayed_seconds")
@@ -215,7 +216,7 @@ def _stall_saving(cause: str, total: float, detail: Mapping[str, Any]) -> tuple[
         return total, "the whole stall is given back to the other requests"
     waiting = detail.get("requests_waiting")
     latest = f", {int(waiting)} at the latest one," if isinstance(waiting, (int, float)) else ""
-    basis = f"the other requests in flight during the stalls{latest} waited for the loop"
+    basis = f"the other requests waiting during the stalls{latest} waited for the loop"
     if cause == "gc":
         return total + delayed, basis + ", and the collections' own time is given back"
     return delayed, basis + "; the work itself still takes its time, off the loop"

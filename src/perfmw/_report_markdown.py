@@ -144,7 +144,7 @@ _EVIDENCE_KEYS = {
     "bytes": "bytes",
     "missing": "missing",
     "duration_seconds": "latest",
-    "delayed_seconds": "the other requests in flight waited",
+    "delayed_seconds": "the other requests waited",
     "sequential_seconds": "one after another",
     "concurrent_seconds": "concurrently",
     "cause": "cause",
