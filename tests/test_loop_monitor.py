@@ -810,50 +810,37 @@ def test_a_collection_after_a_blocking_request_is_the_next_request_s_stall(
     ]
 
 
-def test_a_stall_counts_the_other_requests_in_flight_that_waited_for_it(
-    rig: Rig, callbacks: Callbacks
+@pytest.mark.parametrize(
+    ("in_flight", "sent_at", "delayed"),
+    [
+        (4, [], 0.191 * 3),  # it and three others: each of the three waited the whole stall
+        # it and one other; two sent 50 and 150 ms into the stall, waiting unread in their
+        # connections (the kernel dates their data) from then on
+        (2, [0.05, 0.15], 0.191 + (0.191 - 0.05) + (0.191 - 0.15)),
+    ],
+    ids=["in flight", "sent meanwhile"],
+)
+def test_a_stall_counts_the_other_requests_that_waited_for_it(
+    rig: Rig, callbacks: Callbacks, in_flight: int, sent_at: list[float], delayed: float
 ) -> None:
-    # The loop answers again while the request still runs: it and three others are in flight,
-    # and the three waited for the loop (the finding's delayed_seconds, what a fix gives back).
+    # The loop answers again while the request still runs; the finding's delayed_seconds is
+    # the others' wait, what a fix gives back.
     record = RequestRecord("/blocking", "GET", owner=rig.perf)
     record.started_at = T0 - 0.01
-    rig.perf.sink.active("GET").value = 4  # as the middleware counts them
+    rig.perf.sink.active("GET").value = in_flight  # as the middleware counts them
     rig.beat()
     state = rig.stall(record)
+    rig.arrived = [state.start + seconds for seconds in sent_at]
     sample_for(rig, state, [callbacks.frame(callbacks.first)] * 2, 0.1)
     rig.clock.t += 0.001
     rig.monitor._loop_came_back(rig.clock())
     (stall,) = record.stalls
     assert (stall.requests_waiting, round(stall.duration_seconds, 9)) == (3, 0.191)
+    assert round(stall.delayed_seconds, 9) == round(delayed, 9)
     rig.perf.finish(record)
     (finding,) = [f for f in rig.perf.findings.snapshot() if f.kind == "loop_stall"]
     assert finding.detail["requests_waiting"] == 3
-    assert round(finding.detail["delayed_seconds"], 9) == 0.573
-
-
-def test_requests_sent_during_a_stall_waited_unread_from_when_they_arrived(
-    rig: Rig, callbacks: Callbacks
-) -> None:
-    # One other request was in flight; two were sent while the loop was blocked, 50 and 150 ms
-    # in, and wait unread in their connections (the kernel dates their data).
-    record = RequestRecord("/blocking", "GET", owner=rig.perf)
-    record.started_at = T0 - 0.01
-    rig.perf.sink.active("GET").value = 2  # it and the one in flight
-    rig.beat()
-    state = rig.stall(record)
-    start = state.start
-    rig.arrived = [start + 0.05, start + 0.15]
-    sample_for(rig, state, [callbacks.frame(callbacks.first)] * 2, 0.1)
-    rig.clock.t += 0.001
-    rig.monitor._loop_came_back(rig.clock())
-    (stall,) = record.stalls
-    assert round(stall.duration_seconds, 9) == 0.191
-    assert stall.requests_waiting == 3
-    assert round(stall.delayed_seconds, 9) == round(0.191 + (0.191 - 0.05) + (0.191 - 0.15), 9)
-    rig.perf.finish(record)
-    (finding,) = [f for f in rig.perf.findings.snapshot() if f.kind == "loop_stall"]
-    assert finding.detail["requests_waiting"] == 3
-    assert round(finding.detail["delayed_seconds"], 9) == 0.373
+    assert round(finding.detail["delayed_seconds"], 9) == round(delayed, 9)
 
 
 def test_a_request_sent_during_stalls_back_to_back_waits_through_each_part(
