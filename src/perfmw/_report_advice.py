@@ -208,8 +208,8 @@ def _stall_saving(cause: str, total: float, detail: Mapping[str, Any]) -> tuple[
     or read but not started, and those unread in their connections, since they arrived); a
     count can miss some (loop/sockets.py says which), never add any. So the wait is taken to be
     at least the stalls' own time, the next request's (Prometheus's findings carry no count at
-    all). Beyond it, for a collection
-    its own time is given back too; blocking or computing work moved off the loop takes its own.
+    all). Beyond it, for a collection its own time is given back too; blocking or computing
+    work moved off the loop takes its own.
     """
     delayed = detail.get("delayed_seconds")
     if not isinstance(delayed, (int, float)) or isinstance(delayed, bool) or delayed <= total:

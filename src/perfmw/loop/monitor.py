@@ -632,13 +632,13 @@ class LoopMonitor:
         # Who waited for the loop meanwhile: the app's other requests in flight and those read
         # but not started yet, each the whole stall, and those still unread in their
         # connections, since they arrived.
-        in_flight = _requests_waiting(state.record if record is None else record)
+        throughout = _requests_waiting(state.record if record is None else record)
         loop = self._loop_ref()
         if loop is not None and self._on_loop_thread():
-            in_flight += requests.not_started(loop)
-        queued = sockets.waits(self.arrivals(end), state.start, end)
-        stall.requests_waiting = in_flight + len(queued)
-        stall.delayed_seconds = duration * in_flight + sum(queued)
+            throughout += requests.not_started(loop)
+        unread = sockets.waits(self.arrivals(end), state.start, end)
+        stall.requests_waiting = throughout + len(unread)
+        stall.delayed_seconds = duration * throughout + sum(unread)
         if state.stall is not None and state.record is not None:
             if state.record is record:
                 return None  # stays in its request's record
