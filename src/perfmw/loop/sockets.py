@@ -49,11 +49,15 @@ def readings(fds: Iterable[int] | None = None) -> list[Reading]:
         except OSError:
             return []
     found: list[Reading] = []
-    for fd in list(fds)[:MAX_SOCKETS]:
+    looked = 0
+    for fd in fds:
+        if looked >= MAX_SOCKETS:
+            break
         try:
             sock = socket.socket(fileno=fd)  # not ours: detached below, never closed
         except (OSError, ValueError):  # not a socket, or closed meanwhile
             continue
+        looked += 1
         try:
             if sock.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
