@@ -77,8 +77,8 @@ class Stall:
     via: str | None = None  # the library function the application's line called
     started_at: float = 0.0  # time.perf_counter() when the loop stopped answering
     signals: Signals | None = None  # what the kernel measured of the loop thread meanwhile
-    # The app's other requests that waited for the loop: those in flight when it ended, and
-    # those sent meanwhile (loop/sockets.py); and how long they waited, in all.
+    # The other requests that waited for the loop: those in flight or read but not started
+    # when it ended, and those sent meanwhile, unread (loop/sockets.py); their wait, in all.
     requests_waiting: int = 0
     delayed_seconds: float = 0.0
 

@@ -226,7 +226,7 @@ class _StallState:
         return max(self.sites, key=self.sites.__getitem__) if self.sites else NOWHERE
 
 
-def _requests_waiting(record: RequestRecord | None) -> int:
+def _others_in_flight(record: RequestRecord | None) -> int:
     """The requests of `record`'s app in flight besides it (a finished record is no longer
     counted in http_server_active_requests)."""
     if record is None or record.owner is None:
@@ -632,7 +632,7 @@ class LoopMonitor:
         # Who waited for the loop meanwhile: the app's other requests in flight and those read
         # but not started yet, each the whole stall, and those still unread in their
         # connections, since they arrived.
-        throughout = _requests_waiting(state.record if record is None else record)
+        throughout = _others_in_flight(state.record if record is None else record)
         loop = self._loop_ref()
         if loop is not None and self._on_loop_thread():
             throughout += requests.not_started(loop)
