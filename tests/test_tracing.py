@@ -676,6 +676,62 @@ def test_wire_encoding_decodes_like_the_otlp_exporters_encoding() -> None:
     assert public == theirs
 
 
+class PlainFields:
+    """A span keeping its fields as perfmw's LeanSpan does until the application adds to it:
+    attributes in a plain dict, no events or links (empty tuples)."""
+
+    def __init__(self, span: ReadableSpan) -> None:
+        self._span = span
+        self._attributes = dict(span.attributes or {})
+        self._events = self._links = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._span, name)
+
+
+def test_equal_values_of_other_types_and_plain_fields_encode_like_the_exporter() -> None:
+    """1, True and 1.0 are one dict key: each still arrives as its own type, from the cache
+    too; and a span's plain dict and tuples encode as the SDK's bounded containers do."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+        encode_spans as exporter_encoding,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    provider, exporter = memory_provider()
+    tracer = provider.get_tracer("scope")
+    values: list[Any] = [1, True, 1.0, "1", 0, False, 0.0, ["a"], 2.5, 1, True, 1.0]
+    for n, value in enumerate(values):
+        tracer.start_span("work", attributes={"v": value, "ms": n / 4, "n": n}).end()
+    spans = exporter.get_finished_spans()
+    theirs = ExportTraceServiceRequest()
+    theirs.ParseFromString(exporter_encoding(spans).SerializePartialToString())
+    for encoded in (exported(spans), exported([PlainFields(span) for span in spans])):
+        ours = ExportTraceServiceRequest()
+        ours.ParseFromString(encoded)
+        assert ours == theirs
+    (scope_spans,) = theirs.resource_spans[0].scope_spans
+    kinds = [span.attributes[0].value.WhichOneof("value") for span in scope_spans.spans]
+    assert kinds == [
+        "int_value",
+        "bool_value",
+        "double_value",
+        "string_value",
+        "int_value",
+        "bool_value",
+        "double_value",
+        "array_value",
+        "double_value",
+        "int_value",
+        "bool_value",
+        "double_value",
+    ]
+    assert [span.attributes[1].value.double_value for span in scope_spans.spans] == [
+        n / 4 for n in range(len(values))
+    ]
+
+
 def test_the_cache_of_encoded_attributes_stays_bounded() -> None:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
@@ -692,7 +748,7 @@ def test_the_cache_of_encoded_attributes_stays_bounded() -> None:
     decoded.ParseFromString(exported(exporter.get_finished_spans()))
     (scope_spans,) = decoded.resource_spans[0].scope_spans
     assert [span.attributes[0].value.string_value for span in scope_spans.spans] == paths
-    assert len(_otlp_wire._pairs) <= _otlp_wire._PAIRS_LIMIT
+    assert all(len(pairs) <= _otlp_wire._PAIRS_LIMIT for pairs in _otlp_wire._pairs.values())
 
 
 def test_the_caches_of_encoded_keys_resources_and_scopes_stay_bounded() -> None:
@@ -717,8 +773,8 @@ def test_the_caches_of_encoded_keys_resources_and_scopes_stay_bounded() -> None:
     for scope in scopes:
         provider.get_tracer(scope).start_span("work").end()
     tracer = provider.get_tracer("keys")
-    for key in keys:
-        tracer.start_span("work", attributes={key: 1}).end()
+    for n, key in enumerate(keys):
+        tracer.start_span("work", attributes={key: 1, f"{key}.ms": n + 0.5}).end()
     spans.extend(exporter.get_finished_spans())
 
     decoded = ExportTraceServiceRequest()
@@ -733,9 +789,13 @@ def test_the_caches_of_encoded_keys_resources_and_scopes_stay_bounded() -> None:
     assert scope_names[-len(scopes) - 1 :] == [*scopes, "keys"]
     (keyed,) = (s for r in decoded.resource_spans for s in r.scope_spans if s.scope.name == "keys")
     assert [span.attributes[0].key for span in keyed.spans] == keys
+    assert [span.attributes[1].value.double_value for span in keyed.spans] == [
+        n + 0.5 for n in range(len(keys))
+    ]
     assert len(_otlp_wire._resources) <= _otlp_wire._RESOURCES_LIMIT
     assert len(_otlp_wire._scopes) <= _otlp_wire._SCOPES_LIMIT
     assert len(_otlp_wire._keys) == _otlp_wire._KEYS_LIMIT
+    assert len(_otlp_wire._double_prefixes) == _otlp_wire._KEYS_LIMIT
 
 
 def test_configure_tracing_honours_otel_environment(

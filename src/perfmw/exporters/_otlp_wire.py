@@ -24,14 +24,19 @@ _FIXED32 = struct.Struct("<I").pack
 _SMALL = [bytes((n,)) for n in range(128)]
 _UINT64 = (1 << 64) - 1
 
-# Span.kind (field 6): OTLP numbers them from INTERNAL = 1, OpenTelemetry's API from 0.
-_KINDS = {kind: b"\x30" + _SMALL[kind.value + 1] for kind in SpanKind}
+# Span.kind (field 6): OTLP numbers them from INTERNAL = 1, OpenTelemetry's API from 0. Looked
+# up by identity: hashing an Enum member is a Python call.
+_KINDS = {id(kind): b"\x30" + _SMALL[kind.value + 1] for kind in SpanKind}
 # Status.code (field 3), omitted when UNSET (0) as protobuf omits default values.
-_STATUS_CODES = {code: b"\x18" + _SMALL[code.value] if code.value else b"" for code in StatusCode}
+_STATUS_CODES = {
+    id(code): b"\x18" + _SMALL[code.value] if code.value else b"" for code in StatusCode
+}
 
 # Span.flags: bit 8 says whether the parent's remoteness is known, bit 9 that it is remote.
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
+_LOCAL_PARENT = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)  # Span.flags (field 16)
+_REMOTE_PARENT = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 
 
 def _varint(value: int) -> bytes:
@@ -77,11 +82,13 @@ _resources: dict[int, tuple[Any, bytes]] = {}
 _RESOURCES_LIMIT = 64
 _scopes: dict[int, tuple[Any, bytes]] = {}
 _SCOPES_LIMIT = 256
-# Encoded KeyValue fields by (tag, key, value type, value): a service sends the same method,
-# route, host and status over and over, and a cached attribute costs one lookup instead of
-# four encodings. Bounded: emptied when full, so values that never repeat (paths with ids)
-# cannot grow it.
-_pairs: dict[tuple[bytes, str, type, Any], bytes] = {}
+# Encoded KeyValue fields by field tag, then by (key, value) as the attributes' dict yields
+# them, with the value's type (1, 1.0 and True are equal keys but encode differently): a
+# service sends the same method, route, host and status over and over, and a cached attribute
+# costs one lookup instead of four encodings. Bounded: emptied when full, so values that never
+# repeat (paths with ids) cannot grow it; doubles (durations, never the same twice) are not
+# kept.
+_pairs: dict[bytes, dict[tuple[str, Any], tuple[type, bytes]]] = {}
 _PAIRS_LIMIT = 4096
 
 
@@ -95,31 +102,48 @@ def _key_value(tag: bytes, key: str, value: Any) -> bytes:
     return _field(tag, encoded_key + _field(b"\x12", _any_value(value)))
 
 
+# KeyValue fields of a double up to its 8 bytes, by (tag, key): bounded as the keys are.
+_double_prefixes: dict[tuple[bytes, str], bytes] = {}
+
+
+def _double_key_value(tag: bytes, key: str, value: float) -> bytes:
+    """A KeyValue field whose value is a double: durations, never the same twice."""
+    prefix = _double_prefixes.get((tag, key))
+    if prefix is None:
+        prefix = _key_value(tag, key, 0.0)[:-8]
+        if len(_double_prefixes) < _KEYS_LIMIT:
+            _double_prefixes[(tag, key)] = prefix
+    return prefix + _DOUBLE(value)
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     """Repeated KeyValue fields numbered by `tag`."""
     if not attributes:
         return b""
     parts = []
-    pairs = _pairs
+    pairs = _pairs.get(tag)
+    if pairs is None:
+        pairs = _pairs[tag] = {}
     # The SDK's BoundedAttributes keeps a plain dict: iterating it directly saves a Python
     # call per attribute.
-    for key, value in getattr(attributes, "_dict", attributes).items():
-        kind = value.__class__
-        if kind is float:  # durations: never the same twice
-            parts.append(_key_value(tag, key, value))
-            continue
-        cache_key = (tag, key, kind, value)
+    for item in getattr(attributes, "_dict", attributes).items():
         try:
-            encoded = pairs.get(cache_key)
-        except TypeError:  # an unhashable value
-            parts.append(_key_value(tag, key, value))
+            hit = pairs.get(item)
+        except TypeError:  # an unhashable value (a list)
+            parts.append(_key_value(tag, *item))
             continue
-        if encoded is None:
-            encoded = _key_value(tag, key, value)
-            if len(pairs) >= _PAIRS_LIMIT:
-                pairs.clear()
-            pairs[cache_key] = encoded
+        value = item[1]
+        if hit is not None and hit[0] is value.__class__:
+            parts.append(hit[1])
+            continue
+        if value.__class__ is float:
+            parts.append(_double_key_value(tag, item[0], value))
+            continue
+        encoded = _key_value(tag, item[0], value)
         parts.append(encoded)
+        if len(pairs) >= _PAIRS_LIMIT:
+            pairs.clear()
+        pairs[item] = (value.__class__, encoded)
     return b"".join(parts)
 
 
@@ -158,24 +182,30 @@ def _dropped(container: Any, span: Any, name: str) -> int:
 def _span(span: Any) -> bytes:
     try:
         fields = _OWN_FIELDS(span)
+        own = True
     except AttributeError:
         fields = _PUBLIC_FIELDS(span)
+        own = False
     context, parent, name, kind, start, end, attributes, events, links, status = fields
     parts = [
         b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
         b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-        _trace_state(context.trace_state),
     ]
+    if context.trace_state:
+        parts.append(_trace_state(context.trace_state))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
     parts.append(_field(b"\x2a", name.encode("utf-8")))
-    parts.append(_KINDS[kind])
+    parts.append(_KINDS[id(kind)])
     parts.append(b"\x39" + _FIXED64(start or 0))
     parts.append(b"\x41" + _FIXED64(end or 0))
     parts.append(_attributes(b"\x4a", attributes))
-    dropped = _dropped(attributes, span, "dropped_attributes")
-    if dropped:
-        parts.append(b"\x50" + _varint(dropped))
+    # A span's own plain dict or tuple drops nothing (perfmw's LeanSpan keeps them until the
+    # application adds to it): no count to look up.
+    if not own or attributes.__class__ is not dict:
+        dropped = _dropped(attributes, span, "dropped_attributes")
+        if dropped:
+            parts.append(b"\x50" + _varint(dropped))
     for event in events:
         body = (
             b"\x09"
@@ -187,9 +217,10 @@ def _span(span: Any) -> bytes:
         if dropped:
             body += b"\x20" + _varint(dropped)
         parts.append(_field(b"\x5a", body))
-    dropped = _dropped(events, span, "dropped_events")
-    if dropped:
-        parts.append(b"\x60" + _varint(dropped))
+    if not own or events.__class__ is not tuple:
+        dropped = _dropped(events, span, "dropped_events")
+        if dropped:
+            parts.append(b"\x60" + _varint(dropped))
     for link in links:
         linked = link.context
         body = (
@@ -205,16 +236,16 @@ def _span(span: Any) -> bytes:
             body += b"\x28" + _varint(dropped)
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if linked.is_remote else 0)
         parts.append(_field(b"\x6a", body + b"\x35" + _FIXED32(flags)))
-    dropped = _dropped(links, span, "dropped_links")
-    if dropped:
-        parts.append(b"\x70" + _varint(dropped))
+    if not own or links.__class__ is not tuple:
+        dropped = _dropped(links, span, "dropped_links")
+        if dropped:
+            parts.append(b"\x70" + _varint(dropped))
     if status is not None:
-        code = _STATUS_CODES[status.status_code]
+        code = _STATUS_CODES[id(status.status_code)]
         if status.description:
             code = _field(b"\x12", status.description.encode("utf-8")) + code
         parts.append(_field(b"\x7a", code))
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    parts.append(b"\x85\x01" + _FIXED32(flags))
+    parts.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
     return b"".join(parts)
 
 
