@@ -24,6 +24,7 @@ from pymongo import MongoClient, monitoring
 import perfmw
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from perfmw import explain, mongo
+from perfmw._report_advice import advice
 from support import label_values, line_of, pool_label, sample, serve, wait_for, waited_and_spent
 
 OLD_POOL_EVENTS = not hasattr(monitoring.ConnectionCheckedOutEvent, "duration")
@@ -126,6 +127,53 @@ def test_sync_driver_on_the_loop_is_a_blocking_call_and_motor_is_not(
         ("/sync-on-loop", line_of(__file__, "blocks the loop for the round trip"), 1),
         ("/sync-on-loop", line_of(__file__, "return len(list(sync[db_name].items.find({})))"), 1),
     ]
+
+
+def test_a_blocking_call_counts_the_requests_in_flight_that_waited_for_it(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry
+) -> None:
+    # Two requests wait for an event while a third sends a sync find on the loop: both are held
+    # up for the whole call, which is what moving it off the loop gives back.
+    app = FastAPI()
+    perfmw.instrument(app, registry=registry)
+    sync: MongoClient[Any] = MongoClient(mongo_uri)
+    arrived: list[int] = []
+    release = asyncio.Event()
+
+    @app.get("/waiting")
+    async def waiting() -> str:
+        arrived.append(1)
+        await release.wait()
+        return "done"
+
+    @app.get("/sync-on-loop")
+    async def sync_on_loop() -> int:
+        found = sync[db_name].items.count_documents({})  # holds up the two waiting
+        release.set()
+        return found
+
+    async def run(url: str) -> list[Any]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            held = [asyncio.create_task(http.get("/waiting")) for _ in range(2)]
+            while len(arrived) < 2:
+                await asyncio.sleep(0.01)
+            blocking = await http.get("/sync-on-loop")
+            return [blocking.json()] + [(await r).json() for r in held]
+
+    with sync, serve(app) as server:
+        assert asyncio.run(run(server.url)) == [0, "done", "done"]
+        found = httpx.get(server.url + "/perfmw/findings", timeout=10).json()["findings"]
+    [call] = [f for f in found if f["kind"] == "blocking_call"]
+    assert call["location"] == line_of(__file__, "holds up the two waiting")
+    assert call["detail"]["requests_waiting"] == 2
+    assert call["detail"]["delayed_seconds"] == pytest.approx(2 * call["total_seconds"])
+    # The report expects the fix to give back the others' wait, not the call's own time.
+    advised = advice(call)
+    assert advised["saved"] == pytest.approx(2 * call["total_seconds"])
+    assert advised["basis"] == (
+        "the other requests waiting during the calls, 2 at the latest one, waited for the loop; "
+        "the calls themselves still take their time, off the loop"
+    )
 
 
 def test_missing_index_advice_with_a_sync_client(

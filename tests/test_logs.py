@@ -159,6 +159,16 @@ def test_a_stall_names_the_other_requests_that_waited_for_it() -> None:
     )
 
 
+def test_a_blocking_call_names_the_other_requests_that_waited_for_it() -> None:
+    make, _sentence = FINDINGS["blocking_call"]
+    finding = make()
+    finding.detail.update(requests_waiting=1, delayed_seconds=0.004)
+    assert describe(finding) == (
+        "blocking call on /servers/legacy: pymongo-sync (find on servers) on the event loop's "
+        "thread for 4 ms, 1 other request waiting, at app/legacy.py:3"
+    )
+
+
 def test_a_duplicate_read_whose_first_line_is_not_known_yet_says_so() -> None:
     finding = duplicate_read()
     finding.detail["first_location"] = None

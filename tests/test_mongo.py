@@ -499,7 +499,14 @@ def test_sync_client_in_async_endpoint_is_a_blocking_call(example: Any) -> None:
     [found] = findings(example.url, "blocking_call")
     assert found["route"] == "/servers/legacy"
     assert found["location"] == line_of(APP_SOURCE, "return list(cursor.limit(limit))")
-    assert found["detail"] == {"kind": "pymongo-sync", "operation": "find", "collection": "servers"}
+    # No other request was in flight: none waited for the loop meanwhile.
+    assert found["detail"] == {
+        "kind": "pymongo-sync",
+        "operation": "find",
+        "collection": "servers",
+        "requests_waiting": 0,
+        "delayed_seconds": 0.0,
+    }
     exposition = httpx.get(example.url + "/metrics", timeout=10).text
     assert (
         sample(

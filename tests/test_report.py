@@ -944,3 +944,34 @@ def test_a_stall_is_expected_to_give_back_the_other_requests_wait(
         detail.update(delayed_seconds=delayed, requests_waiting=3)
     found = advice({"kind": "loop_stall", "total_seconds": 0.3, "detail": detail})
     assert (round(found["saved"], 9), found["basis"]) == (saved, basis)
+
+
+@pytest.mark.parametrize(
+    ("detail", "saved", "basis"),
+    [
+        (
+            {"delayed_seconds": 0.12, "requests_waiting": 3},
+            0.12,
+            "the other requests waiting during the calls, 3 at the latest one, waited for the "
+            "loop; the calls themselves still take their time, off the loop",
+        ),
+        # No other request in flight (or a finding without the count): the calls' own time.
+        (
+            {"delayed_seconds": 0.0, "requests_waiting": 0},
+            0.04,
+            "the loop no longer waits for these calls",
+        ),
+        ({}, 0.04, "the loop no longer waits for these calls"),
+    ],
+)
+def test_a_blocking_call_is_expected_to_give_back_the_other_requests_wait(
+    detail: dict[str, Any], saved: float, basis: str
+) -> None:
+    found = advice(
+        {
+            "kind": "blocking_call",
+            "total_seconds": 0.04,
+            "detail": {"kind": "pymongo-sync", **detail},
+        }
+    )
+    assert (round(found["saved"], 9), found["basis"]) == (saved, basis)

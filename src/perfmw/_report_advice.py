@@ -155,6 +155,7 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
         }
     if kind == "blocking_call":
         what = detail.get("kind", "blocking call")
+        delayed, basis = _others_wait(total, detail, "calls")
         return {
             "title": f"Blocking call on the event loop ({text(what)})",
             "current": "a synchronous `MongoClient` called inside `async def`: the loop waits "
@@ -163,8 +164,10 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
             else f"a blocking {code(what)} call inside `async def`",
             "proposed": "`pymongo.AsyncMongoClient` (or motor) with `await`, or declare the "
             "endpoint with plain `def` so it runs in the threadpool",
-            "saved": total,
-            "basis": "the loop no longer waits for these calls",
+            "saved": total if delayed is None else delayed,
+            "basis": "the loop no longer waits for these calls"
+            if delayed is None
+            else basis + "; the calls themselves still take their time, off the loop",
             "complexity": "medium",
         }
     if kind == "large_response":
@@ -202,24 +205,32 @@ def advice(finding: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _stall_saving(cause: str, total: float, detail: Mapping[str, Any]) -> tuple[float, str]:
-    """What fixing a stall gives back: the other requests' wait for the loop.
-
-    perfmw counts the requests that waited for each stall (`delayed_seconds`: those in flight
-    or read but not started, and those unread in their connections, since they arrived); a
-    count can miss some (loop/sockets.py says which), never add any. So the wait is taken to be
-    at least the stalls' own time, the next request's (Prometheus's findings carry no count at
-    all). Beyond it, for a collection its own time is given back too; blocking or computing
-    work moved off the loop takes its own.
-    """
-    delayed = detail.get("delayed_seconds")
-    if not isinstance(delayed, (int, float)) or isinstance(delayed, bool) or delayed <= total:
+    """What fixing a stall gives back: the other requests' wait for the loop (`_others_wait`).
+    For a collection its own time is given back too; blocking or computing work moved off the
+    loop takes its own."""
+    delayed, basis = _others_wait(total, detail, "stalls")
+    if delayed is None:
         return total, "the whole stall is given back to the other requests"
-    waiting = detail.get("requests_waiting")
-    latest = f", {int(waiting)} at the latest one," if isinstance(waiting, (int, float)) else ""
-    basis = f"the other requests waiting during the stalls{latest} waited for the loop"
     if cause == "gc":
         return total + delayed, basis + ", and the collections' own time is given back"
     return delayed, basis + "; the work itself still takes its time, off the loop"
+
+
+def _others_wait(total: float, detail: Mapping[str, Any], what: str) -> tuple[float | None, str]:
+    """The other requests' wait for a loop that stalls or blocked calls held, and its basis.
+
+    perfmw counts the requests that waited (`delayed_seconds`: for a stall those in flight or
+    read but not started, and those unread in their connections, since they arrived; for a
+    blocking call those in flight); a count can miss some (loop/sockets.py says which), never
+    add any. So the wait is taken to be at least the blocked time itself, the next request's
+    (Prometheus's findings carry no count at all): None when it is no more than that.
+    """
+    delayed = detail.get("delayed_seconds")
+    if not isinstance(delayed, (int, float)) or isinstance(delayed, bool) or delayed <= total:
+        return None, ""
+    waiting = detail.get("requests_waiting")
+    latest = f", {int(waiting)} at the latest one," if isinstance(waiting, (int, float)) else ""
+    return delayed, f"the other requests waiting during the {what}{latest} waited for the loop"
 
 
 # A stall's cause: what ran on the loop, what to do instead, how hard that is.

@@ -42,6 +42,7 @@ from ._value_hashes import filter_hashes, read_hash, reply_hashes
 from .detectors.mongo import REPLY_HASH_MIN_SECONDS, UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
 from .exporters._families import gauge_from
 from .exporters.prometheus import PrometheusSink, live_sinks
+from .loop.requests import not_started
 from .record import BlockingCall, Query, RequestRecord, _current, after_response
 from .settings import Settings
 from .shapes import shape_of
@@ -557,7 +558,15 @@ def _finished(
             for sink in live_sinks():
                 sink.observe_command(operation, collection, seconds, None)
         if extra is not None and extra.blocking is not None:
-            extra.blocking.duration_seconds = seconds
+            call = extra.blocking
+            call.duration_seconds = seconds
+            loop = _get_running_loop()
+            if record is not None and loop is not None:
+                # The loop waited, and so did the other requests in flight and those the server
+                # read but could not start.
+                waiting = record.others_in_flight() + not_started(loop)
+                call.detail["requests_waiting"] = waiting
+                call.detail["delayed_seconds"] = waiting * seconds
         if query is None:
             if operation in _INDEX_COMMANDS:
                 _index_changed(event.database_name, collection)

@@ -169,6 +169,16 @@ class RequestRecord:
     def stall_seconds(self) -> float:
         return sum(stall.duration_seconds for stall in self.stalls)
 
+    def others_in_flight(self) -> int:
+        """The requests of this record's app in flight besides it (a finished record is no
+        longer counted in http_server_active_requests): those that wait while it blocks the
+        loop."""
+        owner = self.owner
+        if owner is None:
+            return 0
+        active = int(sum(child.value for child in list(owner.sink.active_requests.values())))
+        return max(0, active - (0 if self.closed else 1))
+
     def __repr__(self) -> str:
         return (
             f"<RequestRecord {self.method} {self.route} status={self.status_code} "

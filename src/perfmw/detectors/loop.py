@@ -58,4 +58,10 @@ def detect(record: RequestRecord, settings: Settings) -> list[Finding]:
         else:
             finding.count += 1
             finding.total_seconds += call.duration_seconds
+            if "delayed_seconds" in call.detail:
+                detail = finding.detail
+                detail["delayed_seconds"] = (
+                    detail.get("delayed_seconds", 0.0) + call.detail["delayed_seconds"]
+                )
+                detail["requests_waiting"] = call.detail["requests_waiting"]  # the latest's
     return list(found.values())

@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .._report_escape import visible
 from ..findings import Finding
@@ -60,12 +61,9 @@ def describe(finding: Finding) -> str:
         )
     if kind == "loop_stall":
         stack = "\n    ".join(visible(str(frame)) for frame in d.get("stack", ())[-10:])
-        waiting = d.get("requests_waiting")
-        plural = "s" if waiting != 1 else ""
-        others = f", {waiting} other request{plural} waiting," if waiting else ""
         return (
             f"event loop stalled {_ms(d.get('duration_seconds', 0))} ({d.get('cause')}) on "
-            f"{route}{others} at {where}\n    {stack}"
+            f"{route}{_others_waiting(d)} at {where}\n    {stack}"
         )
     if kind == "slow_query":
         behind = d.get("loop_stall_seconds")
@@ -94,12 +92,19 @@ def describe(finding: Finding) -> str:
     if kind == "blocking_call":
         return (
             f"blocking call on {route}: {d.get('kind')} ({on}) on the event loop's "
-            f"thread for {_ms(finding.total_seconds)} at {where}"
+            f"thread for {_ms(finding.total_seconds)}{_others_waiting(d)} at {where}"
         )
     if kind == "large_response":
         problems = " and ".join(str(p).replace("_", " ") for p in d.get("problems", ()))
         return f"large response on {route}: {d.get('bytes')} bytes ({problems}) from {where}"
     return f"{visible(kind)} on {route} at {where} ({_ms(finding.total_seconds)})"
+
+
+def _others_waiting(detail: Mapping[str, Any]) -> str:
+    """ ", 3 other requests waiting," when the latest stall or call held any up."""
+    waiting = detail.get("requests_waiting")
+    plural = "s" if waiting != 1 else ""
+    return f", {waiting} other request{plural} waiting," if waiting else ""
 
 
 def log_findings(findings: Iterable[Finding]) -> None:

@@ -226,16 +226,6 @@ class _StallState:
         return max(self.sites, key=self.sites.__getitem__) if self.sites else NOWHERE
 
 
-def _others_in_flight(record: RequestRecord | None) -> int:
-    """The requests of `record`'s app in flight besides it (a finished record is no longer
-    counted in http_server_active_requests)."""
-    if record is None or record.owner is None:
-        return 0
-    owner = record.owner
-    active = int(sum(child.value for child in list(owner.sink.active_requests.values())))
-    return max(0, active - (0 if record.closed else 1))
-
-
 # Provisional stalls appended to a record while they last: settled when the record finishes.
 _pending: dict[Stall, tuple[LoopMonitor, _StallState]] = {}
 
@@ -632,7 +622,8 @@ class LoopMonitor:
         # Who waited for the loop meanwhile: the app's other requests in flight and those read
         # but not started yet, each the whole stall, and those still unread in their
         # connections, since they arrived.
-        throughout = _others_in_flight(state.record if record is None else record)
+        waiting_for = state.record if record is None else record
+        throughout = 0 if waiting_for is None else waiting_for.others_in_flight()
         loop = self._loop_ref()
         if loop is not None and self._on_loop_thread():
             throughout += requests.not_started(loop)
