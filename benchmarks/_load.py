@@ -1,6 +1,9 @@
 """Load runs against uvicorn in its own process: the servers, the load tools, their output.
 
 wrk and hey are found on PATH or installed with apt-get (Debian packages `wrk`, `hey`) as root.
+With two CPUs or more, the servers run on the first and the load tools and the OTLP receiver on
+the others (CPUS): each server has a core to itself, as a service has in production with its
+clients and its collector on other machines, and a neighbour's load moves its rate less.
 """
 
 from __future__ import annotations
@@ -17,6 +20,27 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_split() -> tuple[set[int], set[int]] | None:
+    """The CPUs of the servers and those of the load tools and the receiver: the servers get a
+    CPU of their own, as a service does in production, with its clients and its trace collector
+    on other machines. With one CPU, or where affinity cannot be set, None: all share."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 else None
+
+
+CPUS = _cpu_split()
+
+
+def _pinned(which: int) -> Any:
+    """A preexec_fn that pins the child to CPUS[which] (0: servers, 1: load and receiver)."""
+    if CPUS is None:
+        return None
+    cpus = CPUS[which]
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def find_tool(name: str) -> str | None:
@@ -75,7 +99,14 @@ def hey_latency(hey: str, url: str, connections: int, seconds: int) -> dict[str,
 
 
 def run_load(command: list[str], seconds: int) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+        preexec_fn=_pinned(1),
+    )
     return done.stdout
 
 
@@ -118,7 +149,9 @@ def start_server(
     }
     command = [*prefix, sys.executable, "-m", "uvicorn", "benchmarks._server:app"]
     options = ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    server = subprocess.Popen([*command, *options], cwd=ROOT, env=environment)
+    server = subprocess.Popen(
+        [*command, *options], cwd=ROOT, env=environment, preexec_fn=_pinned(0)
+    )
     return server, f"http://127.0.0.1:{port}/items/42"
 
 
@@ -127,7 +160,9 @@ def start_receiver() -> tuple[subprocess.Popen[Any], int]:
     port = free_port()
     script = str(ROOT / "tests" / "otlp_receiver.py")
     receiver = subprocess.Popen(
-        [sys.executable, script, str(port), "--count-only"], stdout=subprocess.DEVNULL
+        [sys.executable, script, str(port), "--count-only"],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=_pinned(1),
     )
     wait_listening(port, receiver)
     return receiver, port

@@ -1,13 +1,13 @@
 """What users feel: requests/s and p99 of a real uvicorn under wrk, bare and instrumented.
 
-One uvicorn worker per set-up on 127.0.0.1, all started at once, wrk at 32 connections on each
-in turn, rounds interleaved: medians, and ratios to bare paired within each round (this
-machine's speed drifts by more than the budgets from one run to the next). The app is one
-small JSON route, so that what the instrumentation costs is as large a share of each request
-as it can be. Spans go over
+One uvicorn worker per set-up on 127.0.0.1, all started at once on a CPU of their own (wrk and
+the receiver on the other: _load.CPUS), wrk at 32 connections on each in turn, rounds
+interleaved: medians, and ratios to bare paired within each round (this machine's speed drifts
+by more than the budgets from one run to the next). The app is one small JSON route, so that
+what the instrumentation costs is as large a share of each request as it can be. Spans go over
 OTLP/HTTP to a receiver in another process. Budgets (issue 19): perfmw (metrics, MongoDB
-listeners, loop monitor; tracing off) serves at least 0.95x bare FastAPI's requests/s with a
-p99 at most 1.1x bare's, and at least 0.8x with tracing on (every request sampled).
+listeners, loop monitor; tracing off) serves at least 0.95x bare FastAPI's requests/s with a p99
+at most 1.1x bare's, and at least 0.8x with tracing on (every request sampled).
 
 Requests/s on two shared cores moves by more than those budgets from one run to the next, so
 where valgrind and hey are installed the servers of bare FastAPI and perfmw are also counted in
