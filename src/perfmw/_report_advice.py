@@ -221,7 +221,7 @@ def _others_wait(total: float, detail: Mapping[str, Any], what: str) -> tuple[fl
 
     perfmw counts the requests that waited (`delayed_seconds`: for a stall those in flight or
     read but not started, and those unread in their connections, since they arrived; for a
-    blocking call those in flight); a count can miss some (loop/sockets.py says which), never
+    blocking call the first two only); a count can miss some (loop/sockets.py says which), never
     add any. So the wait is taken to be at least the blocked time itself, the next request's
     (Prometheus's findings carry no count at all): None when it is no more than that.
     """

@@ -101,7 +101,7 @@ def describe(finding: Finding) -> str:
 
 
 def _others_waiting(detail: Mapping[str, Any]) -> str:
-    """ ", 3 other requests waiting," when the latest stall or call held any up."""
+    """The clause ", 3 other requests waiting," when the latest stall or call held any up."""
     waiting = detail.get("requests_waiting")
     plural = "s" if waiting != 1 else ""
     return f", {waiting} other request{plural} waiting," if waiting else ""
