@@ -444,9 +444,11 @@ def _started(event: monitoring.CommandStartedEvent) -> None:
         query.shape = shape
         query.duration_seconds = 0.0
         query.started_at = began
-        if name == "find":
-            query.has_limit = bool(command.get("limit"))
-            query.has_projection = bool(command.get("projection"))
+        if name == "find":  # both default to True
+            if not command.get("limit"):
+                query.has_limit = False
+            if not command.get("projection"):
+                query.has_projection = False
         elif name == "aggregate":
             _aggregate_limits(command, query)
         extra: _Extra | None = None
