@@ -41,7 +41,10 @@ def _template(
     scope: MutableMapping[str, Any], path: str, root_path: str, app: Any
 ) -> tuple[str, bool]:
     """`route_template`, and whether the chosen route and the root_paths alone decide it."""
-    route, own = _chosen(scope)
+    route = _chosen(scope)
+    own = getattr(route, "path", None)  # its own template, without any include_router prefix
+    if not isinstance(own, str):
+        own = None
     after = scope.get("root_path", "")
     # The route's own template matches the path it was given: no include_router prefix is
     # missing from it (mounts are in root_path, where they are found again).
@@ -61,8 +64,8 @@ def _template(
     return str(after)[len(root_path) :] + own or "/", False
 
 
-def _chosen(scope: MutableMapping[str, Any]) -> tuple[Any, str | None]:
-    """The route routing chose (its FastAPI effective context if any) and its own template."""
+def _chosen(scope: MutableMapping[str, Any]) -> Any:
+    """The route routing chose (its FastAPI effective context if any), or None."""
     route = scope.get("route")
     state = scope.get("fastapi")
     if type(state) is dict:
@@ -73,10 +76,7 @@ def _chosen(scope: MutableMapping[str, Any]) -> tuple[Any, str | None]:
             # A route of an included router: its prefixed twin (a plain Starlette route or a
             # mount in an APIRouter), or the context itself (an APIRoute).
             route = getattr(context, "starlette_route", None) or context
-    if route is None:
-        return None, None
-    own = getattr(route, "path", None)
-    return route, own if isinstance(own, str) else None
+    return route
 
 
 def _route_path(path: str, root_path: str) -> str:
@@ -151,7 +151,7 @@ class RouteLabels:
         self, scope: MutableMapping[str, Any], path: str, root_path: str, status: int | None
     ) -> str:
         """The label of the route that served `scope` (see `route_template`) with `status`."""
-        route, _own = _chosen(scope)
+        route = _chosen(scope)
         if route is None:
             if status is None or status in (404, 405):
                 return UNMATCHED
