@@ -34,10 +34,12 @@ from prometheus_client import CollectorRegistry
 import perfmw
 from benchmarks._asgi import items_app, run_requests, table
 from benchmarks._callgrind import probe_instructions
+from perfmw.loop import gc_clock
 from perfmw.loop.kernel import ThreadStat
 
 REQUESTS = 20_000
 ROUNDS = 9
+YIELD_EVERY = 100  # requests between returns to the loop in rounds that do not stall
 #: Requests per round under callgrind: the difference of the two counts is per request, free
 #: of start-up and import costs.
 PROBES = (1_000, 4_000)
@@ -60,19 +62,25 @@ def variants() -> dict[str, Any]:
 
 
 def watchdog_cpu() -> float:
-    """CPU seconds of this process's loop watchdog so far (0 when there is none)."""
-    for thread in threading.enumerate():
-        if thread.name == "perfmw-loop-watchdog" and thread.native_id is not None:
-            times = ThreadStat(thread.native_id, thread.ident or 0).now()
-            return times[0] if times is not None else 0.0
-    return 0.0
+    """CPU seconds so far of the watchdog of the loop running on this thread (0 when none).
+
+    Each round's loop has its own monitor and watchdog, and the last round's may still be
+    exiting: the thread is the current monitor's, not the first one of that name.
+    """
+    monitor = gc_clock.loop_threads.get(threading.get_ident())
+    watchdog = getattr(monitor, "_watchdog", None)
+    if watchdog is None or watchdog.native_id is None:
+        return 0.0
+    times = ThreadStat(watchdog.native_id, watchdog.ident or 0).now()
+    return times[0] if times is not None else 0.0
 
 
-async def saturated_round(app: Any) -> tuple[float, float, float]:
-    """CPU seconds of the process, wall seconds, and the watchdog's CPU seconds of one round."""
+async def saturated_round(app: Any, yield_every: int | None = None) -> tuple[float, float, float]:
+    """CPU seconds of the process, wall seconds, and the watchdog's CPU seconds of one round
+    (one stall; with `yield_every`, back to the loop as often, and no stall at all)."""
     await run_requests(app, 1, None)  # perfmw's monitor starts with the loop's first request
     cpu, wall, watchdog = time.process_time(), time.perf_counter(), watchdog_cpu()
-    await run_requests(app, REQUESTS, None)
+    await run_requests(app, REQUESTS, yield_every)
     return (
         time.process_time() - cpu,
         time.perf_counter() - wall,
@@ -83,6 +91,7 @@ async def saturated_round(app: Any) -> tuple[float, float, float]:
 def main() -> None:
     apps = variants()
     cpu: dict[str, list[float]] = {name: [] for name in apps}
+    yielding: dict[str, list[float]] = {"bare FastAPI": [], "perfmw": []}
     stalled = watched = 0.0
     for app in apps.values():
         asyncio.run(run_requests(app, 200))  # warm up: middleware stacks, caches
@@ -92,8 +101,23 @@ def main() -> None:
             cpu[name].append(spent / REQUESTS * 1e6)
             if name == "perfmw":
                 stalled, watched = stalled + wall, watched + watchdog
+            if name in yielding:
+                spent = asyncio.run(saturated_round(app, YIELD_EVERY))[0]
+                yielding[name].append(spent / REQUESTS * 1e6)
     medians = {name: statistics.median(values) for name, values in cpu.items()}
     print(table(medians, "bare FastAPI"))
+    # What following the stall costs: perfmw's saturated rounds less its rounds that yield
+    # (no stall), less the same difference for bare FastAPI (what yielding itself saves).
+    following = statistics.median(
+        (ours - ours_yielding) - (bare - bare_yielding)
+        for ours, ours_yielding, bare, bare_yielding in zip(
+            cpu["perfmw"],
+            yielding["perfmw"],
+            cpu["bare FastAPI"],
+            yielding["bare FastAPI"],
+            strict=True,
+        )
+    )
     # Added cost paired within each round: a shared machine's drift between rounds cancels.
     ours, instrumentator = (
         statistics.median(a - b for a, b in zip(cpu[name], cpu["bare FastAPI"], strict=True))
@@ -103,7 +127,9 @@ def main() -> None:
         f"\nsaturated loop, paired per round: perfmw adds {ours:.1f} µs/request (budget 6.0); "
         f"{ours / instrumentator:.2f} of prometheus-fastapi-instrumentator's "
         f"{instrumentator:.1f} µs (budget 0.20); its watchdog's CPU was "
-        f"{watched / stalled:.2%} of the stalled time (budget 2%)"
+        f"{watched / stalled:.2%} of the stalled time (budget 2%); following the stall "
+        f"(saturated less yielding every {YIELD_EVERY}, less bare's difference) cost "
+        f"{following:+.2f} µs/request"
     )
     if shutil.which("valgrind"):
         print("\n" + instructions())
@@ -131,7 +157,7 @@ def instructions() -> str:
     """Instructions per request in saturated rounds (and perfmw's in rounds that yield, as a
     server's loop does), and the budget lines."""
     runs = {name: (name, None) for name in variants()}
-    runs["perfmw, yielding every 100 requests"] = ("perfmw", 100)
+    runs[f"perfmw, yielding every {YIELD_EVERY} requests"] = ("perfmw", YIELD_EVERY)
     jobs = [(variant, n, every) for variant, every in runs.values() for n in PROBES]
     with ThreadPoolExecutor(max_workers=2) as pool:
         counts = dict(zip(jobs, pool.map(lambda job: _instructions(*job), jobs), strict=True))
@@ -146,7 +172,9 @@ def instructions() -> str:
     )
     ours = per_request["perfmw"] - base
     theirs = per_request["prometheus-fastapi-instrumentator"] - base
-    following = per_request["perfmw"] - per_request["perfmw, yielding every 100 requests"]
+    following = (
+        per_request["perfmw"] - per_request[f"perfmw, yielding every {YIELD_EVERY} requests"]
+    )
     return (
         "| variant (instructions) | per request | added to bare, saturated |\n|---|---:|---:|\n"
         f"{rows}\n\nsaturated loop [instructions]: perfmw adds {ours / theirs:.2f} of "
