@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -25,6 +28,7 @@ import perfmw
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from perfmw import explain, mongo
 from perfmw._report_advice import advice
+from perfmw.loop import sockets
 from support import label_values, line_of, pool_label, sample, serve, wait_for, waited_and_spent
 
 OLD_POOL_EVENTS = not hasattr(monitoring.ConnectionCheckedOutEvent, "duration")
@@ -180,6 +184,77 @@ def test_a_blocking_call_counts_the_requests_that_waited_for_it(
         "the other requests waiting during the calls, 3 at the latest one, waited for the loop; "
         "the calls themselves still take their time, off the loop"
     )
+
+
+def test_a_blocking_call_counts_the_requests_unread_in_their_connections(
+    mongo_uri: str, db_name: str, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two clients send a request on their open connections while a sync count holds the loop:
+    # the server reads neither until the loop runs again, and only the kernel knows they wait.
+    # The count is held (in a command listener, inside the call's duration) until the kernel
+    # shows both, then 50 ms more. A second call at once from the same line is given that
+    # reading, scaled to its own duration: the sockets are read once a second per call site.
+    monkeypatch.setattr(mongo, "_unread_sites", {})
+    monkeypatch.setattr(mongo, "UNREAD_SAMPLE_SECONDS", 3600.0)
+    app = FastAPI()
+    perfmw.instrument(app, registry=registry)
+    in_call = threading.Event()
+
+    class HoldUntilUnread(monitoring.CommandListener):
+        armed = True
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name != "aggregate" or not self.armed:
+                return
+            self.armed = False
+            in_call.set()
+            deadline = time.monotonic() + 20
+            while len(sockets.arrivals(time.perf_counter())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            return None
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            return None
+
+    sync: MongoClient[Any] = MongoClient(mongo_uri, event_listeners=[HoldUntilUnread()])
+
+    @app.get("/ping")
+    async def ping() -> str:
+        return "pong"
+
+    @app.get("/sync-on-loop")
+    async def sync_on_loop() -> list[list[float]]:
+        for _ in range(2):
+            sync[db_name].items.count_documents({})  # keeps two requests unread
+        calls = perfmw.current_request().blocking_calls  # type: ignore[union-attr]
+        return [
+            [c.duration_seconds, c.detail["requests_waiting"], c.detail["delayed_seconds"]]
+            for c in calls
+        ]
+
+    def sent_during_the_call(http: httpx.Client) -> str:
+        in_call.wait(20)
+        return str(http.get("/ping").json())
+
+    with sync, serve(app) as server, ThreadPoolExecutor(2) as pool:
+        others = [httpx.Client(base_url=server.url, timeout=30) for _ in range(2)]
+        assert [http.get("/ping").json() for http in others] == ["pong", "pong"]  # connected
+        pinged = [pool.submit(sent_during_the_call, http) for http in others]
+        (first, first_waiting, first_delayed), (second, second_waiting, second_delayed) = httpx.get(
+            server.url + "/sync-on-loop", timeout=30
+        ).json()
+        assert [done.result(timeout=30) for done in pinged] == ["pong", "pong"]
+        for http in others:
+            http.close()
+    # Each waited from its arrival (50 ms before the reply at least, to the kernel's tick) to
+    # the call's end; the second call's share is the first one's rate over its own time.
+    assert first_waiting == 2
+    assert 2 * 0.04 <= first_delayed <= 2 * first
+    assert second_waiting == 2
+    assert second_delayed == pytest.approx(first_delayed / first * second)
 
 
 def test_missing_index_advice_with_a_sync_client(

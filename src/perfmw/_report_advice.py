@@ -221,8 +221,10 @@ def _others_wait(total: float, detail: Mapping[str, Any], what: str) -> tuple[fl
 
     perfmw counts the requests that waited (`delayed_seconds`: for a stall those in flight or
     read but not started, and those unread in their connections, since they arrived; for a
-    blocking call the first two only); a count can miss some (loop/sockets.py says which), never
-    add any. So the wait is taken to be at least the blocked time itself, the next request's
+    blocking call the same, the unread ones read once a second per call site and scaled to the
+    calls in between); a reading can miss some (loop/sockets.py says which), never add any, and
+    a scaled one is as right as the site's load is steady. So the wait is taken to be at least
+    the blocked time itself, the next request's
     (Prometheus's findings carry no count at all): None when it is no more than that.
     """
     delayed = detail.get("delayed_seconds")

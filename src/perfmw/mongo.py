@@ -42,6 +42,7 @@ from ._value_hashes import filter_hashes, read_hash, reply_hashes
 from .detectors.mongo import REPLY_HASH_MIN_SECONDS, UNBOUNDED_BYTES, UNBOUNDED_DOCUMENTS
 from .exporters._families import gauge_from
 from .exporters.prometheus import PrometheusSink, live_sinks
+from .loop import sockets
 from .loop.requests import not_started
 from .record import BlockingCall, Query, RequestRecord, _current, after_response
 from .settings import Settings
@@ -533,6 +534,30 @@ def _blocking_call(
     _inflight[key] = (record_, query_, operation, collection_, extra)
 
 
+#: The kernel's unread requests are read for a blocking call's site at most once per this many
+#: seconds (about 6 µs per socket: more than many commands take, at every call); the calls in
+#: between are given the site's latest reading, scaled to their own duration.
+UNREAD_SAMPLE_SECONDS = 1.0
+_MAX_UNREAD_SITES = 1024
+# site -> (read at, requests unread, their wait per second of the call), the latest reading
+_unread_sites: dict[str | None, tuple[float, int, float]] = {}
+
+
+def _unread(site: str | None, seconds: float) -> tuple[int, float]:
+    """The requests a sync call at `site` kept unread in their connections (the loop reads none
+    while it waits for the reply), and their wait within the call's `seconds`, as of now."""
+    now = time.perf_counter()
+    known = _unread_sites.get(site)
+    if known is not None and now - known[0] < UNREAD_SAMPLE_SECONDS:
+        return known[1], known[2] * seconds
+    waits = sockets.waits(sockets.arrivals(now), now - seconds, now)
+    waited = sum(waits)
+    if len(_unread_sites) >= _MAX_UNREAD_SITES:
+        _unread_sites.clear()
+    _unread_sites[site] = (now, len(waits), waited / seconds if seconds > 0 else 0.0)
+    return len(waits), waited
+
+
 def _finished(
     event: monitoring.CommandSucceededEvent | monitoring.CommandFailedEvent, failed: bool = False
 ) -> None:
@@ -564,11 +589,12 @@ def _finished(
             call.duration_seconds = seconds
             loop = _get_running_loop()
             if record is not None and loop is not None:
-                # The loop waited, and so did the other requests in flight and those the server
-                # read but could not start.
+                # The loop waited, and so did the other requests in flight, those the server
+                # read but could not start, and those unread in their connections.
                 waiting = record.others_in_flight() + not_started(loop)
-                call.detail["requests_waiting"] = waiting
-                call.detail["delayed_seconds"] = waiting * seconds
+                unread, unread_seconds = _unread(call.location, seconds)
+                call.detail["requests_waiting"] = waiting + unread
+                call.detail["delayed_seconds"] = waiting * seconds + unread_seconds
         if query is None:
             if operation in _INDEX_COMMANDS:
                 _index_changed(event.database_name, collection)

@@ -12,7 +12,8 @@ not seen, and the count errs low. The server's connections are the process's est
 TCP sockets whose local port is one the process listens on (the application's clients, to
 MongoDB or anywhere else, connect from other ports).
 
-Read only when a stall is reported, at most MAX_SOCKETS sockets (about 6 µs each); Linux
+Read only when a stall is reported, and for a sync MongoDB call on the loop's thread at most
+once a second per call site (mongo.py), at most MAX_SOCKETS sockets (about 6 µs each); Linux
 only, TCP only (a Unix socket, or a connection the server has not accepted yet, is not seen).
 """
 
