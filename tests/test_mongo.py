@@ -29,6 +29,7 @@ from pymongo.errors import OperationFailure, WaitQueueTimeoutError
 
 import perfmw
 from perfmw import _guard, explain, mongo
+from perfmw._report_advice import advice, ms
 from perfmw.detectors.mongo import UNBOUNDED_BYTES
 from support import line_of, pool_label, sample, serve, wait_for, waited_and_spent
 
@@ -555,6 +556,19 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
             assert found["detail"]["operation"] == "find"
             assert found["detail"]["index"] == [["owner", 1]]
             assert found["detail"]["stage"] == "COLLSCAN"
+            # The scan run once (executionStats): what an index would save of the server's time.
+            detail = found["detail"]
+            assert (detail["docs_examined"], detail["docs_returned"]) == (50, 10)
+            scanned = detail["execution_seconds"]
+            advised = advice(found)
+            assert advised["saved"] == pytest.approx(
+                min(found["total_seconds"], found["count"] * scanned * 0.8)
+            )
+            assert advised["basis"] == (
+                "the scan examined 50 documents to return 10: an index reads about the 10, "
+                f"saving 80% of the server's {ms(scanned)} per query; the round trip and the "
+                "results stay"
+            )
 
             sync[db_name].servers.create_index("owner")
             assert findings(server.url, "missing_index") == []

@@ -975,3 +975,47 @@ def test_a_blocking_call_is_expected_to_give_back_the_other_requests_wait(
         }
     )
     assert (round(found["saved"], 9), found["basis"]) == (saved, basis)
+
+
+@pytest.mark.parametrize(
+    ("count", "detail", "saved", "basis"),
+    [
+        # Two scans of 20 ms on the server, each examining 1000 documents to return 100.
+        (
+            2,
+            {"docs_examined": 1000, "docs_returned": 100, "execution_seconds": 0.02},
+            0.036,
+            "the scan examined 1000 documents to return 100: an index reads about the 100, "
+            "saving 90% of the server's 20 ms per query; the round trip and the results stay",
+        ),
+        # The server's time is more than the app measured (explain ran on a busier moment):
+        # never more than the queries' own time.
+        (
+            2,
+            {"docs_examined": 1000, "docs_returned": 0, "execution_seconds": 0.2},
+            0.05,
+            "the scan examined 1000 documents to return 0: an index reads about the 0, "
+            "saving 100% of the server's 200 ms per query; the round trip and the results stay",
+        ),
+        # No executionStats (the server did not say, or a finding from Prometheus).
+        (2, {}, 0.045, "an index scan reads only the matching entries; assumed 90% of its time"),
+        (
+            2,
+            {"docs_examined": 0, "docs_returned": 0, "execution_seconds": 0.0},
+            0.045,
+            "an index scan reads only the matching entries; assumed 90% of its time",
+        ),
+    ],
+)
+def test_a_missing_index_is_expected_to_save_the_documents_the_scan_examined_in_vain(
+    count: int, detail: dict[str, Any], saved: float, basis: str
+) -> None:
+    found = advice(
+        {
+            "kind": "missing_index",
+            "count": count,
+            "total_seconds": 0.05,
+            "detail": {"collection": "servers", "index": [["owner", 1]], **detail},
+        }
+    )
+    assert (round(found["saved"], 9), found["basis"]) == (saved, basis)

@@ -11,7 +11,9 @@ daemon thread explains them one at a time, at most one every `EXPLAIN_INTERVAL_S
 own connection (a pooled connection of the application's sync client, or of a private sync
 twin of an AsyncMongoClient). A winning plan with a COLLSCAN or an in-memory SORT is a verdict
 "missing index", with the keys to create in ESR order (equality fields, then sort fields, then
-range fields). Each later request that sends the shape adds a `missing_index` finding to its
+range fields); such a shape is explained once more with executionStats, which runs it on the
+server, for what the scan examined and returned and how long it took (the advice's estimate of
+what the index saves). Each later request that sends the shape adds a `missing_index` finding to its
 Perf's store; a createIndexes or dropIndexes on the collection forgets the verdict (and the
 findings), so the next occurrence is explained again and, once indexed, reported no more.
 """
@@ -74,6 +76,9 @@ class Verdict:
     index: list[list[Any]] | None
     stage: str
     expires: float
+    # What the scan cost when run once (`execution_stats`): documents examined and returned,
+    # and the server's seconds; None when the server did not say.
+    stats: tuple[int, int, float] | None = None
 
 
 _lock = threading.Lock()
@@ -217,6 +222,8 @@ def _work() -> None:
                     if name is not None:  # the server chose not to use it: nothing to create
                         verdict.stage = f"{verdict.stage} (index {name} exists)"
                         verdict.index = None
+                    else:
+                        verdict.stats = execution_stats(client, database, body)
         with _lock:
             _pending.discard(shape)
             waiters = _waiters.pop(shape, [])
@@ -239,6 +246,31 @@ def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[st
         {"explain": body, "verbosity": "queryPlanner"}
     )
     return explained
+
+
+def execution_stats(
+    client: Any, database: str, body: dict[str, Any]
+) -> tuple[int, int, float] | None:
+    """The documents a missing index's query examined and returned, and the server's seconds,
+    from running it once (`executionStats`: the advice's estimate of what an index saves).
+    Asked only for a shape that lacks an index, once per verdict; None when the server cannot
+    say."""
+    if isinstance(client, _async_clients()):
+        client = _sync_twin(client)
+    try:
+        explained = client[database].command({"explain": body, "verbosity": "executionStats"})
+    except PyMongoError:
+        return None
+    stats = explained.get("executionStats")
+    if not isinstance(stats, Mapping):
+        return None
+    examined, returned, millis = (
+        stats.get(key) for key in ("totalDocsExamined", "nReturned", "executionTimeMillis")
+    )
+    numbers = (examined, returned, millis)
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        return None
+    return int(examined), int(returned), float(millis) / 1000  # type: ignore[arg-type]
 
 
 def _existing_indexes(client: Any, database: str, collection: str) -> dict[str, list[Any]]:
@@ -406,21 +438,20 @@ def _report(
     assert verdict.index is not None
     if silenced(location, perf.settings.silenced_locations):
         return  # an accepted site, like any other finding (detectors.detect)
-    finding = Finding(
-        "missing_index",
-        route,
-        location,
-        seconds,
-        {
-            "collection": verdict.collection,
-            "operation": shape.partition(" ")[0],  # shapes start with their command's name
-            "database": verdict.database,
-            "shape": shape,
-            "index": [list(key) for key in verdict.index],
-            "stage": verdict.stage,
-        },
-        via=via,
-    )
+    detail: dict[str, Any] = {
+        "collection": verdict.collection,
+        "operation": shape.partition(" ")[0],  # shapes start with their command's name
+        "database": verdict.database,
+        "shape": shape,
+        "index": [list(key) for key in verdict.index],
+        "stage": verdict.stage,
+    }
+    if verdict.stats is not None:
+        examined, returned, seconds_on_server = verdict.stats
+        detail.update(
+            docs_examined=examined, docs_returned=returned, execution_seconds=seconds_on_server
+        )
+    finding = Finding("missing_index", route, location, seconds, detail, via=via)
     perf.add_findings([finding], record)
 
 
