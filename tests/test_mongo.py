@@ -366,6 +366,21 @@ def test_document_sizes_are_kept_for_a_bounded_number_of_shapes(
     assert 0 < len(mongo._document_bytes) <= 10
 
 
+def test_unread_readings_are_kept_for_a_bounded_number_of_call_sites(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each blocking call site keeps its latest reading of the kernel's unread requests: here
+    # (a synthetic reading) one request, arrived 4 ms before the 10 ms call ended.
+    monkeypatch.setattr(mongo, "_unread_sites", {})
+    monkeypatch.setattr(mongo, "_MAX_UNREAD_SITES", 10)
+    monkeypatch.setattr(mongo.sockets, "arrivals", lambda now: [now - 0.004])
+    for i in range(25):
+        waiting, waited = mongo._unread(f"app.py:{i}", 0.01)
+        assert (waiting, waited) == (1, pytest.approx(0.004))
+    assert 0 < len(mongo._unread_sites) <= 10
+    assert "app.py:24" in mongo._unread_sites
+
+
 # The same read twice in one request
 
 
