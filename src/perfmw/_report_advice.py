@@ -224,11 +224,12 @@ def _index_saving(total: float, count: Any, detail: Mapping[str, Any]) -> tuple[
         count,
         *(detail.get(k) for k in ("docs_examined", "docs_returned", "execution_seconds")),
     ]
+    assumed = "an index scan reads only the matching entries; assumed 90% of its time"
     if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in found):
-        return total * 0.9, "an index scan reads only the matching entries; assumed 90% of its time"
+        return total * 0.9, assumed
     queries, examined, returned, server = (float(n) for n in found)
     if examined <= 0 or queries <= 0:
-        return total * 0.9, "an index scan reads only the matching entries; assumed 90% of its time"
+        return total * 0.9, assumed
     share = max(0.0, 1 - returned / examined)
     return min(total, queries * server * share), (
         f"the scan examined {examined:.0f} documents to return {returned:.0f}: an index reads "
@@ -245,8 +246,8 @@ def _others_wait(total: float, detail: Mapping[str, Any], what: str) -> tuple[fl
     blocking call the same, the unread ones read once a second per call site and scaled to the
     calls in between); a reading can miss some (loop/sockets.py says which), never add any, and
     a scaled one is as right as the site's load is steady. So the wait is taken to be at least
-    the blocked time itself, the next request's
-    (Prometheus's findings carry no count at all): None when it is no more than that.
+    the blocked time itself, the next request's (Prometheus's findings carry no count at all):
+    None when it is no more than that.
     """
     delayed = detail.get("delayed_seconds")
     if not isinstance(delayed, (int, float)) or isinstance(delayed, bool) or delayed <= total:
