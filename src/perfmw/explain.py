@@ -76,7 +76,7 @@ class Verdict:
     index: list[list[Any]] | None
     stage: str
     expires: float
-    # What the scan cost when run once (`execution_stats`): documents examined and returned,
+    # What the scan cost when run once (`_execution_stats`): documents examined and returned,
     # and the server's seconds; None when the server did not say.
     stats: tuple[int, int, float] | None = None
 
@@ -209,6 +209,8 @@ def _work() -> None:
         verdict = None
         with _GUARD:
             try:
+                if isinstance(client, _async_clients()):
+                    client = _sync_twin(client)  # every command below goes through it
                 plan = _run_explain(client, database, body)
             except PyMongoError as error:
                 # The server cannot explain it (or is away): not perfmw's fault; retry later.
@@ -223,7 +225,7 @@ def _work() -> None:
                         verdict.stage = f"{verdict.stage} (index {name} exists)"
                         verdict.index = None
                     else:
-                        verdict.stats = execution_stats(client, database, body)
+                        verdict.stats = _execution_stats(client, database, body)
         with _lock:
             _pending.discard(shape)
             waiters = _waiters.pop(shape, [])
@@ -240,23 +242,19 @@ def _work() -> None:
 
 
 def _run_explain(client: Any, database: str, body: dict[str, Any]) -> Mapping[str, Any]:
-    if isinstance(client, _async_clients()):
-        client = _sync_twin(client)
     explained: Mapping[str, Any] = client[database].command(
         {"explain": body, "verbosity": "queryPlanner"}
     )
     return explained
 
 
-def execution_stats(
+def _execution_stats(
     client: Any, database: str, body: dict[str, Any]
 ) -> tuple[int, int, float] | None:
     """The documents a missing index's query examined and returned, and the server's seconds,
     from running it once (`executionStats`: the advice's estimate of what an index saves).
     Asked only for a shape that lacks an index, once per verdict; None when the server cannot
     say."""
-    if isinstance(client, _async_clients()):
-        client = _sync_twin(client)
     try:
         explained = client[database].command({"explain": body, "verbosity": "executionStats"})
     except PyMongoError:
@@ -274,8 +272,6 @@ def execution_stats(
 
 
 def _existing_indexes(client: Any, database: str, collection: str) -> dict[str, list[Any]]:
-    if isinstance(client, _async_clients()):
-        client = _sync_twin(client)
     information = client[database][collection].index_information()
     return {name: list(spec.get("key", ())) for name, spec in information.items()}
 
