@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cpu_split() -> tuple[set[int], set[int]] | None:
-    """The CPUs of the servers and those of the load tools and the receiver: the servers get a
-    CPU of their own, as a service does in production, with its clients and its trace collector
-    on other machines. With one CPU, or where affinity cannot be set, None: all share."""
+    """The CPUs of the servers and those of the load tools and the receiver (see the module's
+    docstring); None with one CPU, or where affinity cannot be set: all share."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     cpus = sorted(os.sched_getaffinity(0))
