@@ -11,6 +11,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -963,11 +964,10 @@ def test_the_listener_reads_events_from_their_slots_and_gets_what_the_properties
     # noticed here (perfmw then falls back to the properties, slower but right).
     pairs = record_events(mongo_uri)  # find_one, find and count_documents, as sent
     started, succeeded = zip(*pairs, strict=True)
-    assert mongo._started_fields.__reduce__()[1] == mongo._STARTED_SLOTS
-    assert mongo._succeeded_fields.__reduce__()[1] == mongo._SUCCEEDED_SLOTS
+    assert mongo._SLOTTED
     readers = (
-        (started, mongo._started_fields, mongo._STARTED_FIELDS),
-        (succeeded, mongo._succeeded_fields, mongo._SUCCEEDED_FIELDS),
+        (started, attrgetter(*mongo._STARTED_SLOTS), mongo._STARTED_FIELDS),
+        (succeeded, attrgetter(*mongo._SUCCEEDED_SLOTS), mongo._SUCCEEDED_FIELDS),
     )
     for events, read, properties in readers:
         assert {e.command_name for e in events} == {"find", "aggregate"}
