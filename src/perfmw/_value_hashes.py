@@ -86,8 +86,10 @@ def read_hash(name: str, command: Mapping[str, Any], shape: str) -> int | None:
         body = command.get("query")
     if type(body) is dict:
         values = tuple(body.values())
-        if _FLAT.issuperset(map(type, values)):
-            # The common filter: its keys are in the shape, its values are all there is.
+        for value in values:  # (a loop: map(type, ...) costs twice as much)
+            if type(value) not in _FLAT:
+                break
+        else:  # the common filter: its keys are in the shape, its values are all there is
             return hash((shape, command.get("skip"), command.get("limit"), values))
     try:  # documents, lists and plain values only: serialized in one C-level pass
         serialized = marshal.dumps(body, 2)  # version 2: the same bytes for the same values
