@@ -109,7 +109,7 @@ def record_events(uri: str) -> list[tuple[Any, Any]]:
 def perfmw_round(pairs: list[tuple[Any, Any]], perf: Any, listener: Any = None) -> float:
     """µs per command through perfmw's listener (or `listener`, fed the same way)."""
     listener = mongo.CommandListener() if listener is None else listener
-    records = [
+    records: list[RequestRecord | None] = [
         RequestRecord("/bench", "GET", "/bench", "http", perf)
         for _ in range(EVENTS_PER_ROUND // QUERIES_PER_REQUEST + 1)
     ]
@@ -117,7 +117,10 @@ def perfmw_round(pairs: list[tuple[Any, Any]], perf: Any, listener: Any = None) 
     started_at = time.perf_counter()
     for i in range(EVENTS_PER_ROUND):
         if i % QUERIES_PER_REQUEST == 0:
+            # The next request; the one before ends, and is freed as a served request is (kept
+            # to the round's end, its queries would age through the collector's generations).
             _current.set(records[i // QUERIES_PER_REQUEST])
+            records[i // QUERIES_PER_REQUEST] = None
         first, last = pairs[i % n]
         listener.started(first)
         listener.succeeded(last)
