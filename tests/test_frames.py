@@ -96,16 +96,16 @@ def test_with_no_application_frame_via_names_the_innermost_library_function(
     site_packages: Path,
 ) -> None:
     frame = vendorlib().entry()
-    saved = dict(_frames._codes)
+    saved = dict(_frames._origins)
     f: FrameType | None = frame.f_back
     while f is not None:  # every frame above the library's counted as library code too
-        _frames._code(f.f_code).origin = _frames._LIBRARY
+        _frames._origins[f.f_code.co_filename] = _frames._LIBRARY
         f = f.f_back
     try:
         assert call_site(frame) == CallSite(None, "vendorlib.low_level.innermost")
     finally:
-        _frames._codes.clear()
-        _frames._codes.update(saved)
+        _frames._origins.clear()
+        _frames._origins.update(saved)
 
 
 def test_paths_are_relative_never_absolute(site_packages: Path) -> None:
@@ -152,7 +152,7 @@ def test_an_application_installed_in_site_packages_is_claimed_by_instrument(
         )
     finally:
         _frames._app_roots = ()
-        _frames._codes.clear()
+        _frames._origins.clear()
         del sys.modules["myservice.main"], sys.modules["myservice"]
 
 
@@ -162,9 +162,11 @@ def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     codes = [compile("x", f"/srv/app/generated_{i}.py", "eval") for i in range(25)]
     for code in codes:
         assert _frames.is_app_code(code)
+        assert _frames._code(code).code is code
         display_path(code.co_filename)
         assert _frames.loop_lines(code) == frozenset()  # no source: no loop known
     assert len(_frames._codes) <= 10
+    assert len(_frames._origins) <= 10
     assert len(_frames._display_cache) <= 10
     assert 0 < len(_frames._loops_cache) <= 10
 

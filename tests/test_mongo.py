@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -380,6 +381,20 @@ def test_unread_readings_are_kept_for_a_bounded_number_of_call_sites(
         assert (waiting, waited) == (1, pytest.approx(0.004))
     assert 0 < len(mongo._unread_sites) <= 10
     assert "app.py:24" in mongo._unread_sites
+
+
+def test_driver_kinds_are_kept_for_a_bounded_number_of_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Which driver (sync, async or neither) each file's code is, asked of every command's stack.
+    monkeypatch.setattr(mongo, "_driver_files", {})
+    monkeypatch.setattr(mongo, "_MAX_DRIVER_FILES", 10)
+    for i in range(25):
+        code = compile("sys._getframe()", f"/srv/app/generated_{i}.py", "eval")
+        frame = eval(code, {"sys": sys})
+        assert mongo._from_sync_driver(frame) is False  # the test's frames: no driver's
+    assert 0 < len(mongo._driver_files) <= 10
+    assert mongo._driver_files["/srv/app/generated_24.py"] == mongo._NEUTRAL
 
 
 # The same read twice in one request

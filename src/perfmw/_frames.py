@@ -80,15 +80,28 @@ def _origin_of_file(filename: str) -> int:
     return _LIBRARY if any(part in _LIBRARY_DIRS for part in parts) else _APP
 
 
-class _Code:
-    """What the walks need of one code object, worked out once: whose it is, and on first use
-    its path as shown, its "module.function" name and its loops' lines."""
+# Whose each file is, by its name: every walk asks it of every frame, and a file name (shared
+# by its code objects) keeps its own hash.
+_origins: dict[str, int] = {}
 
-    __slots__ = ("code", "loops", "name", "origin", "path", "sites")
+
+def _file_origin(filename: str) -> int:
+    origin = _origins.get(filename)
+    if origin is None:
+        if len(_origins) >= _CACHE_LIMIT:
+            _origins.clear()
+        origin = _origins[filename] = _origin_of_file(filename)
+    return origin
+
+
+class _Code:
+    """What the walks need of one application or library code object, worked out on first
+    use: its path as shown, its "module.function" name and its loops' lines."""
+
+    __slots__ = ("code", "loops", "name", "path", "sites")
 
     def __init__(self, code: CodeType) -> None:
         self.code = code  # keeps the code object alive, so its id() is not reused meanwhile
-        self.origin = _origin_of_file(code.co_filename)
         self.path: str | None = None
         self.name: str | None = None
         self.loops: frozenset[int] | None = None
@@ -113,7 +126,7 @@ def _code(code: CodeType) -> _Code:
 
 
 def _origin(code: CodeType) -> int:
-    return _code(code).origin
+    return _file_origin(code.co_filename)
 
 
 def _path(known: _Code) -> str:
@@ -163,7 +176,7 @@ def claim_application(frame: FrameType | None) -> None:
     root = root + ("" if top.endswith(".py") else "/")
     if root not in _app_roots:
         _app_roots = (*_app_roots, root)
-        _codes.clear()
+        _origins.clear()
 
 
 def library_root(entry: str) -> str | None:
@@ -193,7 +206,7 @@ def count_as_library(entries: Iterable[str]) -> None:
     added = tuple(root for root in dict.fromkeys(roots) if root not in _library_roots)
     if added:
         _library_roots = (*_library_roots, *added)
-        _codes.clear()
+        _origins.clear()
         _display_cache.clear()
 
 
@@ -277,20 +290,20 @@ def call_site(frame: AnyFrame | None, in_loop: bool = False) -> CallSite:
     `via` names the innermost library function. perfmw's own frames are never named. With
     `in_loop`, `chain` leads from the application line that loops down to `location`.
     """
-    innermost: AnyFrame | None = None  # library frames, the innermost one...
-    below: AnyFrame | None = None  # ...and the latest one seen, called by the next frame up
-    below_code: _Code | None = None
-    codes = _codes.get  # `_code` inlined: this loop runs for every located query
+    start = frame
+    below: AnyFrame | None = None  # the latest library frame seen, called by the next frame up
+    origins = _origins.get  # `_file_origin` inlined: this loop runs for every located query
     while frame is not None:
         code = frame.f_code
-        known = codes(id(code))
-        if known is None or known.code is not code:
-            known = _code(code)
-        origin = known.origin
+        origin = origins(code.co_filename)
+        if origin is None:
+            origin = _file_origin(code.co_filename)
         if origin == _APP:
+            known = _code(code)
             location, lineno = known.sites.get(frame.f_lasti) or _site(known, frame)
             via = None
-            if below is not None and below_code is not None:
+            if below is not None:
+                below_code = _code(below.f_code)
                 via = below_code.name or _name(below_code, below)
             chain: tuple[str, ...] = ()
             if in_loop:
@@ -301,11 +314,17 @@ def call_site(frame: AnyFrame | None, in_loop: bool = False) -> CallSite:
                 chain = (location,) if lineno in loops else _loop_chain(frame, location)
             return _new_site(CallSite, (location, via, chain))
         if origin == _LIBRARY:
-            below, below_code = frame, known
-            if innermost is None:
-                innermost = frame
+            below = frame
         frame = frame.f_back
-    return CallSite(None, None if innermost is None else function_name(innermost))
+    return CallSite(None, None if below is None else function_name(_innermost_library(start)))
+
+
+def _innermost_library(frame: AnyFrame | None) -> AnyFrame:
+    """The innermost library frame at or above `frame` (there is one)."""
+    while frame is not None and _origin(frame.f_code) != _LIBRARY:
+        frame = frame.f_back
+    assert frame is not None
+    return frame
 
 
 def chain_site(frames: list[FrameType], in_loop: bool = False) -> CallSite:
@@ -333,11 +352,11 @@ def _loop_chain(frame: AnyFrame, location: str) -> tuple[str, ...]:
     current = frame.f_back
     outside = 0  # library frames in a row: a decorator or a dependency is a few, a framework more
     while current is not None and len(above) < _MAX_CHAIN and outside <= _MAX_OUTSIDE:
-        known = _code(current.f_code)
-        if known.origin != _APP:
+        if _origin(current.f_code) != _APP:
             outside += 1
         else:
             outside = 0
+            known = _code(current.f_code)
             here, lineno = _site(known, current)
             above.append(here)
             if lineno in _loops(known):

@@ -31,7 +31,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from operator import attrgetter
 from os.path import dirname
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -216,9 +216,10 @@ def _coroutine_location(coro: Any, in_loop: bool = False) -> _frames.CallSite | 
 # Sync pymongo on the event loop's thread.
 
 _SYNC, _ASYNC, _NEUTRAL = 1, 2, 0
-# Keyed by id() (a code object's own hash reads its bytecode: see _frames._codes); the
-# entry keeps the code object alive. Bounded by pymongo's own code objects.
-_driver_paths: dict[int, tuple[CodeType, int]] = {}
+# File name -> which driver its code is (a file name keeps its own hash). Bounded: code made
+# at run time (exec) passes by too.
+_driver_files: dict[str, int] = {}
+_MAX_DRIVER_FILES = 10_000
 
 
 def _driver_folders() -> tuple[str, str | None]:
@@ -243,8 +244,8 @@ def _driver_folders() -> tuple[str, str | None]:
 _SYNC_FOLDER, _ASYNC_FOLDER = _driver_folders()
 
 
-def _classify(code: CodeType) -> int:
-    folder = dirname(code.co_filename)
+def _classify(filename: str) -> int:
+    folder = dirname(filename)
     if folder == _SYNC_FOLDER:
         return _SYNC
     if folder == _ASYNC_FOLDER:
@@ -257,15 +258,13 @@ def _from_sync_driver(frame: FrameType | None) -> bool:
     for _ in range(12):
         if frame is None:
             return False
-        code = frame.f_code
-        entry = _driver_paths.get(id(code))
-        if entry is not None and entry[0] is code:
-            kind = entry[1]
-        else:
-            kind = _classify(code)
-            if len(_driver_paths) >= 10_000:  # code made at run time (exec) passes by too
-                _driver_paths.clear()
-            _driver_paths[id(code)] = (code, kind)
+        filename = frame.f_code.co_filename
+        kind = _driver_files.get(filename)
+        if kind is None:
+            kind = _classify(filename)
+            if len(_driver_files) >= _MAX_DRIVER_FILES:
+                _driver_files.clear()
+            _driver_files[filename] = kind
         if kind:
             return kind == _SYNC
         frame = frame.f_back
