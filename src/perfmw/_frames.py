@@ -292,14 +292,16 @@ def call_site(frame: AnyFrame | None, in_loop: bool = False) -> CallSite:
     """
     start = frame
     below: AnyFrame | None = None  # the latest library frame seen, called by the next frame up
-    origins = _origins.get  # `_file_origin` inlined: this loop runs for every located query
+    origins = _origins.get  # `_file_origin` inlined: this runs for every frame of every walk
     while frame is not None:
         code = frame.f_code
         origin = origins(code.co_filename)
         if origin is None:
             origin = _file_origin(code.co_filename)
         if origin == _APP:
-            known = _code(code)
+            known = _codes.get(id(code))  # `_code` inlined, as above
+            if known is None or known.code is not code:
+                known = _code(code)
             location, lineno = known.sites.get(frame.f_lasti) or _site(known, frame)
             via = None
             if below is not None:
