@@ -27,10 +27,12 @@ import sysconfig
 import threading
 from collections.abc import Iterable
 from types import CodeType, FrameType
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 _LIBRARY_DIRS = ("site-packages", "dist-packages")
 _CACHE_LIMIT = 50_000  # code objects and file names remembered (cleared when full)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 def _stdlib_roots() -> tuple[str, ...]:
@@ -85,13 +87,18 @@ def _origin_of_file(filename: str) -> int:
 _origins: dict[str, int] = {}
 
 
+def remember(cache: dict[_K, _V], key: _K, value: _V, limit: int | None = None) -> _V:
+    """`value`, stored in `cache` under `key` (the cache emptied first when it holds `limit`
+    entries, by default `_CACHE_LIMIT`)."""
+    if len(cache) >= (_CACHE_LIMIT if limit is None else limit):
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _file_origin(filename: str) -> int:
     origin = _origins.get(filename)
-    if origin is None:
-        if len(_origins) >= _CACHE_LIMIT:
-            _origins.clear()
-        origin = _origins[filename] = _origin_of_file(filename)
-    return origin
+    return remember(_origins, filename, _origin_of_file(filename)) if origin is None else origin
 
 
 class _Code:
@@ -119,10 +126,7 @@ def _code(code: CodeType) -> _Code:
     known = _codes.get(id(code))
     if known is not None and known.code is code:
         return known
-    if len(_codes) >= _CACHE_LIMIT:
-        _codes.clear()
-    known = _codes[id(code)] = _Code(code)
-    return known
+    return remember(_codes, id(code), _Code(code))
 
 
 def _origin(code: CodeType) -> int:
@@ -213,12 +217,7 @@ def count_as_library(entries: Iterable[str]) -> None:
 def display_path(filename: str) -> str:
     """`filename` as its owner sees it: relative to the working directory or its sys.path entry."""
     shown = _display_cache.get(filename)
-    if shown is None:
-        shown = _relative(filename)
-        if len(_display_cache) >= _CACHE_LIMIT:
-            _display_cache.clear()
-        _display_cache[filename] = shown
-    return shown
+    return remember(_display_cache, filename, _relative(filename)) if shown is None else shown
 
 
 def _relative(filename: str) -> str:

@@ -261,10 +261,7 @@ def _from_sync_driver(frame: FrameType | None) -> bool:
         filename = frame.f_code.co_filename
         kind = _driver_files.get(filename)
         if kind is None:
-            kind = _classify(filename)
-            if len(_driver_files) >= _MAX_DRIVER_FILES:
-                _driver_files.clear()
-            _driver_files[filename] = kind
+            kind = _frames.remember(_driver_files, filename, _classify(filename), _MAX_DRIVER_FILES)
         if kind:
             return kind == _SYNC
         frame = frame.f_back
