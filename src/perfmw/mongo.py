@@ -564,9 +564,8 @@ def _unread(site: str | None, seconds: float) -> tuple[int, float]:
         return known[1], known[2] * seconds
     waits = sockets.waits(sockets.arrivals(now), now - seconds, now)
     waited = sum(waits)
-    if len(_unread_sites) >= _MAX_UNREAD_SITES:
-        _unread_sites.clear()
-    _unread_sites[site] = (now, len(waits), waited / seconds if seconds > 0 else 0.0)
+    rate = waited / seconds if seconds > 0 else 0.0
+    _frames.remember(_unread_sites, site, (now, len(waits), rate), _MAX_UNREAD_SITES)
     return len(waits), waited
 
 
