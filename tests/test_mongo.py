@@ -596,9 +596,9 @@ def test_unindexed_filter_gets_a_missing_index_until_it_is_created(
                 min(found["total_seconds"], found["count"] * scanned * 0.8)
             )
             assert advised["basis"] == (
-                "the scan examined 50 documents to return 10: an index reads about the 10, "
-                f"saving 80% of the server's {ms(scanned)} per query; the round trip and the "
-                "results stay"
+                "the scan examined 50 documents to return 10: an index reads only the matching "
+                f"ones, saving 80% of the server's {ms(scanned)} per query; the round trip and "
+                "the results stay"
             )
 
             sync[db_name].servers.create_index("owner")

@@ -985,8 +985,9 @@ def test_a_blocking_call_is_expected_to_give_back_the_other_requests_wait(
             2,
             {"docs_examined": 1000, "docs_returned": 100, "execution_seconds": 0.02},
             0.036,
-            "the scan examined 1000 documents to return 100: an index reads about the 100, "
-            "saving 90% of the server's 20 ms per query; the round trip and the results stay",
+            "the scan examined 1000 documents to return 100: an index reads only the matching "
+            "ones, saving 90% of the server's 20 ms per query; the round trip and the results "
+            "stay",
         ),
         # The server's time is more than the app measured (explain ran on a busier moment):
         # never more than the queries' own time.
@@ -994,8 +995,9 @@ def test_a_blocking_call_is_expected_to_give_back_the_other_requests_wait(
             2,
             {"docs_examined": 1000, "docs_returned": 0, "execution_seconds": 0.2},
             0.05,
-            "the scan examined 1000 documents to return 0: an index reads about the 0, "
-            "saving 100% of the server's 200 ms per query; the round trip and the results stay",
+            "the scan examined 1000 documents to return 0: an index reads only the matching "
+            "ones, saving 100% of the server's 200 ms per query; the round trip and the results "
+            "stay",
         ),
         # No executionStats (the server did not say, or a finding from Prometheus).
         (2, {}, 0.045, "an index scan reads only the matching entries; assumed 90% of its time"),

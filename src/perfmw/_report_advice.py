@@ -233,7 +233,7 @@ def _index_saving(total: float, count: Any, detail: Mapping[str, Any]) -> tuple[
     share = max(0.0, 1 - returned / examined)
     return min(total, queries * server * share), (
         f"the scan examined {examined:.0f} documents to return {returned:.0f}: an index reads "
-        f"about the {returned:.0f}, saving {share:.0%} of the server's {ms(server)} per query; "
+        f"only the matching ones, saving {share:.0%} of the server's {ms(server)} per query; "
         "the round trip and the results stay"
     )
 
