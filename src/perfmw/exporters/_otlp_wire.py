@@ -16,7 +16,9 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
+
+from ._sampling import CONTEXT_IS_TUPLE
 
 _DOUBLE = struct.Struct("<d").pack
 _FIXED64 = struct.Struct("<Q").pack
@@ -167,9 +169,18 @@ _FIELDS = [
     "events",
     "links",
     "status",
+    "resource",
+    "instrumentation_scope",
 ]
 _OWN_FIELDS = operator.attrgetter(*(f"_{name}" for name in _FIELDS))
 _PUBLIC_FIELDS = operator.attrgetter(*_FIELDS)
+_SAMPLED = TraceFlags.SAMPLED
+# Span.start_time_unix_nano and end_time_unix_nano (fields 7 and 8, fixed64), in one call.
+_TIMES = struct.Struct("<BQBQ").pack
+# Span.name (field 5) by name, bounded as the attribute pairs are: names are routes, mostly.
+_names: dict[str, bytes] = {}
+# Span.status (field 15) of a status without description, by code.
+_STATUSES = {id(code): _field(b"\x7a", _STATUS_CODES[id(code)]) for code in StatusCode}
 
 
 def _dropped(container: Any, span: Any, name: str) -> int:
@@ -179,26 +190,39 @@ def _dropped(container: Any, span: Any, name: str) -> int:
     return int(getattr(span, name, 0) if dropped is None else dropped)
 
 
-def _span(span: Any) -> bytes:
+def sampled_span(span: Any) -> tuple[Any, Any, bytes] | None:
+    """A sampled span's resource, instrumentation scope, and the span as a field of their
+    ScopeSpans message (`encode_request` groups such fields); None for a span not sampled."""
     try:
         fields = _OWN_FIELDS(span)
         own = True
     except AttributeError:
         fields = _PUBLIC_FIELDS(span)
         own = False
-    context, parent, name, kind, start, end, attributes, events, links, status = fields
-    parts = [
-        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-    ]
-    if context.trace_state:
-        parts.append(_trace_state(context.trace_state))
+    context, parent, name, kind, start, end, attributes, events, links, status, *rest = fields
+    if context is None:
+        return None
+    if CONTEXT_IS_TUPLE and context.__class__ is SpanContext:  # no property calls
+        trace_id, span_id, _, flags, trace_state, _ = context
+    else:
+        trace_id, span_id = context.trace_id, context.span_id
+        flags, trace_state = context.trace_flags, context.trace_state
+    if not flags & _SAMPLED:
+        return None
+    encoded_name = _names.get(name)
+    if encoded_name is None:
+        encoded_name = _field(b"\x2a", name.encode("utf-8"))
+        if len(_names) >= _PAIRS_LIMIT:
+            _names.clear()
+        _names[name] = encoded_name
+    parts = [b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")]
+    if trace_state:
+        parts.append(_trace_state(trace_state))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_field(b"\x2a", name.encode("utf-8")))
+    parts.append(encoded_name)
     parts.append(_KINDS[id(kind)])
-    parts.append(b"\x39" + _FIXED64(start or 0))
-    parts.append(b"\x41" + _FIXED64(end or 0))
+    parts.append(_TIMES(0x39, start or 0, 0x41, end or 0))
     parts.append(_attributes(b"\x4a", attributes))
     # A span's own plain dict or tuple drops nothing (perfmw's LeanSpan keeps them until the
     # application adds to it): no count to look up.
@@ -206,6 +230,32 @@ def _span(span: Any) -> bytes:
         dropped = _dropped(attributes, span, "dropped_attributes")
         if dropped:
             parts.append(b"\x50" + _varint(dropped))
+    if events:
+        _events(parts, events)
+    if not own or events.__class__ is not tuple:
+        dropped = _dropped(events, span, "dropped_events")
+        if dropped:
+            parts.append(b"\x60" + _varint(dropped))
+    if links:
+        _links(parts, links)
+    if not own or links.__class__ is not tuple:
+        dropped = _dropped(links, span, "dropped_links")
+        if dropped:
+            parts.append(b"\x70" + _varint(dropped))
+    if status is not None:
+        if status.description:
+            code = _STATUS_CODES[id(status.status_code)]
+            code = _field(b"\x12", status.description.encode("utf-8")) + code
+            parts.append(_field(b"\x7a", code))
+        else:
+            parts.append(_STATUSES[id(status.status_code)])
+    parts.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
+    body = b"".join(parts)
+    resource, scope = rest
+    return resource, scope, b"\x12" + _varint(len(body)) + body
+
+
+def _events(parts: list[bytes], events: Iterable[Any]) -> None:
     for event in events:
         body = (
             b"\x09"
@@ -217,10 +267,9 @@ def _span(span: Any) -> bytes:
         if dropped:
             body += b"\x20" + _varint(dropped)
         parts.append(_field(b"\x5a", body))
-    if not own or events.__class__ is not tuple:
-        dropped = _dropped(events, span, "dropped_events")
-        if dropped:
-            parts.append(b"\x60" + _varint(dropped))
+
+
+def _links(parts: list[bytes], links: Iterable[Any]) -> None:
     for link in links:
         linked = link.context
         body = (
@@ -236,17 +285,6 @@ def _span(span: Any) -> bytes:
             body += b"\x28" + _varint(dropped)
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if linked.is_remote else 0)
         parts.append(_field(b"\x6a", body + b"\x35" + _FIXED32(flags)))
-    if not own or links.__class__ is not tuple:
-        dropped = _dropped(links, span, "dropped_links")
-        if dropped:
-            parts.append(b"\x70" + _varint(dropped))
-    if status is not None:
-        code = _STATUS_CODES[id(status.status_code)]
-        if status.description:
-            code = _field(b"\x12", status.description.encode("utf-8")) + code
-        parts.append(_field(b"\x7a", code))
-    parts.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
-    return b"".join(parts)
 
 
 def _resource(resource: Any) -> bytes:
@@ -279,11 +317,6 @@ def _scope(scope: Any) -> bytes:
         _scopes.clear()
     _scopes[id(scope)] = (scope, encoded)
     return encoded
-
-
-def encode_span(span: Any) -> bytes:
-    """One span as a field of its ScopeSpans message: `encode_request` groups such fields."""
-    return _field(b"\x12", _span(span))
 
 
 #: Encoded span fields of one resource and instrumentation scope, as `encode_request` takes them.

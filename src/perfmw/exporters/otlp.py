@@ -31,11 +31,10 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.trace import TraceFlags
 
 from .. import _guard
 from ._mongo_spans import instrument_pymongo
-from ._otlp_wire import Group, encode_request, encode_span
+from ._otlp_wire import Group, encode_request, sampled_span
 
 logger = logging.getLogger("perfmw")
 
@@ -299,12 +298,13 @@ class LoopFriendlySpanProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is None or not context.trace_flags & TraceFlags.SAMPLED or self._closed:
+        if self._closed:
             return
-        with _EXPORT_GUARD:
-            encoded = encode_span(span)
-            resource, scope = span.resource, span.instrumentation_scope
+        try:  # perfmw's guard, without a context manager's two calls per span
+            sampled = sampled_span(span)
+            if sampled is None:
+                return
+            resource, scope, encoded = sampled
             key = (id(resource), id(scope))
             with self._lock:
                 if self._queued >= self.max_queue_size:
@@ -320,6 +320,8 @@ class LoopFriendlySpanProcessor(SpanProcessor):
                 self._wake.set()
             if self._thread is None:
                 self._start_thread()
+        except Exception as exc:
+            _guard.swallowed(_EXPORT_GUARD.component, exc)
 
     def _start_thread(self) -> None:
         with self._lock:
