@@ -31,12 +31,15 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
 
-from ._sampling import RANDOM_TRACE_ID
+from ._sampling import CONTEXT_IS_TUPLE, RANDOM_TRACE_ID, random_trace_ids
 
 _UNSET = Status(StatusCode.UNSET)
 _time_ns = time.time_ns
+_new_tuple = tuple.__new__
+_ID_LIMITS = (1 << 128, 1 << 64)  # trace and span ids are below these
 
 
 class LeanSpan(otel_trace.Span, ReadableSpan):
@@ -173,6 +176,7 @@ class LeanSpans:
         "_multi",
         "_processors",
         "_random_flags",
+        "_span_ids",
         "info",
         "limits",
         "max_attributes",
@@ -192,6 +196,8 @@ class LeanSpans:
         self.info = getattr(tracer, "instrumentation_info", None)
         self._enabled = getattr(tracer, "_is_enabled", None)  # SDKs with tracer configs
         self._ids = ids
+        # getrandbits for span ids when the SDK's default generator makes them, as it does.
+        self._span_ids = random_trace_ids(ids)
         sampled = TraceFlags.SAMPLED
         self._random_flags = (TraceFlags(sampled), TraceFlags(sampled | RANDOM_TRACE_ID))
 
@@ -231,13 +237,15 @@ class LeanSpans:
     ) -> LeanSpan:
         """A sampled server span (perfmw's sampling decided on `trace_id`): a new root, or the
         child of a caller's span."""
-        context = SpanContext(
-            trace_id,
-            self._ids.generate_span_id(),
-            False,
-            self._random_flags[1 if random_flag else 0],
-            parent.trace_state if parent is not None else None,
-        )
+        span_ids = self._span_ids
+        span_id = (span_ids(64) or 1) if span_ids is not None else self._ids.generate_span_id()
+        flags = self._random_flags[1 if random_flag else 0]
+        state = parent.trace_state if parent is not None else DEFAULT_TRACE_STATE
+        if CONTEXT_IS_TUPLE:  # SpanContext.__new__ without its Python call
+            valid = 0 < trace_id < _ID_LIMITS[0] and 0 < span_id < _ID_LIMITS[1]
+            context = _new_tuple(SpanContext, (trace_id, span_id, False, flags, state, valid))
+        else:
+            context = SpanContext(trace_id, span_id, False, flags, state)
         span = LeanSpan(name, context, SpanKind.SERVER, self)
         span._parent = parent
         return span

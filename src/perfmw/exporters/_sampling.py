@@ -147,3 +147,15 @@ def random_trace_ids(ids: PresetIds) -> Callable[[int], int] | None:
     """`random.getrandbits` when the SDK's default generator makes the trace ids (it calls
     getrandbits(128): called directly, a call less); None for a custom generator."""
     return random.getrandbits if type(ids.inner) is RandomIdGenerator else None
+
+
+def _context_is_tuple() -> bool:
+    """Whether this API's SpanContext is the tuple (trace_id, span_id, is_remote, trace_flags,
+    trace_state, is_valid) it has long been. Its fields are properties, a Python call each:
+    perfmw then builds and reads the contexts of its own spans as tuples."""
+    state = TraceState([("k", "v")])
+    probe = SpanContext(3, 5, True, TraceFlags(1), state)
+    return isinstance(probe, tuple) and tuple(probe) == (3, 5, True, TraceFlags(1), state, True)
+
+
+CONTEXT_IS_TUPLE = _context_is_tuple()
