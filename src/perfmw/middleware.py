@@ -189,13 +189,14 @@ class _Exchange:
                 queries
                 or record.stalls
                 or record.blocking_calls
-                or (span is not None and span.recording)  # unsampled: nothing to add
                 or record.response_bytes > CACHE_HEADERS_BYTES
             ):
                 # Detectors, findings, the span and hooks. Most requests have nothing for
                 # them to look at and skip this.
                 record.endpoint = scope.get("endpoint")
                 perf.finish(record)
+            elif span is not None and span.recording:  # unsampled: nothing to add
+                tracing_sink.end(record)  # nothing else to look at: the span alone
             # The request histograms: queued here, folded by the sink in batches.
             requests = perf.sink.requests
             requests.append(

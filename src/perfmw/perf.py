@@ -112,8 +112,8 @@ class Perf:
     def finish(self, record: RequestRecord) -> None:
         """Run the detectors over a finished record and hand it to every sink.
 
-        The middleware hands most requests (nothing for a detector, a hook or the tracer to
-        look at) straight to the Prometheus sink instead.
+        The middleware hands most requests (nothing for a detector or a hook to look at)
+        straight to the Prometheus sink instead, and their spans straight to the tracer.
         """
         record.closed = True
         with _FINISH:
