@@ -165,6 +165,56 @@ def test_client_traceparent_is_continued(
     assert child.attributes["db.query.text"] == "find registry.servers {_id: ?}"
 
 
+class CountingIds(RandomIdGenerator):
+    """Span ids 1, 2, 3... and trace ids a 1.0 ratio samples: perfmw's own server spans use
+    the provider's generator when it is not the SDK's default."""
+
+    def __init__(self) -> None:
+        self.span_ids = 0
+
+    def generate_span_id(self) -> int:
+        self.span_ids += 1
+        return self.span_ids
+
+    def generate_trace_id(self) -> int:
+        return 0x77 << 64
+
+
+@pytest.mark.parametrize("context_is_tuple", [True, False], ids=["tuple", "constructor"])
+def test_perfmws_server_spans_take_the_providers_ids_and_the_callers_tracestate(
+    receiver: OtlpReceiver,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    context_is_tuple: bool,
+) -> None:
+    """Built as a tuple or by SpanContext's constructor (an API release with another layout),
+    a span's context says the same."""
+    from perfmw.exporters import _lean_span
+
+    monkeypatch.setattr(_lean_span, "CONTEXT_IS_TUPLE", context_is_tuple)
+    provider = perfmw.configure_tracing(set_global=False)
+    provider.id_generator = CountingIds()
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    perf = perfmw.instrument(app, registry=registry, tracer_provider=provider)
+    assert perf.tracing is not None and perf.tracing._lean is not None  # perfmw's own spans
+    with serve(app) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/").status_code == 200
+        caller = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": "vendor=x"}
+        assert client.get("/", headers=caller).status_code == 200
+        assert provider.force_flush()
+    provider.shutdown()
+
+    root, continued = servers(receiver.spans)
+    assert (root.trace_id, root.span_id, root.parent_span_id) == (
+        f"{0x77 << 64:032x}",
+        f"{1:016x}",
+        "",
+    )
+    assert root.trace_state == ""
+    assert (continued.trace_id, continued.span_id) == (TRACE_ID, f"{2:016x}")
+    assert (continued.parent_span_id, continued.trace_state) == (PARENT_ID, "vendor=x")
+
+
 def test_unsampled_requests_export_nothing_and_carry_no_exemplar(
     mongo_uri: str, registry: CollectorRegistry
 ) -> None:
